@@ -1,0 +1,134 @@
+"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxprune.models.config import ModelConfig
+
+
+class Context(NamedTuple):
+  """What every block of a forward pass shares: the attention mask ``(b, 1, t, t)`` and, for rotary
+  models, ``cos, sin`` ``(b, t, head_dim)``."""
+
+  mask: jax.Array
+  cos: jax.Array | None = None
+  sin: jax.Array | None = None
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm, computed in float32 as transformers does. ``x``: ``(..., d)``."""
+
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale * x32.astype(x.dtype)).astype(x.dtype)
+
+
+class Adapter(nn.Module):
+  """Replacement of a removed sublayer: ``update = bias`` or ``update = (x @ down) @ up + bias``.
+
+  ``x``: the residual stream entering the removed sublayer, ``(..., d)``; returns the update ``(..., d)``.
+  """
+
+  rank: int = 0  # 0 = bias only
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    out = self.param("bias", nn.initializers.zeros, (d,), jnp.float32).astype(x.dtype)
+    if self.rank:
+      down = self.param("down", nn.initializers.zeros, (d, self.rank), jnp.float32).astype(x.dtype)
+      up = self.param("up", nn.initializers.zeros, (self.rank, d), jnp.float32).astype(x.dtype)
+      out = out + (x @ down) @ up
+    return out
+
+
+def sublayer(mode: str, rank: int, name: str, compute, x):
+  """Applies a residual sublayer according to its ``mode``: returns the update added to ``x``."""
+  if mode == "full":
+    return compute(x)
+  if mode == "skip":
+    return jnp.zeros_like(x)
+  return Adapter(rank=rank if mode == "lowrank" else 0, name=f"{name}_adapter")(x)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+  """Inverse frequencies ``(head_dim // 2,)`` with LLaMA-3 or linear ``rope_scaling`` applied."""
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = dict(config.rope_scaling)
+  kind = scaling.get("rope_type", "default")
+  if kind == "linear":
+    inv = inv / scaling["factor"]
+  elif kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    inv = jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def rotary(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``cos, sin`` of shape ``(batch, seq, head_dim)`` for integer ``positions`` ``(batch, seq)``."""
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, cos, sin):
+  """Rotates ``x`` ``(batch, seq, heads, head_dim)`` by ``cos, sin`` ``(batch, seq, head_dim)``."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def attention_mask(attention_mask: jax.Array | None, batch: int, seq: int,
+                   window: int | None = None) -> jax.Array:
+  """Boolean ``(batch, 1, seq, seq)``: query ``i`` may see key ``j``. Causal, padding-aware, optional window."""
+  i = jnp.arange(seq)[:, None]
+  j = jnp.arange(seq)[None, :]
+  allowed = j <= i
+  if window is not None:
+    allowed = allowed & (i - j < window)
+  allowed = jnp.broadcast_to(allowed, (batch, 1, seq, seq))
+  if attention_mask is not None:
+    allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+  return allowed
+
+
+def positions_from_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
+  """Integer positions ``(batch, seq)``: 0.. for real tokens whatever the (left or right) padding."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  m = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
+
+
+def dot_attention(q, k, v, mask):
+  """Scaled dot-product attention with grouped KV heads, softmax in float32.
+
+  ``q``: ``(b, t, h, d)``; ``k, v``: ``(b, t, kv, d)`` with ``h % kv == 0``; ``mask``: ``(b, 1, t, t)`` bool.
+  Returns ``(b, t, h * d)``.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, t, h * d)

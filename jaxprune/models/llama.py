@@ -1,0 +1,93 @@
+"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2, SmolLM) in Flax.
+
+Parameter names equal the Hugging Face names; ``Dense`` kernels are ``(d_in, d_out)`` (see ``jaxprune.models.convert``
+for the one place where the layout changes). A block can ``sow`` the inputs of its linears into the ``taps``
+collection, keyed by the group of linears that read them.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxprune.models.config import ModelConfig
+from jaxprune.models.layers import Context, RMSNorm, apply_rotary, dot_attention, sublayer
+
+# Input tap -> the linears (paths inside a block) that read it.
+LINEAR_GROUPS = {
+    "attn_in": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    "o_in": ("self_attn/o_proj",),
+    "mlp_in": ("mlp/gate_proj", "mlp/up_proj"),
+    "down_in": ("mlp/down_proj",),
+}
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, ctx: Context):
+    c = self.config
+    b, t, _ = x.shape
+    self.sow("taps", "attn_in", x)
+    q = nn.Dense(c.num_heads * c.head_dim, use_bias=c.qkv_bias, name="q_proj")(x)
+    k = nn.Dense(c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, name="k_proj")(x)
+    v = nn.Dense(c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, name="v_proj")(x)
+    q = apply_rotary(q.reshape(b, t, c.num_heads, c.head_dim), ctx.cos, ctx.sin)
+    k = apply_rotary(k.reshape(b, t, c.num_kv_heads, c.head_dim), ctx.cos, ctx.sin)
+    out = dot_attention(q, k, v.reshape(b, t, c.num_kv_heads, c.head_dim), ctx.mask)
+    self.sow("taps", "o_in", out)
+    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    self.sow("taps", "mlp_in", x)
+    gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
+    up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
+    hidden = jax.nn.silu(gate) * up
+    self.sow("taps", "down_in", hidden)
+    return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(hidden)
+
+
+class Block(nn.Module):
+  """One decoder layer. ``h``: ``(batch, seq, hidden)``; ``modes``: (attention, mlp) sublayer modes."""
+
+  config: ModelConfig
+  modes: tuple[str, str] = ("full", "full")
+
+  @nn.compact
+  def __call__(self, h, ctx: Context):
+    c = self.config
+    attn_norm = RMSNorm(c.norm_eps, name="input_layernorm")
+    h = h + sublayer(self.modes[0], c.adapter_rank, "self_attn",
+                     lambda x: Attention(c, name="self_attn")(attn_norm(x), ctx), h)
+    mlp_norm = RMSNorm(c.norm_eps, name="post_attention_layernorm")
+    return h + sublayer(self.modes[1], c.adapter_rank, "mlp", lambda x: MLP(c, name="mlp")(mlp_norm(x)), h)
+
+
+class Embed(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    return nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")(tokens)
+
+
+class Head(nn.Module):
+  """Final norm and LM head; with tied embeddings the head is the embedding matrix."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, embedding=None):
+    c = self.config
+    h = RMSNorm(c.norm_eps, name="norm")(h)
+    if c.tie_word_embeddings:
+      return h @ embedding.T.astype(h.dtype)
+    return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(h)

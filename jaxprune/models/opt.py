@@ -1,0 +1,105 @@
+"""OPT decoder (Zhang et al. 2022) in Flax: learned positions (offset 2), pre- or post-LayerNorm, ReLU MLP,
+biases, and ``project_in``/``project_out`` when ``word_embed_proj_dim != hidden_size`` (OPT-350m).
+
+Parameter names equal the Hugging Face names; ``Dense`` kernels are ``(d_in, d_out)``.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from jaxprune.models.config import ModelConfig
+from jaxprune.models.layers import Context, dot_attention, sublayer
+
+POSITION_OFFSET = 2
+
+LINEAR_GROUPS = {
+    "attn_in": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    "o_in": ("self_attn/out_proj",),
+    "mlp_in": ("fc1",),
+    "down_in": ("fc2",),
+}
+
+
+def _norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.norm_eps, use_bias=config.norm_affine, use_scale=config.norm_affine,
+                      name=name)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, ctx: Context):
+    c = self.config
+    b, t, _ = x.shape
+    self.sow("taps", "attn_in", x)
+    shape = (b, t, c.num_heads, c.head_dim)
+    q = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="q_proj")(x).reshape(shape)
+    k = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="k_proj")(x).reshape(shape)
+    v = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="v_proj")(x).reshape(shape)
+    out = dot_attention(q, k, v, ctx.mask)
+    self.sow("taps", "o_in", out)
+    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="out_proj")(out)
+
+
+class Block(nn.Module):
+  """One OPT decoder layer. ``h``: ``(batch, seq, hidden)``. A removed post-LN sublayer takes its norm along."""
+
+  config: ModelConfig
+  modes: tuple[str, str] = ("full", "full")
+
+  @nn.compact
+  def __call__(self, h, ctx: Context):
+    c = self.config
+    attn = lambda x: Attention(c, name="self_attn")(x, ctx)  # noqa: E731
+    h = self._residual(h, self.modes[0], "self_attn", "self_attn_layer_norm", attn)
+    return self._residual(h, self.modes[1], "mlp", "final_layer_norm", self._mlp)
+
+  def _residual(self, h, mode, name, norm_name, compute):
+    c = self.config
+    if c.pre_norm:
+      norm = _norm(c, norm_name)
+      return h + sublayer(mode, c.adapter_rank, name, lambda x: compute(norm(x)), h)
+    if mode == "full":
+      return _norm(c, norm_name)(h + compute(h))
+    return h + sublayer(mode, c.adapter_rank, name, compute, h)
+
+  def _mlp(self, x):
+    c = self.config
+    self.sow("taps", "mlp_in", x)
+    hidden = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="fc1")(x)
+    hidden = jax.nn.relu(hidden) if c.activation == "relu" else jax.nn.gelu(hidden, approximate=False)
+    self.sow("taps", "down_in", hidden)
+    return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="fc2")(hidden)
+
+
+class Embed(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions):
+    c = self.config
+    dim = c.word_embed_proj_dim or c.hidden_size
+    h = nn.Embed(c.vocab_size, dim, name="embed_tokens")(tokens)
+    if c.word_embed_proj_dim:
+      h = nn.Dense(c.hidden_size, use_bias=False, name="project_in")(h)
+    pos = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, name="embed_positions")
+    return h + pos(positions + POSITION_OFFSET)
+
+
+class Head(nn.Module):
+  """Final LayerNorm (pre-LN models), ``project_out``, and the LM head tied to the token embedding."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, embedding=None):
+    c = self.config
+    if c.pre_norm:
+      h = _norm(c, "final_layer_norm")(h)
+    if c.word_embed_proj_dim:
+      h = nn.Dense(c.word_embed_proj_dim, use_bias=False, name="project_out")(h)
+    if c.tie_word_embeddings:
+      return h @ embedding.T.astype(h.dtype)
+    return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(h)
