@@ -30,7 +30,7 @@ _LLAMA_KEYS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias",
-    "pretraining_tp", "sliding_window", "use_sliding_window",
+    "pretraining_tp", "sliding_window", "use_sliding_window", "layer_types",
 })
 _OPT_KEYS = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
@@ -127,6 +127,9 @@ def from_hf_config(hf: dict) -> ModelConfig:
     heads = hf["num_attention_heads"]
     theta, scaling = _rope(hf)
     window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+    kinds = set(hf.get("layer_types") or ())
+    if window is not None and len(kinds) > 1:
+      raise JaxpruneError("unsupported config: mixed full and sliding-window attention layers (layer_types)")
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
     return ModelConfig(
         family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],

@@ -30,7 +30,12 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (scale * x32.astype(x.dtype)).astype(x.dtype)
+    return (_lead(scale, x.ndim) * x32.astype(x.dtype)).astype(x.dtype)
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+  """``v`` ``(d,)`` reshaped to broadcast against ``(..., d)`` of rank ``ndim`` (no implicit rank promotion)."""
+  return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
 class Adapter(nn.Module):
@@ -44,7 +49,7 @@ class Adapter(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    out = self.param("bias", nn.initializers.zeros, (d,), jnp.float32).astype(x.dtype)
+    out = _lead(self.param("bias", nn.initializers.zeros, (d,), jnp.float32).astype(x.dtype), x.ndim)
     if self.rank:
       down = self.param("down", nn.initializers.zeros, (d, self.rank), jnp.float32).astype(x.dtype)
       up = self.param("up", nn.initializers.zeros, (self.rank, d), jnp.float32).astype(x.dtype)
@@ -83,7 +88,7 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
 
 def rotary(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``cos, sin`` of shape ``(batch, seq, head_dim)`` for integer ``positions`` ``(batch, seq)``."""
-  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)[None, None, :]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
