@@ -1,0 +1,19 @@
+"""Post-training pruning of linear layers: patterns, masks, calibration statistics, solvers.
+
+Everything here is a pure function over arrays; nothing knows about models. Conventions: weights
+``(d_out, d_in)`` (HF layout), masks ``True`` = kept, statistics are raw sums over tokens (see
+:mod:`jaxprune.prune.stats`), ``NM(n, m)`` keeps ``n`` of every ``m`` (see :mod:`jaxprune.prune.patterns`).
+"""
+from jaxprune.prune.masks import keep_mask, layer_mask, nm_mask, num_pruned, pattern_mask, unstructured_mask
+from jaxprune.prune.patterns import NM, Pattern, Unstructured, parse_pattern
+from jaxprune.prune.solvers import (
+    SOLVERS, SolverResult, SolverSpec, admm, admm_update, get_solver, magnitude, reconstruction_error, sparsegpt,
+    wanda)
+from jaxprune.prune.stats import Stats, accumulate, accumulate_sharded, init_stats
+
+__all__ = [
+    "NM", "Pattern", "SOLVERS", "SolverResult", "SolverSpec", "Stats", "Unstructured", "accumulate",
+    "accumulate_sharded", "admm", "admm_update", "get_solver", "init_stats", "keep_mask", "layer_mask",
+    "magnitude", "nm_mask", "num_pruned", "parse_pattern", "pattern_mask", "reconstruction_error", "sparsegpt",
+    "unstructured_mask", "wanda",
+]
