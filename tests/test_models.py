@@ -78,7 +78,7 @@ def test_logits_match_transformers(case):
   # Per block: hidden_states[i] is the input of layer i (the last entry has the final norm applied).
   ctx = M.context(config, *ids.shape)
   for i in range(config.num_layers - 1):
-    out = M.block(params["layers"][i], jnp.asarray(ref.hidden_states[i].numpy()), ctx, config=config, layer=i)
+    out = M.block(params["layers"][i], jnp.asarray(ref.hidden_states[i].numpy()), ctx, config=config)
     assert np.abs(np.asarray(out) - ref.hidden_states[i + 1].numpy()).max() <= TOL, f"block {i}"
 
 
@@ -103,7 +103,7 @@ def test_taps_are_the_inputs_of_the_linears():
   ids = tokens()
   ctx = M.context(config, *ids.shape)
   h = M.embed(params, ids, config=config)
-  out, taps = M.block(params["layers"][0], h, ctx, config=config, layer=0, taps=True)
+  out, taps = M.block(params["layers"][0], h, ctx, config=config, taps=True)
   assert set(taps) == set(M.linear_groups(config))
   lp = params["layers"][0]
   # The q projection of the tapped input, through the block, equals the block output: check via the o/down taps.

@@ -29,8 +29,8 @@ def linear_groups(config: ModelConfig) -> dict[str, tuple[str, ...]]:
   return family(config).LINEAR_GROUPS
 
 
-def block_module(config: ModelConfig, layer: int):
-  return family(config).Block(config, modes=config.sublayer_modes(layer))
+def block_module(config: ModelConfig, modes: tuple[str, str] = ("full", "full")):
+  return family(config).Block(config, modes=modes)
 
 
 def context(config: ModelConfig, batch: int, seq: int, mask: jax.Array | None = None) -> Context:
@@ -51,13 +51,15 @@ def embed(params: Params, tokens: jax.Array, *, config: ModelConfig, mask: jax.A
   return module.apply({"params": params["embed"]}, tokens)
 
 
-def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConfig, layer: int,
-          taps: bool = False):
+def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConfig,
+          modes: tuple[str, str] = ("full", "full"), taps: bool = False):
   """One decoder layer: ``(batch, seq, hidden) -> (batch, seq, hidden)``.
 
+  ``modes`` = ``config.sublayer_modes(layer)``; passing the modes rather than the layer index lets every block of
+  the same shape share one compilation.
   With ``taps=True`` also returns ``{tap name: input of those linears}`` (see :func:`linear_groups`).
   """
-  module = block_module(config, layer)
+  module = block_module(config, modes)
   if not taps:
     return module.apply({"params": block_params}, h, ctx)
   out, state = module.apply({"params": block_params}, h, ctx, mutable=["taps"])
@@ -79,7 +81,7 @@ def forward(params: Params, tokens: jax.Array, *, config: ModelConfig, mask: jax
   ctx = context(config, *tokens.shape, mask)
   h = embed(params, tokens, config=config, mask=mask)
   for i, layer_params in enumerate(params["layers"]):
-    h = block(layer_params, h, ctx, config=config, layer=i)
+    h = block(layer_params, h, ctx, config=config, modes=config.sublayer_modes(i))
   return head(params, h, config=config)
 
 
@@ -93,7 +95,8 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
   embed_args = (tokens, jnp.zeros((1, 2), jnp.int32)) if config.family == "opt" else (tokens,)
   params = {
       "embed": fam.Embed(config).init(keys[0], *embed_args)["params"],
-      "layers": [block_module(config, i).init(keys[i + 2], h, ctx)["params"] for i in range(config.num_layers)],
+      "layers": [block_module(config, config.sublayer_modes(i)).init(keys[i + 2], h, ctx)["params"]
+                 for i in range(config.num_layers)],
   }
   emb = params["embed"]["embed_tokens"]["embedding"]
   params["head"] = fam.Head(config).init(keys[1], h, emb).get("params", {})

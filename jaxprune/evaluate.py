@@ -1,0 +1,110 @@
+"""Perplexity, by the protocol of SparseGPT/Wanda (see ALGORITHMS.md).
+
+Per window of ``seqlen`` tokens: the mean cross-entropy of the ``seqlen - 1`` shifted next-token predictions;
+``ppl = exp(mean over windows)``. Windows are batched, and batches are split over the ``data`` axis of a mesh
+(data parallel; params replicated), which gives the same number on 1 or 8 devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.models import model as M
+from jaxprune.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  perplexity: float
+  mean_loss: float
+  window_losses: np.ndarray  # (windows,) float32
+  windows: int
+  seqlen: int
+  tokens: int  # windows * seqlen
+  seconds: float
+
+  def to_json(self) -> dict:
+    return {"perplexity": self.perplexity, "mean_loss": self.mean_loss, "windows": self.windows,
+            "seqlen": self.seqlen, "tokens": self.tokens, "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens / self.seconds, 1)}
+
+
+def check_windows(windows: np.ndarray, config: ModelConfig) -> None:
+  """One-line errors for token windows the model cannot evaluate."""
+  if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+    raise JaxpruneError(f"token windows must be a non-empty (n, seqlen >= 2) array, got shape {windows.shape}")
+  seqlen = windows.shape[1]
+  limit = config.max_position_embeddings
+  if seqlen > limit:
+    raise JaxpruneError(f"seqlen {seqlen} exceeds the model's {limit} positions (max_position_embeddings)")
+  lo, hi = int(windows.min()), int(windows.max())
+  if lo < 0 or hi >= config.vocab_size:
+    raise JaxpruneError(f"token ids must lie in [0, {config.vocab_size}); found ids in [{lo}, {hi}]")
+
+
+def window_losses(params, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
+  """Mean next-token cross-entropy per window: tokens ``(b, seqlen)`` -> ``(b,)`` float32."""
+  ctx = M.context(config, *tokens.shape)
+  h = _embed(params, tokens, config=config)
+  for i, layer_params in enumerate(params["layers"]):
+    h = _block(layer_params, h, ctx, config=config, modes=config.sublayer_modes(i))
+  return _head_loss(params, h, tokens, config=config)
+
+
+_block = jax.jit(M.block, static_argnames=("config", "modes", "taps"))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _embed(params, tokens, *, config):
+  return M.embed(params, tokens, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _head_loss(params, h, tokens, *, config):
+  logits = M.head(params, h[:, :-1], config=config).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.mean(nll, axis=-1)
+
+
+def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 8, mesh: Mesh | None = None,
+               progress: bool = True, desc: str = "eval") -> EvalResult:
+  """Perplexity of ``params`` on token ``windows`` ``(n, seqlen)`` int32.
+
+  With ``mesh``, each batch is split over its ``data`` axis; ``batch_size`` is rounded up to a multiple of that
+  axis and the last batch padded (padded windows are dropped from the mean).
+  """
+  windows = np.asarray(windows)
+  check_windows(windows, config)
+  n, seqlen = windows.shape
+  shards = mesh.shape["data"] if mesh is not None else 1
+  batch_size = -(-max(1, batch_size) // shards) * shards
+  put = (lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))) if mesh is not None else jnp.asarray
+  if mesh is not None:
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+  losses = []
+  start = time.perf_counter()
+  for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+    chunk = windows[lo:lo + batch_size]
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
+    losses.append(np.asarray(window_losses(params, put(chunk.astype(np.int32)), config=config))[:real])
+  per_window = np.concatenate(losses).astype(np.float32)
+  seconds = time.perf_counter() - start
+  mean = float(np.mean(per_window, dtype=np.float64))
+  return EvalResult(float(np.exp(mean)), mean, per_window, n, seqlen, n * seqlen, seconds)
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D ``("data",)`` mesh over ``devices`` (default: all)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
