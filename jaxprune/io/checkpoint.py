@@ -68,6 +68,7 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
     meta = {"format": FORMAT, "config": json.loads(config.to_json()), "has_masks": masks is not None,
             "metadata": metadata or {}}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    tmp.chmod(0o755)
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)

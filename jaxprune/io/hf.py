@@ -103,6 +103,7 @@ def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None) 
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
+    tmp.chmod(0o755)
     if out.exists():
       out.rmdir()
     tmp.rename(out)

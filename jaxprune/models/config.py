@@ -176,6 +176,7 @@ def to_hf_config(config: ModelConfig) -> dict:
               head_dim=config.head_dim, rms_norm_eps=config.norm_eps)
     rope = {"rope_type": "default", "rope_theta": config.rope_theta, **dict(config.rope_scaling)}
     hf.pop("rope_scaling", None)
+    hf.pop("rope_theta", None)
     hf["rope_parameters"] = rope
     if hf["model_type"] != "qwen2":
       hf["attention_bias"] = config.qkv_bias
