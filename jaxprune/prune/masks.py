@@ -14,6 +14,7 @@ costs one sort plus a few elementwise passes, and works on sharded inputs (the r
 ``scores`` are laid out over devices).
 
 >>> import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 >>> keep_mask(jnp.array([[3., 1., 1., 2.]]), 2).tolist()
 [[True, False, False, True]]
 >>> nm_mask(jnp.array([[4., 3., 2., 1., 1., 1., 1., 1.]]), n=2, m=4).tolist()
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprune.prune.patterns import NM, Unstructured
 
@@ -53,8 +55,19 @@ def keep_mask(scores: jax.Array, k) -> jax.Array:
 
 
 def layer_mask(scores: jax.Array, k) -> jax.Array:
-  """Prunes the ``k`` lowest of all of ``scores`` (any shape) in row-major flat order; returns the keep mask."""
-  return keep_mask(scores.reshape(-1), k).reshape(scores.shape)
+  """Prunes the ``k`` lowest of all of ``scores`` (any shape) in row-major flat order; returns the keep mask.
+
+  A global ranking needs every score: with automatic sharding the compiler gathers them; with explicitly
+  sharded ``scores`` (mesh axes of type ``Explicit``, traced under ``jax.set_mesh``) they are gathered here and
+  the mask is given back the sharding of ``scores``.
+  """
+  sharding = jax.typeof(scores).sharding
+  explicit = any(axis is not None for axis in sharding.spec)
+  flat = scores.reshape(-1)
+  if explicit:
+    flat = jax.sharding.reshard(flat, NamedSharding(sharding.mesh, P()))
+  mask = keep_mask(flat, k).reshape(scores.shape)
+  return jax.sharding.reshard(mask, sharding) if explicit else mask
 
 
 def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str) -> jax.Array:

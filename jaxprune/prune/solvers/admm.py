@@ -75,7 +75,9 @@ def _solve(w, stats, select, mask0, *, rho, percdamp, iterations, mask_iteration
     return *_iterate((w, u), mask, b, k_t, rho), mask
 
   mask = select(None, jnp.abs(w0)) if mask0 is None else mask0
-  carry = jax.lax.fori_loop(0, mask_iterations, masked, (w0, jnp.zeros_like(w0), mask))
+  carry = (w0, jnp.zeros_like(w0), mask)
+  if mask_iterations:
+    carry = jax.lax.fori_loop(0, mask_iterations, masked, carry)
   w, u, mask = jax.lax.fori_loop(mask_iterations, iterations, fixed, carry)
   return jnp.where(mask, w + u, 0) / norm[None, :], mask
 
@@ -162,7 +164,7 @@ def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float =
   check_inputs("admm", w, stats, pattern, needs="gram")
   _check_hparams(rho, percdamp, iterations, mask_iterations, schedule)
   select = _gradual_select(pattern, w.shape, schedule, mask_iterations)
-  mask0 = None if mask_iterations == 0 else jnp.ones(w.shape, bool)
+  mask0 = None if mask_iterations == 0 else jnp.ones_like(w, dtype=bool)
   w_new, mask = _solve(w, stats, select, mask0, rho=rho, percdamp=percdamp, iterations=iterations,
                        mask_iterations=mask_iterations)
   return finish(w, w_new, mask, stats)

@@ -95,7 +95,7 @@ def _prune_block(w1, u1, count, d_valid, pattern):
 
   ``count``: number to prune jointly over the block (unstructured); ``d_valid``: real (unpadded) columns.
   """
-  d_out, width = w1.shape
+  width = w1.shape[1]
   inv_d2 = 1.0 / jnp.square(jnp.diag(u1))
   err1 = jnp.zeros_like(w1)
   if isinstance(pattern, Unstructured):
@@ -113,7 +113,7 @@ def _prune_block(w1, u1, count, d_valid, pattern):
     w1, err1 = _obs_columns(w1, err1, u1, mask1, g * m, m)
     return w1, err1, mask1
 
-  mask1 = jnp.ones((d_out, width), bool)
+  mask1 = jnp.ones_like(w1, dtype=bool)
   return jax.lax.fori_loop(0, width // m, group, (w1, err1, mask1))
 
 
@@ -171,6 +171,6 @@ def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksi
     w0 = jax.lax.dynamic_update_slice_in_dim(w0, q1, i1, axis=1)
     return w0, jax.lax.dynamic_update_slice_in_dim(mask, mask1, i1, axis=1)
 
-  mask = jnp.ones(w0.shape, bool)
+  mask = jnp.ones_like(w0, dtype=bool)
   w0, mask = jax.lax.fori_loop(0, n_blocks, block, (w0, mask))
   return finish(w, w0[:, :d_in], mask[:, :d_in], stats)

@@ -1,0 +1,208 @@
+"""The layer-by-layer pruning pass (SparseGPT/Wanda/ADMM), in exactly one place.
+
+For each decoder block in order: run the calibration activations through the block, capturing the input of
+every group of linears; accumulate their statistics; prune every linear of the block with the solver; re-run the
+block **with pruned weights** to produce the next block's inputs. All linears of a block are pruned from the same
+(dense-block) inputs, as the reference implementations do.
+
+Compilation: the block forward, the statistics step and each solver are jitted with the block's shape as the only
+static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
+one block ``(n, seqlen, hidden)`` plus one block's statistics, whatever the depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.models import model as M
+from jaxprune.models.config import ModelConfig
+from jaxprune.models.convert import from_hf_layout, to_hf_layout
+from jaxprune.prune.patterns import Pattern
+from jaxprune.prune.solvers import get_solver
+from jaxprune.prune.stats import accumulate, accumulate_sharded, init_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+  """What to do to every linear: ``method`` (a key of ``SOLVERS``), ``pattern``, solver hyper-parameters."""
+
+  method: str
+  pattern: Pattern
+  hparams: tuple[tuple[str, Any], ...] = ()
+
+  def to_json(self) -> dict:
+    return {"method": self.method, "pattern": repr(self.pattern), "hparams": dict(self.hparams)}
+
+
+@dataclasses.dataclass
+class BlockState:
+  """Where the pass stands after ``done`` blocks: params so far, masks, reports, inputs of block ``done``."""
+
+  done: int
+  params: dict
+  masks: list  # per finished block: {path: kernel-layout bool mask}
+  reports: list  # per finished block: list of per-linear dicts
+  inputs: np.ndarray | None  # (n, seqlen, hidden) float32; None for methods without calibration
+
+
+def _kernel(block_params: dict, path: str) -> jax.Array:
+  node = block_params
+  for part in path.split("/"):
+    node = node[part]
+  return node["kernel"]
+
+
+def _set_kernel(block_params: dict, path: str, value) -> dict:
+  *parents, last = path.split("/")
+  new = dict(block_params)
+  node = new
+  for part in parents:
+    node[part] = dict(node[part])
+    node = node[part]
+  node[last] = {**node[last], "kernel": value}
+  return new
+
+
+def block_linears(config: ModelConfig, block_params: dict) -> dict[str, tuple[str, ...]]:
+  """Tap name -> paths of the linears present in this block (removed sublayers have none)."""
+  groups = {}
+  for tap, paths in M.linear_groups(config).items():
+    present = tuple(p for p in paths if p.split("/")[0] in block_params)
+    if present:
+      groups[tap] = present
+  return groups
+
+
+@functools.partial(jax.jit, static_argnames=("config", "modes"))
+def _forward(block_params, h, ctx, *, config, modes):
+  return M.block(block_params, h, ctx, config=config, modes=modes)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
+def _stats_step(block_params, h, ctx, stats, *, config, modes, mesh):
+  _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True)
+  if mesh is None:
+    return {name: accumulate(s, taps[name]) for name, s in stats.items()}
+  return {name: accumulate_sharded(s, taps[name], mesh=mesh) for name, s in stats.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_solver(spec: PruneSpec):
+  """The solver of ``spec`` with its pattern and hyper-parameters bound, jitted once (one compile per shape)."""
+  return jax.jit(functools.partial(get_solver(spec.method).solve, pattern=spec.pattern, **dict(spec.hparams)))
+
+
+class _Batches:
+  """Calibration activations in batches, split over the ``data`` axis of an optional mesh."""
+
+  def __init__(self, config: ModelConfig, n: int, seqlen: int, batch_size: int, mesh: Mesh | None):
+    shards = mesh.shape.get("data", 1) if mesh is not None else 1
+    self.batch = min(-(-batch_size // shards) * shards, -(-n // shards) * shards)
+    if n % self.batch:
+      raise JaxpruneError(f"nsamples {n} must be a multiple of the calibration batch size {self.batch}")
+    self.mesh = mesh
+    self.ctx = M.context(config, self.batch, seqlen)
+    self.n = n
+
+  def put(self, x):
+    if self.mesh is None or "data" not in self.mesh.shape:
+      return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(self.mesh, P("data")))
+
+  def slices(self):
+    return [slice(lo, lo + self.batch) for lo in range(0, self.n, self.batch)]
+
+
+def _statistics(block_params, inputs, batches: _Batches, groups, *, config, modes, needs_gram: bool):
+  widths = {tap: _kernel(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
+  stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
+  mesh = batches.mesh if batches.mesh is not None and "data" in batches.mesh.shape else None
+  for sl in batches.slices():
+    stats = _stats_step(block_params, batches.put(inputs[sl]), batches.ctx, stats, config=config, modes=modes,
+                        mesh=mesh)
+  return stats
+
+
+def _solve(spec: PruneSpec, kernel, stats, mesh: Mesh | None):
+  w = to_hf_layout(kernel)
+  if mesh is not None and "model" in mesh.shape:
+    w = jax.device_put(w, NamedSharding(mesh, P("model", None)))
+  result = jitted_solver(spec)(w, stats)
+  return from_hf_layout(result.w), from_hf_layout(result.mask), result
+
+
+def prune_block(block_params, inputs, batches: _Batches | None, spec: PruneSpec, *, config: ModelConfig,
+                modes) -> tuple[dict, dict, list]:
+  """Prunes every linear of one block. Returns ``(new block params, {path: mask}, reports)``."""
+  solver = get_solver(spec.method)
+  groups = block_linears(config, block_params)
+  stats = {tap: None for tap in groups}
+  if batches is not None:
+    stats = _statistics(block_params, inputs, batches, groups, config=config, modes=modes,
+                        needs_gram=solver.needs_gram)
+  masks, reports = {}, []
+  mesh = batches.mesh if batches is not None else None
+  for tap, paths in groups.items():
+    for path in paths:
+      kernel, mask, result = _solve(spec, _kernel(block_params, path), stats[tap], mesh)
+      block_params = _set_kernel(block_params, path, kernel)
+      masks[path] = np.asarray(mask)
+      reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])),
+                      "error": float(result.error)})
+  return block_params, masks, reports
+
+
+def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
+             mesh: Mesh | None = None, state: BlockState | None = None,
+             on_block: Callable[[BlockState], None] | None = None, progress: bool = True) -> BlockState:
+  """Prunes all blocks of ``params``; ``calib`` ``(n, seqlen)`` int32 token windows (None for magnitude).
+
+  ``state`` resumes a pass from a finished block; ``on_block(state)`` is called after every block (the
+  checkpointing hook of :mod:`jaxprune.prune.run`). Returns the final :class:`BlockState`.
+  """
+  needs_calib = spec.method != "magnitude"
+  if needs_calib and calib is None:
+    raise JaxpruneError(f"{spec.method} needs calibration data")
+  batches = _Batches(config, *calib.shape, batch_size, mesh) if needs_calib else None
+  if state is None:
+    inputs = None
+    if needs_calib:
+      embed = jax.jit(M.embed, static_argnames=("config",))
+      inputs = np.concatenate([np.asarray(embed(params, batches.put(calib[sl]), config=config), np.float32)
+                               for sl in batches.slices()])
+    state = BlockState(0, params, [], [], inputs)
+  bar = tqdm(total=config.num_layers, initial=state.done, desc=f"prune {spec.method}", unit="block",
+             disable=not progress)
+  for i in range(state.done, config.num_layers):
+    start = time.perf_counter()
+    modes = config.sublayer_modes(i)
+    block_params = state.params["layers"][i]
+    new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes)
+    inputs = state.inputs
+    if needs_calib:
+      inputs = np.concatenate([np.asarray(_forward(new_block, batches.put(state.inputs[sl]), batches.ctx,
+                                                   config=config, modes=modes), np.float32)
+                               for sl in batches.slices()])
+    layers = list(state.params["layers"])
+    layers[i] = new_block
+    for r in reports:
+      r["layer"] = i
+    state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],
+                       state.reports + [reports], inputs)
+    bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}",
+                    error=f"{sum(r['error'] for r in reports):.3g}")
+    bar.update()
+    if on_block is not None:
+      on_block(state)
+  bar.close()
+  return state

@@ -1,0 +1,293 @@
+"""Solvers: parity with the float64 references, one contract suite over every solver, sharding, input errors.
+
+Problems are random least-squares layers: correlated inputs with per-feature scales (as LLM activations have),
+``tokens = 4 · d_in``; widths that are not multiples of the SparseGPT block (``d_in = 40``, block 16).
+
+Tolerances: under ``jax.enable_x64`` the JAX solvers run in float64 and must match the references to 1e-10
+(relative to ``max |Ŵ|``) with identical masks; in float32 masks must be identical and weights within
+2e-5 of ``max |Ŵ|`` (measured: below 1.3e-6).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import reference_np as ref
+from jaxprune.errors import JaxpruneError
+from jaxprune.prune import (
+    NM, SOLVERS, Stats, Unstructured, accumulate, admm, admm_update, get_solver, init_stats, sparsegpt)
+
+D_OUT, D_IN, BLOCK = 24, 40, 16
+DEAD = (3, 17)
+PATTERNS = [Unstructured(0.5), Unstructured(0.8), NM(2, 4), NM(1, 4), NM(4, 8)]
+HPARAMS = {"sparsegpt": {"blocksize": BLOCK}}
+UPDATING = ("sparsegpt", "admm")
+
+
+def make_problem(d_out=D_OUT, d_in=D_IN, *, dead=(), seed=0):
+  """``w`` ``(d_out, d_in)`` and correlated inputs ``x`` ``(4·d_in, d_in)``, float32, ``x[:, dead] = 0``."""
+  rng = np.random.default_rng(seed)
+  mix = np.eye(d_in) + rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
+  x = (rng.normal(size=(4 * d_in, d_in)) @ mix) * rng.lognormal(sigma=0.7, size=d_in)
+  x[:, list(dead)] = 0.0
+  return rng.normal(size=(d_out, d_in)).astype(np.float32), x.astype(np.float32)
+
+
+def stats_of(x, dtype=jnp.float32):
+  """Exact statistics of ``x`` computed in float64 on the host, stored in ``dtype``."""
+  x = x.astype(np.float64)
+  g = x.T @ x
+  return Stats(jnp.asarray(g, dtype), jnp.asarray(np.diag(g), dtype), jnp.asarray(x.shape[0], dtype))
+
+
+def ref_kwargs(pattern):
+  if isinstance(pattern, NM):
+    return {"nm": (pattern.n, pattern.m)}
+  return {"sparsity": pattern.sparsity} | ({"scope": pattern.scope} if pattern.scope else {})
+
+
+def reference(name, w, stats, pattern, **hp):
+  g, kw = np.asarray(stats.gram, np.float64), ref_kwargs(pattern) | hp
+  if name == "magnitude":
+    return ref.magnitude(w, **kw)
+  if name == "wanda":
+    return ref.wanda(w, np.asarray(stats.sq_norms, np.float64), **kw)
+  return getattr(ref, name)(w, g, **kw)
+
+
+TRACES = collections.Counter()
+
+
+@functools.cache
+def jitted(name, pattern, **hp):
+  """The jitted solver, shared by the tests (one compilation per input type); counts its traces."""
+  solve = functools.partial(SOLVERS[name].solve, pattern=pattern, **(HPARAMS.get(name, {}) | hp))
+
+  def traced(w, stats):
+    TRACES[name, pattern] += 1
+    return solve(w, stats)
+
+  return jax.jit(traced)
+
+
+def assert_same_solution(got, want_w, want_mask, rtol):
+  np.testing.assert_array_equal(np.asarray(got.mask), want_mask)
+  scale = np.abs(want_w).max()
+  np.testing.assert_allclose(np.asarray(got.w, np.float64), want_w, rtol=0, atol=rtol * scale)
+
+
+# ---------------------------------------------------------------- parity with the float64 references
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_parity_x64(name, pattern):
+  w, x = make_problem(dead=DEAD[:1])
+  with jax.enable_x64(True):
+    stats = stats_of(x, jnp.float64)
+    got = SOLVERS[name].solve(jnp.asarray(w, jnp.float64), stats, pattern=pattern, **HPARAMS.get(name, {}))
+    assert got.w.dtype == jnp.float64
+  want_w, want_mask = reference(name, w, stats, pattern, **HPARAMS.get(name, {}))
+  assert_same_solution(got, want_w, want_mask, 1e-10)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_parity_float32(name, pattern):
+  w, x = make_problem(seed=1)
+  stats = stats_of(x)
+  want_w, want_mask = reference(name, w, stats, pattern, **HPARAMS.get(name, {}))
+  assert_same_solution(jitted(name, pattern)(jnp.asarray(w), stats), want_w, want_mask, 2e-5)
+
+
+@pytest.mark.parametrize("hp", [
+    {"pattern": Unstructured(0.6, scope="row")},
+    {"pattern": Unstructured(0.5), "schedule": "final"},
+    {"pattern": NM(2, 4), "schedule": "final"},
+    {"pattern": Unstructured(0.5), "mask_iterations": 0},
+    {"pattern": NM(1, 4), "rho": 0.5, "percdamp": 0.05, "iterations": 12, "mask_iterations": 6},
+], ids=str)
+def test_admm_variants_parity_x64(hp):
+  w, x = make_problem(seed=2)
+  pattern, rest = hp["pattern"], {k: v for k, v in hp.items() if k != "pattern"}
+  with jax.enable_x64(True):
+    stats = stats_of(x, jnp.float64)
+    got = admm(jnp.asarray(w, jnp.float64), stats, pattern=pattern, **rest)
+  assert_same_solution(got, *reference("admm", w, stats, pattern, **rest), 1e-10)
+
+
+def test_admm_update_parity_x64_and_improves_with_iterations():
+  w, x = make_problem(seed=3)
+  mask = np.random.default_rng(3).random(w.shape) > 0.6
+  with jax.enable_x64(True):
+    stats = stats_of(x, jnp.float64)
+    got = admm_update(jnp.asarray(w, jnp.float64), stats, mask=jnp.asarray(mask))
+    few = admm_update(jnp.asarray(w, jnp.float64), stats, mask=jnp.asarray(mask), iterations=2)
+  assert_same_solution(got, *ref.admm_update(w, np.asarray(stats.gram), mask), 1e-10)
+  assert float(got.error) < float(few.error) < ref.error(w, np.where(mask, w, 0), np.asarray(stats.gram))
+
+
+def test_sparsegpt_single_partial_block_parity_x64():
+  w, x = make_problem(seed=4)  # d_in = 40 < the default block of 128
+  with jax.enable_x64(True):
+    stats = stats_of(x, jnp.float64)
+    got = sparsegpt(jnp.asarray(w, jnp.float64), stats, pattern=Unstructured(0.7))
+  assert_same_solution(got, *ref.sparsegpt(w, np.asarray(stats.gram), sparsity=0.7, blocksize=128), 1e-10)
+
+
+# ---------------------------------------------------------------- one contract suite over every solver
+
+
+def expected_pruned(name, pattern, d_out=D_OUT, d_in=D_IN):
+  if isinstance(pattern, NM):
+    return d_out * d_in // pattern.m * pattern.pruned
+  s = pattern.sparsity
+  if name == "sparsegpt":
+    return sum(int(s * d_out * min(BLOCK, d_in - i)) for i in range(0, d_in, BLOCK))
+  if (pattern.scope or ("row" if name == "wanda" else "layer")) == "row":
+    return d_out * int(s * d_in)
+  return int(s * d_out * d_in)
+
+
+def check_contract(name, pattern, w, x, result, dtype):
+  """Structure, polarity, dtype, finiteness, error field, update quality of one ``result``."""
+  mask, w_out = np.asarray(result.mask), np.asarray(result.w.astype(jnp.float32), np.float64)
+  assert result.w.dtype == dtype and result.w.shape == w.shape
+  assert mask.dtype == bool and result.error.dtype == jnp.float32
+  assert np.isfinite(w_out).all() and np.isfinite(float(result.error))
+  assert (~mask).sum() == expected_pruned(name, pattern)
+  if isinstance(pattern, NM):
+    assert (mask.reshape(D_OUT, -1, pattern.m).sum(-1) == pattern.n).all()
+  assert (w_out[~mask] == 0).all()
+  w_in = np.asarray(jnp.asarray(w, dtype).astype(jnp.float32), np.float64)
+  if name not in UPDATING:
+    np.testing.assert_array_equal(w_out[mask], w_in[mask])
+  g = (x.astype(np.float64).T @ x.astype(np.float64))
+  direct = ref.error(w_in, w_out, g)
+  np.testing.assert_allclose(float(result.error), direct, rtol=1e-4)
+  if name in UPDATING:
+    assert direct <= ref.error(w_in, np.where(mask, w_in, 0), g)
+  return mask
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_contract(name, pattern):
+  """Every solver, every pattern, float32 weights, two dead inputs."""
+  w, x = make_problem(dead=DEAD, seed=5)
+  out = jitted(name, pattern)(jnp.asarray(w), accumulate(init_stats(D_IN), jnp.asarray(x)))
+  check_contract(name, pattern, w, x, out, jnp.float32)
+  if name == "sparsegpt":
+    assert (np.asarray(out.w)[:, list(DEAD)] == 0).all()
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_contract_eager_and_bfloat16(name, pattern):
+  """Eager equals jit; bfloat16 weights come back bfloat16 (both code paths: unstructured and N:M)."""
+  w, x = make_problem(dead=DEAD, seed=5)
+  stats = accumulate(init_stats(D_IN), jnp.asarray(x))
+  out = jitted(name, pattern)(jnp.asarray(w), stats)
+  eager = SOLVERS[name].solve(jnp.asarray(w), stats, pattern=pattern, **HPARAMS.get(name, {}))
+  np.testing.assert_array_equal(np.asarray(eager.mask), np.asarray(out.mask))
+  np.testing.assert_allclose(np.asarray(eager.w), np.asarray(out.w), rtol=0, atol=1e-5 * np.abs(w).max())
+  bf16 = jitted(name, pattern)(jnp.asarray(w, jnp.bfloat16), stats)
+  check_contract(name, pattern, w, x, bf16, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_invariant_to_statistics_scale(name):
+  """The raw-sum convention is safe: SparseGPT's (2/N)-scaled Gram and Wanda's mean give the same result."""
+  w, x = make_problem(seed=6)
+  stats = stats_of(x)
+  scaled = jax.tree.map(lambda a: a * jnp.float32(2 / x.shape[0]), stats)
+  a, b = jitted(name, NM(2, 4))(jnp.asarray(w), stats), jitted(name, NM(2, 4))(jnp.asarray(w), scaled)
+  np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+  np.testing.assert_allclose(np.asarray(a.w), np.asarray(b.w), rtol=0, atol=2e-5 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_compiles_once(name):
+  """New weights and statistics of the same shapes reuse the compiled solver."""
+  fn = jitted(name, Unstructured(0.5))
+  for seed in (7, 8, 9):
+    w, x = make_problem(seed=seed)
+    jax.block_until_ready(fn(jnp.asarray(w), stats_of(x)))
+    if seed == 7:
+      traces = TRACES[name, Unstructured(0.5)]
+  assert traces >= 1 and TRACES[name, Unstructured(0.5)] == traces
+
+
+@pytest.mark.parametrize("mode, pattern", [
+    ("auto", Unstructured(0.5)), ("explicit", Unstructured(0.5)), ("explicit", NM(1, 4))], ids=str)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_sharded_rows_equal_unsharded(name, mode, pattern):
+  """Rows of ``w`` on a ``model`` axis of 8 devices: same mask (global selections included), same weights.
+
+  ``auto``: a plain ``NamedSharding`` and ``jit``; ``explicit``: sharding in types, traced under ``set_mesh``.
+  """
+  axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+  w, x = make_problem(seed=9)
+  stats = stats_of(x)
+  sharded_w = jax.device_put(jnp.asarray(w), NamedSharding(mesh, P("model", None)))
+  with jax.set_mesh(mesh) if mode == "explicit" else contextlib.nullcontext():
+    got = jax.jit(functools.partial(SOLVERS[name].solve, pattern=pattern, **HPARAMS.get(name, {})))(sharded_w, stats)
+  assert len(got.w.sharding.device_set) == 8
+  want = jitted(name, pattern)(jnp.asarray(w), stats)
+  np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+  np.testing.assert_allclose(np.asarray(got.w), np.asarray(want.w), rtol=0, atol=1e-6 * np.abs(w).max())
+  np.testing.assert_allclose(float(got.error), float(want.error), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- robustness and input errors
+
+
+def test_sparsegpt_finite_when_cholesky_fails_without_damping():
+  """A rank-deficient Gram (fewer tokens than inputs) with no damping: retried with more damping, finite."""
+  w, x = make_problem(seed=10)
+  stats = stats_of(x[:8])
+  out = jitted("sparsegpt", Unstructured(0.5), percdamp=0.0)(jnp.asarray(w), stats)
+  assert np.isfinite(np.asarray(out.w)).all()
+  assert (~np.asarray(out.mask)).sum() == expected_pruned("sparsegpt", Unstructured(0.5))
+
+
+def test_all_inputs_dead_is_finite():
+  w, _ = make_problem(seed=11)
+  stats = init_stats(D_IN)
+  for name in SOLVERS:
+    out = jitted(name, NM(2, 4))(jnp.asarray(w), stats)
+    assert np.isfinite(np.asarray(out.w)).all() and float(out.error) == 0.0, name
+
+
+def test_get_solver_lists_known_methods():
+  assert get_solver("sparsegpt").solve is sparsegpt
+  assert [SOLVERS[n].needs_gram for n in ("magnitude", "wanda", "sparsegpt", "admm")] == [False, False, True, True]
+  with pytest.raises(JaxpruneError, match="admm, magnitude, sparsegpt, wanda"):
+    get_solver("obs")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda w, s: sparsegpt(w, s._replace(gram=None), pattern=NM(2, 4)), "Gram"),
+    (lambda w, s: SOLVERS["wanda"].solve(w, None, pattern=NM(2, 4)), "statistics"),
+    (lambda w, s: SOLVERS["wanda"].solve(w[:, :36], s, pattern=NM(2, 4)), "width 40"),
+    (lambda w, s: SOLVERS["magnitude"].solve(w[:, :38], s, pattern=NM(2, 4)), "divisible by 4, got 38"),
+    (lambda w, s: sparsegpt(w, s, pattern=NM(2, 8), blocksize=12), "multiple of the N:M group 8"),
+    (lambda w, s: sparsegpt(w, s, pattern=Unstructured(0.5, scope="row")), "per column block"),
+    (lambda w, s: admm(w, s, pattern=NM(2, 4), schedule="linear"), "schedule"),
+    (lambda w, s: admm(w, s, pattern=NM(2, 4), mask_iterations=25), "cannot exceed"),
+    (lambda w, s: admm(w, s, pattern=NM(2, 4), rho=0.0), "rho"),
+    (lambda w, s: admm_update(w, s, mask=jnp.ones((3, 3), bool)), "mask shape"),
+    (lambda w, s: SOLVERS["magnitude"].solve(w[0], s, pattern=NM(2, 4)), "d_out, d_in"),
+])
+def test_bad_input_raises(call, match):
+  w, x = make_problem(seed=12)
+  with pytest.raises(JaxpruneError, match=match):
+    call(jnp.asarray(w), stats_of(x))
