@@ -41,6 +41,11 @@ def _atomic(path: Path, write) -> None:
     raise
 
 
+def _write(path, save, *args, **kwargs) -> None:
+  with open(path, "wb") as f:
+    save(f, *args, **kwargs)
+
+
 def _flatten(tree) -> dict[str, np.ndarray]:
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -72,9 +77,9 @@ class ResumeStore:
     arrays = {f"params/{k}": v for k, v in _flatten(state.params["layers"][i]).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
     arrays["report"] = np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)
-    _atomic(self.dir / f"block_{i:03d}.npz", lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    _atomic(self.dir / f"block_{i:03d}.npz", lambda tmp: _write(tmp, np.savez, **arrays))
     if state.inputs is not None:
-      _atomic(self.dir / "inputs.npy", lambda tmp: np.save(open(tmp, "wb"), state.inputs))
+      _atomic(self.dir / "inputs.npy", lambda tmp: _write(tmp, np.save, state.inputs))
     progress = {"identity": self.identity, "done": state.done}
     _atomic(self.dir / "progress.json", lambda tmp: Path(tmp).write_text(json.dumps(progress)))
 
