@@ -14,7 +14,6 @@ costs one sort plus a few elementwise passes, and works on sharded inputs (the r
 ``scores`` are laid out over devices).
 
 >>> import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 >>> keep_mask(jnp.array([[3., 1., 1., 2.]]), 2).tolist()
 [[True, False, False, True]]
 >>> nm_mask(jnp.array([[4., 3., 2., 1., 1., 1., 1., 1.]]), n=2, m=4).tolist()

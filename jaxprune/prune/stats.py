@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import JaxpruneError
 
@@ -91,15 +91,19 @@ def accumulate_sharded(stats: Stats, x: jax.Array, *, mesh: Mesh, axis: str = "d
 
   Each device computes the partial sums of its share of the tokens, then ``jax.lax.psum`` adds them (the
   reduction of per-shard statistics used by levanter). ``x`` ``(..., d_in)`` is flattened to tokens and padded
-  with zero rows (which add nothing) to a multiple of the axis size. The result is replicated and equals
-  :func:`accumulate` up to float32 summation order.
+  with zero rows (which add nothing) to a multiple of the axis size (an ``Explicit`` axis is resharded to
+  it). The result is replicated and equals :func:`accumulate` up to float32 summation order.
   """
+  if axis not in mesh.axis_names:
+    raise JaxpruneError(f"mesh has no axis {axis!r}; its axes are {', '.join(mesh.axis_names)}")
   x = _flatten(stats, x)
   tokens = x.shape[0]
   size = mesh.shape[axis]
   pad = -tokens % size
   if pad:
     x = jnp.concatenate([x, jnp.zeros((pad, x.shape[1]), x.dtype)])
+  if mesh.axis_types[mesh.axis_names.index(axis)] == AxisType.Explicit:
+    x = jax.sharding.reshard(x, NamedSharding(mesh, P(axis, None)))
   with_gram = stats.gram is not None
 
   def shard_sums(xs):

@@ -1,0 +1,146 @@
+"""Sparsity patterns (validation, N:M meaning, CLI parsing) and the exact mask selection of ``masks``."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import reference_np as ref
+from jaxprune.errors import JaxpruneError
+from jaxprune.prune import (
+    NM, Unstructured, keep_mask, layer_mask, nm_mask, num_pruned, parse_pattern, pattern_mask, unstructured_mask)
+
+# ---------------------------------------------------------------- patterns
+
+
+def test_nm_counts_kept_weights():
+  assert NM(1, 4).sparsity == 0.75 and NM(1, 4).pruned == 3
+  assert NM(2, 4).sparsity == 0.5 and NM(4, 8).sparsity == 0.5
+  assert NM(3, 4).sparsity == 0.25
+  mask = np.asarray(nm_mask(jnp.arange(16.0).reshape(2, 8), n=1, m=4))
+  assert mask.tolist() == [[False, False, False, True] * 2, [False, False, False, True] * 2]
+
+
+def test_patterns_are_frozen_and_hashable():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    NM(2, 4).n = 1
+  assert len({NM(2, 4), NM(2, 4), Unstructured(0.5), Unstructured(0.5, scope=None)}) == 2
+  assert Unstructured(1 / 2) == Unstructured(0.5) and isinstance(Unstructured(0).sparsity, float)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Unstructured(1.0), r"\[0, 1\)"),
+    (lambda: Unstructured(-0.1), r"\[0, 1\)"),
+    (lambda: Unstructured(float("nan")), r"\[0, 1\)"),
+    (lambda: Unstructured(True), r"\[0, 1\)"),
+    (lambda: Unstructured("0.5"), r"\[0, 1\)"),
+    (lambda: Unstructured(0.5, scope="block"), "scope"),
+    (lambda: NM(0, 4), "positive"),
+    (lambda: NM(2, 0), "positive"),
+    (lambda: NM(-1, 4), "positive"),
+    (lambda: NM(2.0, 4), "positive"),
+    (lambda: NM(5, 4), "n <= m"),
+])
+def test_bad_patterns_raise(make, match):
+  with pytest.raises(JaxpruneError, match=match):
+    make()
+
+
+def test_check_width_names_the_width():
+  NM(2, 4).check_width(576)
+  Unstructured(0.5).check_width(577)
+  with pytest.raises(JaxpruneError, match="divisible by 8, got 1540"):
+    NM(4, 8).check_width(1540)
+
+
+def test_parse_pattern():
+  assert parse_pattern(0.6, None) == Unstructured(0.6)
+  assert parse_pattern(0.5, None, scope="row") == Unstructured(0.5, scope="row")
+  assert parse_pattern(None, "2:4") == NM(2, 4)
+  assert parse_pattern(None, " 1:4 ") == NM(1, 4)
+  for sparsity, nm, match in [(None, None, "exactly one"), (0.5, "2:4", "exactly one"), (None, "2/4", "2:4"),
+                              (None, "a:4", "2:4"), (None, "2:4:8", "2:4"), (None, "0:4", "positive"),
+                              (None, "5:4", "n <= m"), (1.5, None, r"\[0, 1\)")]:
+    with pytest.raises(JaxpruneError, match=match):
+      parse_pattern(sparsity, nm)
+  with pytest.raises(JaxpruneError, match="unstructured"):
+    parse_pattern(None, "2:4", scope="row")
+
+
+# ---------------------------------------------------------------- masks
+
+
+def tied_scores(shape, seed=0):
+  """Scores with many exact ties (few distinct values, as dequantized weights have)."""
+  return np.random.default_rng(seed).integers(0, 5, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_keep_mask_stable_tie_rule(use_jit):
+  scores = tied_scores((6, 40))
+  select = jax.jit(keep_mask) if use_jit else keep_mask
+  for k in (0, 1, 13, 20, 39, 40):
+    got = np.asarray(select(jnp.asarray(scores), k))
+    want = np.stack([ref.lowest_pruned(row, k) for row in scores])
+    np.testing.assert_array_equal(got, want)
+    assert (~got).sum(axis=1).tolist() == [k] * 6
+
+
+def test_keep_mask_lower_index_pruned_first():
+  assert np.asarray(keep_mask(jnp.array([2.0, 1.0, 1.0, 1.0, 0.5]), 3)).tolist() == [True, False, False, True, False]
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_layer_mask_exact_with_ties_and_traced_count(use_jit):
+  scores = tied_scores((12, 30), seed=1)
+  select = jax.jit(layer_mask) if use_jit else layer_mask
+  for k in (0, 7, 180, 359):
+    got = np.asarray(select(jnp.asarray(scores), jnp.int32(k)))
+    np.testing.assert_array_equal(got, ref.lowest_pruned(scores.ravel(), k).reshape(scores.shape))
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("sparsity, scope", [(0.5, "layer"), (0.8, "layer"), (0.37, "row"), (0.0, "row")])
+def test_unstructured_mask_counts(use_jit, sparsity, scope):
+  scores = tied_scores((10, 24), seed=2)
+  fn = lambda s: unstructured_mask(s, sparsity=sparsity, scope=scope)  # noqa: E731
+  got = np.asarray((jax.jit(fn) if use_jit else fn)(jnp.asarray(scores)))
+  np.testing.assert_array_equal(got, ref.unstructured_keep(scores, sparsity, scope))
+  size = scores.size if scope == "layer" else scores.shape[1]
+  pruned = (~got).sum() if scope == "layer" else (~got).sum(axis=1)
+  assert np.all(pruned == num_pruned(size, sparsity)) and num_pruned(size, sparsity) == int(size * sparsity)
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (3, 4), (4, 4)])
+def test_nm_mask_structure(use_jit, n, m):
+  scores = tied_scores((5, 32), seed=3)
+  fn = lambda s: nm_mask(s, n=n, m=m)  # noqa: E731
+  got = np.asarray((jax.jit(fn) if use_jit else fn)(jnp.asarray(scores)))
+  np.testing.assert_array_equal(got, ref.nm_keep(scores, n, m))
+  assert (got.reshape(5, -1, m).sum(-1) == n).all()
+
+
+def test_pattern_mask_dispatch():
+  scores = jnp.asarray(tied_scores((4, 16), seed=4))
+  np.testing.assert_array_equal(pattern_mask(scores, NM(1, 4), default_scope="layer"), nm_mask(scores, n=1, m=4))
+  np.testing.assert_array_equal(pattern_mask(scores, Unstructured(0.5), default_scope="row"),
+                                unstructured_mask(scores, sparsity=0.5, scope="row"))
+  np.testing.assert_array_equal(pattern_mask(scores, Unstructured(0.5, scope="layer"), default_scope="row"),
+                                unstructured_mask(scores, sparsity=0.5, scope="layer"))
+  with pytest.raises(JaxpruneError, match="divisible by 8, got 20"):
+    pattern_mask(jnp.ones((2, 20)), NM(4, 8), default_scope="row")
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_layer_mask_row_sharded_equals_unsharded(axis_type):
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+  scores = tied_scores((16, 12), seed=5)
+  sharded = jax.device_put(jnp.asarray(scores), NamedSharding(mesh, P("model", None)))
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda s: layer_mask(s, 77))(sharded)
+  np.testing.assert_array_equal(np.asarray(got), ref.lowest_pruned(scores.ravel(), 77).reshape(scores.shape))
