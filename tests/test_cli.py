@@ -1,0 +1,112 @@
+"""The command line on a tiny model: it runs end to end, and bad input gets a one-line error (exit 2)."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxprune.cli import main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  """A tiny random LLaMA in a Hugging Face directory, with the SmolLM2 tokenizer (vocab 49152)."""
+  from jaxprune.io.gguf_file import load_gguf_tokenizer
+  from jaxprune.io.load import embedded_path
+
+  path = tmp_path_factory.mktemp("tiny-llama")
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+  load_gguf_tokenizer(embedded_path("smollm2-135m")).save_pretrained(path)
+  return path
+
+
+def run(capsys, *argv):
+  code = main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+  assert code == 2
+  errors = [line for line in err.splitlines() if "error:" in line]
+  assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+
+
+def test_eval_convert_export_end_to_end(tiny_dir, tmp_path, capsys):
+  code, out, _ = run(capsys, "eval", "--model", tiny_dir, "--data", "austen", "--seqlen", 64, "--max-windows", 4,
+                     "--batch-size", 2, "--json", tmp_path / "e.json")
+  assert code == 0
+  result = json.loads((tmp_path / "e.json").read_text())
+  assert {"perplexity", "tokens", "windows", "seqlen", "seconds"} <= set(result)
+  assert result["windows"] == 4 and result["tokens"] == 256 and result["seqlen"] == 64
+  assert 1000 < result["perplexity"] < 2 * 49152  # a random model: near-uniform over the vocabulary
+  assert run(capsys, "convert", "--model", tiny_dir, "--out", tmp_path / "ck")[0] == 0
+  code, _, _ = run(capsys, "eval", "--model", tmp_path / "ck", "--data", "austen", "--seqlen", 64,
+                   "--max-windows", 4, "--batch-size", 2, "--json", tmp_path / "e2.json")
+  assert code == 0
+  again = json.loads((tmp_path / "e2.json").read_text())
+  assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
+  assert run(capsys, "export", "--model", tmp_path / "ck", "--out", tmp_path / "hf")[0] == 0
+  assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_missing_path(capsys):
+  assert_one_line_error(*run(capsys, "eval", "--model", "/no/such/model")[::2], "not found")
+
+
+def test_directory_that_is_not_a_model(tmp_path, capsys):
+  assert_one_line_error(*run(capsys, "eval", "--model", tmp_path)[::2], "not a model directory")
+
+
+def test_gguf_of_unsupported_architecture(tmp_path, capsys):
+  import gguf
+
+  path = tmp_path / "m.gguf"
+  writer = gguf.GGUFWriter(str(path), "gpt2")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  assert_one_line_error(*run(capsys, "eval", "--model", path)[::2], "architecture 'gpt2' is not supported")
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+  path = tmp_path / "bad.gguf"
+  path.write_bytes(b"GGUF" + b"\x00" * 10)
+  assert_one_line_error(*run(capsys, "eval", "--model", path)[::2], "not a readable GGUF file")
+
+
+def test_unknown_corpus_name(tiny_dir, capsys):
+  assert_one_line_error(*run(capsys, "eval", "--model", tiny_dir, "--data", "shakespeare", "--seqlen", 64)[::2], "shakespeare")
+
+
+def test_seqlen_longer_than_the_model_supports(tiny_dir, capsys):
+  assert_one_line_error(*run(capsys, "eval", "--model", tiny_dir, "--seqlen", 4096)[::2], "seqlen 4096",
+                        "128")
+
+
+def test_empty_text_file(tiny_dir, tmp_path, capsys):
+  (tmp_path / "empty.txt").write_text("")
+  assert_one_line_error(*run(capsys, "eval", "--model", tiny_dir, "--data", tmp_path / "empty.txt",
+                             "--seqlen", 64)[::2], "empty")
+
+
+def test_token_ids_outside_the_vocabulary(tiny_dir, tmp_path, capsys):
+  np.save(tmp_path / "w.npy", np.full((2, 64), 60000, np.int32))
+  assert_one_line_error(*run(capsys, "eval", "--model", tiny_dir, "--data", tmp_path / "w.npy",
+                             "--seqlen", 64)[::2], "60000", "49152")
+
+
+def test_hub_name_offline_fails_fast(capsys, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  assert_one_line_error(*run(capsys, "eval", "--model", "facebook/opt-125m")[::2], "facebook/opt-125m")
