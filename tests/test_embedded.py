@@ -1,0 +1,54 @@
+"""The embedded SmolLM2-135M: jaxprune's perplexity equals transformers' on the same windows, and survives export."""
+import numpy as np
+import pytest
+
+from jaxprune.evaluate import data_mesh, perplexity
+from jaxprune.io.hf import save_hf_dir
+from jaxprune.io.load import embedded_path, load_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
+
+
+@pytest.fixture(scope="module")
+def smollm():
+  return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def windows(smollm):
+  from jaxprune.data import load_windows
+
+  return load_windows("austen", tokenizer=smollm.tokenizer, seqlen=256, role="eval", max_windows=4).tokens
+
+
+def torch_perplexity(model, windows: np.ndarray) -> float:
+  """The reference formula, written independently: exp(mean over windows of the mean shifted CE)."""
+  torch.set_num_threads(2)
+  ids = torch.tensor(windows, dtype=torch.long)
+  with torch.no_grad():
+    logits = model(ids).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+  return float(torch.exp(nll.mean()))
+
+
+def test_perplexity_equals_transformers_reading_the_same_gguf(smollm, windows):
+  path = embedded_path("smollm2-135m")
+  reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                dtype=torch.float32).eval()
+  expected = torch_perplexity(reference, windows)
+  ours = perplexity(smollm.params, windows, config=smollm.config, batch_size=2, progress=False).perplexity
+  assert 5 < expected < 100
+  assert ours == pytest.approx(expected, rel=1e-3)
+
+
+def test_export_to_transformers_round_trips_the_perplexity(smollm, windows, tmp_path):
+  ours = perplexity(smollm.params, windows, config=smollm.config, batch_size=4, mesh=data_mesh(),
+                    progress=False).perplexity
+  save_hf_dir(tmp_path / "hf", smollm.config, smollm.params, smollm.tokenizer)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  assert torch_perplexity(exported, windows) == pytest.approx(ours, rel=1e-3)
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  assert tok.encode("Pride and Prejudice", add_special_tokens=False) == smollm.tokenizer.encode(
+      "Pride and Prejudice", add_special_tokens=False)

@@ -1,0 +1,49 @@
+"""The perplexity loop: the protocol's formula, batching, and 1 device versus 8."""
+import jax
+import numpy as np
+import pytest
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.evaluate import data_mesh, perplexity
+from jaxprune.models import model as M
+from jaxprune.models.config import ModelConfig
+
+CONFIG = ModelConfig(family="llama", vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=3,
+                     num_kv_heads=1, head_dim=8, max_position_embeddings=32, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = M.init_params(CONFIG, jax.random.key(1))
+  windows = np.random.default_rng(0).integers(0, 61, size=(11, 16)).astype(np.int32)
+  return params, windows
+
+
+def test_formula_is_exp_of_mean_window_loss(setup):
+  params, windows = setup
+  logits = np.asarray(jax.jit(lambda p, t: M.forward(p, t, config=CONFIG))(params, windows), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1)[..., 0]
+  expected = np.exp(nll.mean(axis=1).mean())
+  result = perplexity(params, windows, config=CONFIG, batch_size=4, progress=False)
+  assert result.perplexity == pytest.approx(expected, rel=1e-5)
+  assert result.windows == 11 and result.tokens == 11 * 16 and result.window_losses.shape == (11,)
+
+
+def test_same_perplexity_on_one_and_eight_devices(setup):
+  params, windows = setup
+  one = perplexity(params, windows, config=CONFIG, batch_size=8, mesh=data_mesh(jax.devices()[:1]), progress=False)
+  eight = perplexity(params, windows, config=CONFIG, batch_size=8, mesh=data_mesh(), progress=False)
+  assert jax.device_count() == 8
+  np.testing.assert_allclose(one.window_losses, eight.window_losses, rtol=1e-6)
+  assert one.perplexity == pytest.approx(eight.perplexity, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 64), np.int32), "exceeds the model's 32 positions"),
+    (np.full((2, 8), 61, np.int32), "token ids must lie in"),
+    (np.zeros((0, 8), np.int32), "non-empty"),
+])
+def test_bad_windows(setup, bad, message):
+  with pytest.raises(JaxpruneError, match=message):
+    perplexity(setup[0], bad, config=CONFIG, progress=False)
