@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: machine description, peak memory, JSON output."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def machine() -> dict:
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+          "date": datetime.date.today().isoformat()}
+
+
+def peak_rss_gb() -> float:
+  """Peak resident memory of this process so far, in GB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def run_worker(script: Path, *args: str) -> dict:
+  """Runs ``script --worker args`` in a fresh process (own peak memory) and returns the JSON it prints last."""
+  proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise RuntimeError(f"worker failed: {proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: Path, data: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+  print(f"wrote {path}")

@@ -1,0 +1,99 @@
+"""jaxprune against the original PyTorch implementations, on the exact tokens they were run on.
+
+``../shared/reference/`` holds the calibration windows (64 x 512) and evaluation windows (128 x 512) on which
+sparsegpt, wanda and admm-pruning were measured, with their perplexities, pruning seconds and peak memory. This
+script runs jaxprune's side of every case on the same tokens, each case in a fresh process:
+
+  python experiments/parity/run.py --out experiments/parity/result.json
+  python experiments/parity/run.py --cases wanda:u50 sparsegpt:2:4 --out /tmp/some.json
+
+Case names follow ``results.json``: ``METHOD:uNN`` (unstructured NN %) or ``METHOD:N:M`` (N kept of M).
+``prune_seconds`` counts the whole pruning call (calibration forwards, statistics, compilation, solvers,
+recomputing outputs), excluding model load and evaluation, like the reference's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import REFERENCE, machine, peak_rss_gb, run_worker, write_json  # noqa: E402
+
+
+def parse_case(case: str):
+  from jaxprune.prune import NM, Unstructured
+
+  method, _, shape = case.partition(":")
+  if method == "dense":
+    return method, None
+  if shape.startswith("u"):
+    return method, Unstructured(int(shape[1:]) / 100)
+  n, m = shape.split(":")
+  return method, NM(int(n), int(m))
+
+
+def worker(args) -> None:
+  import numpy as np
+
+  from jaxprune.evaluate import perplexity
+  from jaxprune.io.load import load_model
+  from jaxprune.prune.job import prune
+  from jaxprune.prune.sequential import PruneSpec
+
+  model = load_model("smollm2-135m")
+  calib = np.load(args.reference / "calib_512x64.npy")
+  evals = np.load(args.reference / "eval_512x128.npy")
+  method, pattern = parse_case(args.case)
+  out = {"case": args.case}
+  params = model.params
+  if pattern is not None:
+    hparams = tuple(json.loads(args.hparams).items()) if args.hparams else ()
+    outcome = prune(params, model.config, PruneSpec(method, pattern, hparams), calib, batch_size=args.batch_size,
+                    progress=False)
+    params = outcome.params
+    out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
+               hparams=dict(hparams))
+  start = time.perf_counter()
+  result = perplexity(params, evals, config=model.config, batch_size=8, progress=False)
+  out.update(ppl=result.perplexity, eval_seconds=time.perf_counter() - start, peak_rss_gb=peak_rss_gb())
+  print(json.dumps(out))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--reference", type=Path, default=REFERENCE)
+  p.add_argument("--cases", nargs="*", default=None, help="default: every case of results.json")
+  p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
+  p.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--case", help=argparse.SUPPRESS)
+  p.add_argument("--hparams", default="", help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
+  args = p.parse_args()
+  if args.worker:
+    return worker(args)
+  reference = json.loads((args.reference / "results.json").read_text())["runs"]
+  cases = args.cases or sorted(reference)
+  previous = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
+  runs = dict(previous)
+  for case in cases:
+    print(f"== {case}", flush=True)
+    extra = ["--hparams", args.hparams] if args.hparams else []
+    runs[case] = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
+                            str(args.batch_size), *extra)
+    ref = reference.get(case, {})
+    runs[case]["reference"] = {k: ref.get(k) for k in ("ppl", "prune_seconds", "peak_rss_gb")}
+    if ref.get("ppl"):
+      runs[case]["ppl_ratio_to_reference"] = runs[case]["ppl"] / ref["ppl"]
+    if ref.get("prune_seconds") and runs[case].get("prune_seconds"):
+      runs[case]["speedup_over_reference"] = ref["prune_seconds"] / runs[case]["prune_seconds"]
+    print(json.dumps(runs[case]), flush=True)
+    write_json(args.out, {"command": "python experiments/parity/run.py " + " ".join(sys.argv[1:]),
+                          "machine": machine(), "seqlen": 512, "calib": "calib_512x64.npy (64 x 512)",
+                          "eval": "eval_512x128.npy (128 x 512)", "runs": runs})
+
+
+if __name__ == "__main__":
+  main()
