@@ -90,6 +90,22 @@ def test_keep_mask_stable_tie_rule(use_jit):
     assert (~got).sum(axis=1).tolist() == [k] * 6
 
 
+def test_selection_orders_negative_zero_and_infinite_scores():
+  scores = np.array([[0.0, -0.0, -2.5, 3.0, np.inf, -np.inf, 1e-30, -1e-30, 0.0, 7.0]], np.float32)
+  for k in range(scores.size + 1):
+    want = ref.lowest_pruned(scores[0], k)
+    np.testing.assert_array_equal(np.asarray(keep_mask(jnp.asarray(scores), k))[0], want)
+    np.testing.assert_array_equal(np.asarray(layer_mask(jnp.asarray(scores), k))[0], want)
+
+
+def test_selection_in_float64_under_x64():
+  scores = np.random.default_rng(9).normal(size=(7, 9))
+  scores[2, 3] = scores[4, 1] = scores[0, 0]
+  with jax.enable_x64(True):
+    got = np.asarray(layer_mask(jnp.asarray(scores), 31))
+  np.testing.assert_array_equal(got, ref.lowest_pruned(scores.ravel(), 31).reshape(scores.shape))
+
+
 def test_keep_mask_lower_index_pruned_first():
   assert np.asarray(keep_mask(jnp.array([2.0, 1.0, 1.0, 1.0, 0.5]), 3)).tolist() == [True, False, False, True, False]
 

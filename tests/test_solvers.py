@@ -3,9 +3,9 @@
 Problems are random least-squares layers: correlated inputs with per-feature scales (as LLM activations have),
 ``tokens = 4 · d_in``; widths that are not multiples of the SparseGPT block (``d_in = 40``, block 16).
 
-Tolerances: under ``jax.enable_x64`` the JAX solvers run in float64 and must match the references to 1e-10
-(relative to ``max |Ŵ|``) with identical masks; in float32 masks must be identical and weights within
-2e-5 of ``max |Ŵ|`` (measured: below 1.3e-6).
+Tolerances: in float32 (every solver × pattern) masks must be identical and weights within 2e-5 of
+``max |Ŵ|`` (measured: below 1.3e-6); under ``jax.enable_x64`` the solvers run in float64 and must match the
+references to 1e-10 of ``max |Ŵ|`` with identical masks (measured: below 3e-14).
 """
 from __future__ import annotations
 
@@ -86,21 +86,24 @@ def assert_same_solution(got, want_w, want_mask, rtol):
 # ---------------------------------------------------------------- parity with the float64 references
 
 
-@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("pattern", [Unstructured(0.8), NM(1, 4)], ids=str)
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_parity_x64(name, pattern):
+  """Exact algorithm: the solvers in float64 equal the references to 1e-10, including a dead input."""
   w, x = make_problem(dead=DEAD[:1])
   with jax.enable_x64(True):
     stats = stats_of(x, jnp.float64)
-    got = SOLVERS[name].solve(jnp.asarray(w, jnp.float64), stats, pattern=pattern, **HPARAMS.get(name, {}))
+    got = jax.jit(functools.partial(SOLVERS[name].solve, pattern=pattern, **HPARAMS.get(name, {})))(
+        jnp.asarray(w, jnp.float64), stats)
     assert got.w.dtype == jnp.float64
   want_w, want_mask = reference(name, w, stats, pattern, **HPARAMS.get(name, {}))
   assert_same_solution(got, want_w, want_mask, 1e-10)
 
 
-@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_parity_float32(name, pattern):
+  """The float32 solvers (as used) pick the reference's mask and weights within 2e-5 of max |Ŵ|."""
   w, x = make_problem(seed=1)
   stats = stats_of(x)
   want_w, want_mask = reference(name, w, stats, pattern, **HPARAMS.get(name, {}))
@@ -110,7 +113,6 @@ def test_parity_float32(name, pattern):
 @pytest.mark.parametrize("hp", [
     {"pattern": Unstructured(0.6, scope="row")},
     {"pattern": Unstructured(0.5), "schedule": "final"},
-    {"pattern": NM(2, 4), "schedule": "final"},
     {"pattern": Unstructured(0.5), "mask_iterations": 0},
     {"pattern": NM(1, 4), "rho": 0.5, "percdamp": 0.05, "iterations": 12, "mask_iterations": 6},
 ], ids=str)
@@ -191,15 +193,16 @@ def test_contract(name, pattern):
 @pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_contract_eager_and_bfloat16(name, pattern):
-  """Eager equals jit; bfloat16 weights come back bfloat16 (both code paths: unstructured and N:M)."""
+  """Eager equals jit (both code paths: unstructured and N:M); bfloat16 weights come back bfloat16."""
   w, x = make_problem(dead=DEAD, seed=5)
   stats = accumulate(init_stats(D_IN), jnp.asarray(x))
   out = jitted(name, pattern)(jnp.asarray(w), stats)
   eager = SOLVERS[name].solve(jnp.asarray(w), stats, pattern=pattern, **HPARAMS.get(name, {}))
   np.testing.assert_array_equal(np.asarray(eager.mask), np.asarray(out.mask))
   np.testing.assert_allclose(np.asarray(eager.w), np.asarray(out.w), rtol=0, atol=1e-5 * np.abs(w).max())
-  bf16 = jitted(name, pattern)(jnp.asarray(w, jnp.bfloat16), stats)
-  check_contract(name, pattern, w, x, bf16, jnp.bfloat16)
+  if isinstance(pattern, Unstructured):  # the dtype handling does not depend on the pattern
+    bf16 = jitted(name, pattern)(jnp.asarray(w, jnp.bfloat16), stats)
+    check_contract(name, pattern, w, x, bf16, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
@@ -225,13 +228,18 @@ def test_compiles_once(name):
   assert traces >= 1 and TRACES[name, Unstructured(0.5)] == traces
 
 
-@pytest.mark.parametrize("mode, pattern", [
-    ("auto", Unstructured(0.5)), ("explicit", Unstructured(0.5)), ("explicit", NM(1, 4))], ids=str)
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+SHARDED_CASES = [(name, "auto", Unstructured(0.5)) for name in sorted(SOLVERS)] + [
+    ("sparsegpt", "explicit", Unstructured(0.5)),
+    ("sparsegpt", "explicit", NM(1, 4)), ("admm", "explicit", NM(1, 4)), ("wanda", "explicit", NM(1, 4))]
+
+
+@pytest.mark.parametrize("name, mode, pattern", SHARDED_CASES, ids=str)
 def test_sharded_rows_equal_unsharded(name, mode, pattern):
   """Rows of ``w`` on a ``model`` axis of 8 devices: same mask (global selections included), same weights.
 
-  ``auto``: a plain ``NamedSharding`` and ``jit``; ``explicit``: sharding in types, traced under ``set_mesh``.
+  ``auto``: a plain ``NamedSharding`` and ``jit``; ``explicit``: sharding in types, traced under ``set_mesh``
+  (explicit cases: SparseGPT's block selections, ADMM's gradual N:M, Wanda's rows and groups; the per-layer
+  selection under explicit sharding is tested in test_patterns).
   """
   axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
   mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))

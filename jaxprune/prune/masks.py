@@ -9,9 +9,11 @@ differ here: the Wanda/magnitude code prunes every weight equal to the threshold
 ``floor(s·n)``), SparseGPT prunes every score ``<=`` the ``floor(s·n)``-th smallest, and ``torch.topk`` leaves
 the order of ties unspecified.
 
-The selection sorts the values (no argsort) and breaks ties at the threshold with a cumulative count, so it
-costs one sort plus a few elementwise passes, and works on sharded inputs (the result does not depend on how
-``scores`` are laid out over devices).
+No sort: the threshold (the ``k``-th smallest score) is found by a radix select on the bit patterns of the
+scores -- 32 passes (64 for float64) that each compare every score with a candidate and count, in one
+``lax.fori_loop`` -- and ties at the threshold are broken with a cumulative count. Every pass is an
+elementwise compare and a reduction, so a global selection also works on row-sharded scores: the counts
+are summed over devices, nothing is gathered.
 
 >>> import jax.numpy as jnp
 >>> keep_mask(jnp.array([[3., 1., 1., 2.]]), 2).tolist()
@@ -33,6 +35,43 @@ def num_pruned(size: int, sparsity: float) -> int:
   return int(size * sparsity)
 
 
+def _ordered_keys(scores: jax.Array):
+  """Unsigned integers ordered as the float ``scores`` (``-0.0`` counted as ``+0.0``), and their bit width."""
+  if scores.dtype == jnp.float64:
+    utype, bits = jnp.uint64, 64
+  else:
+    scores, utype, bits = scores.astype(jnp.float32), jnp.uint32, 32
+  u = jax.lax.bitcast_convert_type(scores + 0.0, utype)
+  negative = (u >> (bits - 1)) == 1
+  flip = jnp.where(negative, ~jnp.zeros((), utype), jnp.asarray(1, utype) << (bits - 1))
+  return u ^ flip, bits
+
+
+def _lowest(scores: jax.Array, k, axes: tuple[int, ...]):
+  """Threshold of the ``k`` lowest scores counted over ``axes`` (kept as size-1 dimensions).
+
+  Returns ``(below, tied, room)``: scores strictly below the ``k``-th smallest, scores equal to it, and how many
+  of the tied ones are still to prune (``k`` minus the count below).
+  """
+  keys, bits = _ordered_keys(scores)
+  utype = keys.dtype
+  k = jnp.asarray(k, jnp.int32)
+  one = jnp.asarray(1, utype)
+
+  def count(pred):
+    return jnp.sum(pred, axis=axes, keepdims=True, dtype=jnp.int32)
+
+  def bit_step(i, prefix):  # the smallest T with count(keys <= T) >= k, built from the top bit down
+    bit = one << (bits - 1 - i).astype(utype)
+    enough = count(keys <= (prefix | (bit - one))) >= k
+    return jnp.where(enough, prefix, prefix | bit)
+
+  prefix = jnp.zeros_like(jnp.max(keys, axis=axes, keepdims=True))
+  thr = jax.lax.fori_loop(0, bits, bit_step, prefix)
+  below = keys < thr
+  return below, keys == thr, k - count(below)
+
+
 def keep_mask(scores: jax.Array, k) -> jax.Array:
   """Prunes exactly the ``k`` lowest scores along the last axis (stable tie rule); returns the keep mask.
 
@@ -43,30 +82,25 @@ def keep_mask(scores: jax.Array, k) -> jax.Array:
   Returns:
     ``(..., n)`` bool, ``False`` at the ``k`` pruned entries of every slice.
   """
-  k = jnp.asarray(k, jnp.int32)
-  ordered = jnp.sort(scores, axis=-1)
-  thr = jax.lax.dynamic_index_in_dim(ordered, jnp.maximum(k - 1, 0), axis=ordered.ndim - 1, keepdims=True)
-  below = scores < thr
-  tied = scores == thr
-  room = k - jnp.sum(below, axis=-1, keepdims=True, dtype=jnp.int32)  # ties at thr still to prune
-  tie_rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32)
-  return ~(below | (tied & (tie_rank <= room)))
+  below, tied, room = _lowest(scores, k, (scores.ndim - 1,))
+  return ~(below | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= room)))
 
 
 def layer_mask(scores: jax.Array, k) -> jax.Array:
   """Prunes the ``k`` lowest of all of ``scores`` (any shape) in row-major flat order; returns the keep mask.
 
-  A global ranking needs every score: with automatic sharding the compiler gathers them; with explicitly
-  sharded ``scores`` (mesh axes of type ``Explicit``, traced under ``jax.set_mesh``) they are gathered here and
-  the mask is given back the sharding of ``scores``.
+  The tie order needs the number of tied scores in earlier rows: a cumulative sum over the (small) vector of
+  per-row counts, replicated first when the rows are explicitly sharded (mesh axes of type ``Explicit``).
   """
-  sharding = jax.typeof(scores).sharding
-  explicit = any(axis is not None for axis in sharding.spec)
-  flat = scores.reshape(-1)
-  if explicit:
-    flat = jax.sharding.reshard(flat, NamedSharding(sharding.mesh, P()))
-  mask = keep_mask(flat, k).reshape(scores.shape)
-  return jax.sharding.reshard(mask, sharding) if explicit else mask
+  rows = scores.reshape(-1, scores.shape[-1]) if scores.ndim != 2 else scores
+  below, tied, room = _lowest(rows, k, (0, 1))
+  per_row = jnp.sum(tied, axis=1, dtype=jnp.int32)
+  sharding = jax.typeof(per_row).sharding
+  if any(axis is not None for axis in sharding.spec):
+    per_row = jax.sharding.reshard(per_row, NamedSharding(sharding.mesh, P()))
+  earlier = jnp.cumsum(per_row) - per_row
+  tie_rank = jnp.cumsum(tied, axis=1, dtype=jnp.int32) + earlier[:, None]
+  return ~(below | (tied & (tie_rank <= room))).reshape(scores.shape)
 
 
 def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str) -> jax.Array:
@@ -81,13 +115,21 @@ def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str) -> jax.
 def nm_mask(scores: jax.Array, *, n: int, m: int) -> jax.Array:
   """Keep mask with the ``n`` highest of every ``m`` consecutive scores along the last axis kept.
 
+  Each score's rank in its group (how many of the group precede it in a stable ascending order) is counted
+  with ``m`` elementwise comparisons; the ``m - n`` of rank below ``m - n`` are pruned.
+
   Args:
     scores: ``(..., d_in)`` with ``m`` dividing ``d_in``.
     n: kept per group; ``m - n`` pruned (lowest first, stable tie rule).
     m: group length.
   """
   groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
-  return keep_mask(groups, m - n).reshape(scores.shape)
+  position = jnp.arange(m).reshape((1,) * (groups.ndim - 1) + (m,))
+  rank = jnp.zeros(groups.shape, jnp.int32)
+  for other in range(m):
+    s = groups[..., other:other + 1]
+    rank = rank + ((s < groups) | ((s == groups) & (other < position))).astype(jnp.int32)
+  return (rank >= m - n).reshape(scores.shape)
 
 
 def pattern_mask(scores: jax.Array, pattern: Unstructured | NM, *, default_scope: str) -> jax.Array:

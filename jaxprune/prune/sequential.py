@@ -89,54 +89,63 @@ def _forward(block_params, h, ctx, *, config, modes):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
-def _stats_step(block_params, h, ctx, stats, *, config, modes, mesh):
+def _stats_step(block_params, h, ctx, stats, weights, *, config, modes, mesh):
   _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True)
+  taps = {name: x * weights.astype(x.dtype)[:, None, None] for name, x in taps.items()}  # padding rows -> 0
   if mesh is None:
     return {name: accumulate(s, taps[name]) for name, s in stats.items()}
   return {name: accumulate_sharded(s, taps[name], mesh=mesh) for name, s in stats.items()}
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_solver(spec: PruneSpec):
-  """The solver of ``spec`` with its pattern and hyper-parameters bound, jitted once (one compile per shape)."""
-  return jax.jit(functools.partial(get_solver(spec.method).solve, pattern=spec.pattern, **dict(spec.hparams)))
-
-
 class _Batches:
-  """Calibration activations in batches, split over the ``data`` axis of an optional mesh."""
+  """Calibration windows in batches, split over the ``data`` axis of an optional mesh.
+
+  The batch is a multiple of the ``data`` axis size; a last, short batch is padded with copies of its last
+  window, which get weight 0 in the statistics and whose outputs are dropped.
+  """
 
   def __init__(self, config: ModelConfig, n: int, seqlen: int, batch_size: int, mesh: Mesh | None):
-    shards = mesh.shape.get("data", 1) if mesh is not None else 1
-    self.batch = min(-(-batch_size // shards) * shards, -(-n // shards) * shards)
-    if n % self.batch:
-      raise JaxpruneError(f"nsamples {n} must be a multiple of the calibration batch size {self.batch}")
-    self.mesh = mesh
+    self.mesh = mesh if mesh is not None and "data" in mesh.shape else None
+    shards = self.mesh.shape["data"] if self.mesh is not None else 1
+    self.batch = -(-min(batch_size, n) // shards) * shards
     self.ctx = M.context(config, self.batch, seqlen)
     self.n = n
+    self.row_mesh = mesh if mesh is not None and "model" in mesh.shape else None
 
-  def put(self, x):
-    if self.mesh is None or "data" not in self.mesh.shape:
+  def chunks(self, x: np.ndarray):
+    """Yields ``(device batch, weights (batch,), real rows)`` covering ``x`` ``(n, ...)`` in order."""
+    for lo in range(0, self.n, self.batch):
+      part = x[lo:lo + self.batch]
+      real = len(part)
+      if real < self.batch:
+        part = np.concatenate([part, np.repeat(part[-1:], self.batch - real, axis=0)])
+      weights = (np.arange(self.batch) < real).astype(np.float32)
+      yield self._put(part), self._put(weights), real
+
+  def map(self, fn, x: np.ndarray) -> np.ndarray:
+    """``fn`` over the batches of ``x``, outputs gathered to host float32 ``(n, ...)``."""
+    return np.concatenate([np.asarray(fn(batch), np.float32)[:real] for batch, _, real in self.chunks(x)])
+
+  def _put(self, x):
+    if self.mesh is None:
       return jnp.asarray(x)
     return jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
-  def slices(self):
-    return [slice(lo, lo + self.batch) for lo in range(0, self.n, self.batch)]
 
 
 def _statistics(block_params, inputs, batches: _Batches, groups, *, config, modes, needs_gram: bool):
   widths = {tap: _kernel(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
-  mesh = batches.mesh if batches.mesh is not None and "data" in batches.mesh.shape else None
-  for sl in batches.slices():
-    stats = _stats_step(block_params, batches.put(inputs[sl]), batches.ctx, stats, config=config, modes=modes,
-                        mesh=mesh)
-  return stats
+  for h, weights, _ in batches.chunks(inputs):
+    stats = _stats_step(block_params, h, batches.ctx, stats, weights, config=config, modes=modes,
+                        mesh=batches.mesh)
+  tokens = jnp.float32(inputs.shape[0] * inputs.shape[1])
+  return {tap: s._replace(count=tokens) for tap, s in stats.items()}
 
 
-def _solve(spec: PruneSpec, kernel, stats, mesh: Mesh | None):
+def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   w = to_hf_layout(kernel)
-  if mesh is not None and "model" in mesh.shape:
-    w = jax.device_put(w, NamedSharding(mesh, P("model", None)))
+  if row_mesh is not None:
+    w = jax.device_put(w, NamedSharding(row_mesh, P("model", None)))
   result = jitted_solver(spec)(w, stats)
   return from_hf_layout(result.w), from_hf_layout(result.mask), result
 
@@ -151,10 +160,10 @@ def prune_block(block_params, inputs, batches: _Batches | None, spec: PruneSpec,
     stats = _statistics(block_params, inputs, batches, groups, config=config, modes=modes,
                         needs_gram=solver.needs_gram)
   masks, reports = {}, []
-  mesh = batches.mesh if batches is not None else None
+  row_mesh = batches.row_mesh if batches is not None else None
   for tap, paths in groups.items():
     for path in paths:
-      kernel, mask, result = _solve(spec, _kernel(block_params, path), stats[tap], mesh)
+      kernel, mask, result = _solve(spec, _kernel(block_params, path), stats[tap], row_mesh)
       block_params = _set_kernel(block_params, path, kernel)
       masks[path] = np.asarray(mask)
       reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])),
@@ -178,8 +187,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     inputs = None
     if needs_calib:
       embed = jax.jit(M.embed, static_argnames=("config",))
-      inputs = np.concatenate([np.asarray(embed(params, batches.put(calib[sl]), config=config), np.float32)
-                               for sl in batches.slices()])
+      inputs = batches.map(lambda tokens: embed(params, tokens, config=config), calib)
     state = BlockState(0, params, [], [], inputs)
   bar = tqdm(total=config.num_layers, initial=state.done, desc=f"prune {spec.method}", unit="block",
              disable=not progress)
@@ -190,9 +198,8 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes)
     inputs = state.inputs
     if needs_calib:
-      inputs = np.concatenate([np.asarray(_forward(new_block, batches.put(state.inputs[sl]), batches.ctx,
-                                                   config=config, modes=modes), np.float32)
-                               for sl in batches.slices()])
+      inputs = batches.map(lambda h: _forward(new_block, h, batches.ctx, config=config, modes=modes),
+                           state.inputs)
     layers = list(state.params["layers"])
     layers[i] = new_block
     for r in reports:
