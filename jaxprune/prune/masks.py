@@ -98,7 +98,7 @@ def layer_mask(scores: jax.Array, k) -> jax.Array:
   sharding = jax.typeof(per_row).sharding
   if any(axis is not None for axis in sharding.spec):
     per_row = jax.sharding.reshard(per_row, NamedSharding(sharding.mesh, P()))
-  earlier = jnp.cumsum(per_row) - per_row
+  earlier = jnp.cumsum(per_row, dtype=jnp.int32) - per_row
   tie_rank = jnp.cumsum(tied, axis=1, dtype=jnp.int32) + earlier[:, None]
   return ~(below | (tied & (tie_rank <= room))).reshape(scores.shape)
 
