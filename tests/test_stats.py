@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune import Stats, accumulate, accumulate_sharded, init_stats
@@ -71,9 +71,11 @@ def test_dead_inputs_are_exact_zeros():
   assert (np.asarray(stats.gram)[[2, 7]] == 0).all() and (np.asarray(stats.gram)[:, [2, 7]] == 0).all()
 
 
-def test_width_mismatch_raises():
+def test_bad_inputs_raise():
   with pytest.raises(JaxpruneError, match="input width 8"):
     accumulate(init_stats(8), jnp.ones((4, 9)))
+  with pytest.raises(JaxpruneError, match="no axis 'batch'; its axes are data"):
+    accumulate_sharded(init_stats(8), jnp.ones((4, 8)), mesh=jax.make_mesh((8,), ("data",)), axis="batch")
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
@@ -88,6 +90,19 @@ def test_sharded_psum_equals_unsharded(axis_type, gram):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
   assert float(got.count) == 9 + 74 and (got.gram is None) == (not gram)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_inputs_already_sharded_over_batch(axis_type):
+  """Activations that arrive with their batch on ``data``: both functions give the unsharded sums."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  x = activations((8, 5, 12), seed=7)
+  xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    plain = jax.jit(accumulate)(init_stats(12), xs)
+    sharded = jax.jit(lambda s, x: accumulate_sharded(s, x, mesh=mesh))(init_stats(12), xs)
+  assert_close_to(plain, x, 1e-5)
+  assert_close_to(sharded, x, 1e-5)
 
 
 def test_normalisation_conventions_are_rescalings():

@@ -58,9 +58,14 @@ def init_stats(d_in: int, *, gram: bool = True) -> Stats:
 
 
 def _partial_sums(x: jax.Array, with_gram: bool):
-  """Gram (or ``None``) and squared norms of ``x`` ``(tokens, d_in)``, in float32."""
+  """Gram (or ``None``) and squared norms of ``x`` ``(tokens, d_in)``, in float32.
+
+  Tokens explicitly sharded over a mesh (axes of type ``Explicit``) are reduced to a replicated Gram.
+  """
   x = x.astype(jnp.float32)
-  gram = jnp.matmul(x.T, x, precision=_HIGHEST) if with_gram else None
+  sharding = jax.typeof(x).sharding
+  replicated = NamedSharding(sharding.mesh, P()) if any(a is not None for a in sharding.spec) else None
+  gram = jnp.matmul(x.T, x, precision=_HIGHEST, out_sharding=replicated) if with_gram else None
   return gram, jnp.sum(x * x, axis=0)
 
 
