@@ -110,3 +110,59 @@ def test_token_ids_outside_the_vocabulary(tiny_dir, tmp_path, capsys):
 def test_hub_name_offline_fails_fast(capsys, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   assert_one_line_error(*run(capsys, "eval", "--model", "facebook/opt-125m")[::2], "facebook/opt-125m")
+
+
+def test_prune_end_to_end_then_eval_and_export(tiny_dir, tmp_path, capsys):
+  out = tmp_path / "pruned"
+  code, _, _ = run(capsys, "prune", "--model", tiny_dir, "--method", "sparsegpt", "--nm", "2:4", "--calib", "wiki",
+                   "--nsamples", 4, "--seqlen", 32, "--batch-size", 2, "--out", out, "--eval", "austen",
+                   "--max-eval-windows", 2, "--json", tmp_path / "p.json")
+  assert code == 0
+  result = json.loads((tmp_path / "p.json").read_text())
+  assert result["method"] == "sparsegpt" and result["pattern"] == "2:4" and result["sparsity"] == 0.5
+  assert result["perplexity"] > 1 and result["prune_seconds"] > 0
+  assert not (tmp_path / "pruned.partial").exists()  # resume state dropped once the checkpoint is written
+  assert run(capsys, "eval", "--model", out, "--seqlen", 32, "--max-windows", 2)[0] == 0
+  assert run(capsys, "export", "--model", out, "--out", tmp_path / "hf")[0] == 0
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+  w = exported.model.layers[0].mlp.down_proj.weight.detach().numpy()
+  assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--sparsity", "1.0"], ["sparsity must be a number in [0, 1)"]),
+    (["--sparsity", "-0.1"], ["sparsity must be a number in [0, 1)"]),
+    (["--nm", "3:7"], ["7", "32"]),
+    (["--method", "obc"], ["unknown pruning method 'obc'"]),
+    (["--method", "wanda", "--rho", "2"], ["--rho does not apply to wanda"]),
+])
+def test_prune_bad_options(tiny_dir, tmp_path, capsys, argv, needles):
+  code, _, err = run(capsys, "prune", "--model", tiny_dir, "--seqlen", 32, "--nsamples", 2, "--out",
+                     tmp_path / "o", *argv)
+  assert_one_line_error(code, err, *needles)
+  assert not (tmp_path / "o").exists()
+
+
+def test_prune_calibration_larger_than_the_text(tiny_dir, tmp_path, capsys):
+  (tmp_path / "short.txt").write_text("It is a truth universally acknowledged. " * 5)
+  code, _, err = run(capsys, "prune", "--model", tiny_dir, "--calib", tmp_path / "short.txt", "--nsamples", 4,
+                     "--seqlen", 64, "--out", tmp_path / "o")
+  assert_one_line_error(code, err, "64")
+
+
+def test_prune_refuses_an_existing_directory_that_is_not_a_checkpoint(tiny_dir, tmp_path, capsys):
+  (tmp_path / "o").mkdir()
+  (tmp_path / "o" / "notes.txt").write_text("mine")
+  code, _, err = run(capsys, "prune", "--model", tiny_dir, "--method", "magnitude", "--out", tmp_path / "o")
+  assert_one_line_error(code, err, "exists and is not a jaxprune checkpoint")
+  assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_checkpoint(tiny_dir, tmp_path, capsys):
+  assert run(capsys, "convert", "--model", tiny_dir, "--out", tmp_path / "ck")[0] == 0
+  for f in (tmp_path / "ck" / "params").rglob("*"):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  assert_one_line_error(*run(capsys, "eval", "--model", tmp_path / "ck")[::2], "corrupt")
+  (tmp_path / "ck" / "jaxprune.json").write_text("{not json")
+  assert_one_line_error(*run(capsys, "eval", "--model", tmp_path / "ck")[::2], "not a readable jaxprune checkpoint")

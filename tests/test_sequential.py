@@ -110,3 +110,14 @@ def test_checkpoint_round_trip_with_masks(params, calib, tmp_path):
   _close(outcome.params, restored, atol=0)
   m = np.asarray(masks["layers"][1]["mlp"]["down_proj"]["kernel"])
   np.testing.assert_array_equal(m, np.asarray(restored["layers"][1]["mlp"]["down_proj"]["kernel"]) != 0)
+
+
+def test_windows_not_dividing_the_mesh_are_padded_without_changing_the_result(params, calib):
+  spec = S.PruneSpec("wanda", Unstructured(0.5))
+  plain = S.run_pass(params, CONFIG, spec, calib[:6], batch_size=4, progress=False)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  padded = S.run_pass(params, CONFIG, spec, calib[:6], batch_size=4, mesh=mesh, progress=False)
+  for a, b in zip(plain.masks, padded.masks):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  np.testing.assert_allclose(plain.inputs, padded.inputs, atol=1e-5)

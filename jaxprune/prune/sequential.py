@@ -97,6 +97,12 @@ def _stats_step(block_params, h, ctx, stats, weights, *, config, modes, mesh):
   return {name: accumulate_sharded(s, taps[name], mesh=mesh) for name, s in stats.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_solver(spec: PruneSpec):
+  """The solver of ``spec`` with its pattern and hyper-parameters bound, jitted once (one compile per shape)."""
+  return jax.jit(functools.partial(get_solver(spec.method).solve, pattern=spec.pattern, **dict(spec.hparams)))
+
+
 class _Batches:
   """Calibration windows in batches, split over the ``data`` axis of an optional mesh.
 
