@@ -18,6 +18,11 @@ def run(args) -> dict:
 
   model = common.load(args.model)
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
-  save_hf_dir(args.out, model.config, model.params, tokenizer)
+  config, params = model.config, model.params
+  if config.sublayers:  # removed sublayers become zero weights (and output biases) a HF model computes exactly
+    from jaxprune.depth import hf_compatible
+
+    config, params = hf_compatible(config, params)
+  save_hf_dir(args.out, config, params, tokenizer)
   common.log(f"wrote Hugging Face directory {args.out}")
   return {"out": str(args.out)}
