@@ -67,12 +67,26 @@ def _embed(params, tokens, *, config):
   return M.embed(params, tokens, config=config)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _head_loss(params, h, tokens, *, config):
-  logits = M.head(params, h[:, :-1], config=config).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.mean(nll, axis=-1)
+@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+def _head_loss(params, h, tokens, *, config, chunk: int = 128):
+  """Mean shifted cross-entropy per window ``(b,)``.
+
+  The logits are computed ``chunk`` positions at a time (a ``lax.map`` over the unsharded sequence axis), so
+  ``(b, chunk, vocab)`` rather than ``(b, seqlen, vocab)`` floats are alive at once.
+  """
+  b, t, d = h.shape
+  n = t - 1
+  pad = -n % chunk
+  hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+
+  def nll(args):
+    h1, t1 = args
+    logits = M.head(params, h1, config=config).astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t1[..., None], axis=-1)[..., 0]
+
+  losses = jax.lax.map(nll, (hs, targets)).swapaxes(0, 1).reshape(b, -1)[:, :n]
+  return jnp.mean(losses, axis=-1)
 
 
 def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 8, mesh: Mesh | None = None,
@@ -88,8 +102,7 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   shards = mesh.shape["data"] if mesh is not None else 1
   batch_size = -(-max(1, batch_size) // shards) * shards
   put = (lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))) if mesh is not None else jnp.asarray
-  if mesh is not None:
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+  params = jax.device_put(params, NamedSharding(mesh, P()) if mesh is not None else None)  # once, not per batch
   losses = []
   start = time.perf_counter()
   for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
