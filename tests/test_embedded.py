@@ -52,3 +52,17 @@ def test_export_to_transformers_round_trips_the_perplexity(smollm, windows, tmp_
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   assert tok.encode("Pride and Prejudice", add_special_tokens=False) == smollm.tokenizer.encode(
       "Pride and Prejudice", add_special_tokens=False)
+
+
+def test_torch_free_gguf_tokenizer_equals_transformers(smollm):
+  from jaxprune.data import load_text
+
+  path = embedded_path("smollm2-135m")
+  reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  for corpus in ("wiki", "austen"):
+    text = load_text(corpus)[:100_000]
+    assert smollm.tokenizer.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
+  chat = "<|im_start|>user\nWhat is 1234 + 5678?<|im_end|>"
+  assert smollm.tokenizer.encode(chat) == reference.encode(chat)
+  assert smollm.tokenizer.decode(smollm.tokenizer.encode(chat)) == chat
+  assert (smollm.tokenizer.bos_token, smollm.tokenizer.eos_token) == (reference.bos_token, reference.eos_token)

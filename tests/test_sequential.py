@@ -38,7 +38,7 @@ def test_pass_prunes_every_linear_exactly(params, calib, method):
   for i, block in enumerate(state.reports):
     assert {r["name"] for r in block} == {p for g in M.linear_groups(CONFIG).values() for p in g}
     for r in block:
-      k = np.asarray(S._kernel(state.params["layers"][i], r["name"]))
+      k = np.asarray(S.kernel_at(state.params["layers"][i], r["name"]))
       groups = (k.T != 0).reshape(k.shape[1], -1, 4).sum(-1)  # (d_out, d_in/4) kept per group
       assert groups.max() <= 2 and r["sparsity"] == 0.5
   # Embeddings, norms and head are untouched.

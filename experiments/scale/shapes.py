@@ -42,7 +42,7 @@ def one_block(name: str, nsamples: int, seqlen: int, batch: int, data: int, mode
   h = jax.ShapeDtypeStruct((batch, seqlen, config.hidden_size), jnp.float32)
   ctx = jax.eval_shape(lambda: M.context(config, batch, seqlen))
   groups = S.block_linears(config, block)
-  widths = {tap: S._kernel(block, paths[0]).shape[0] for tap, paths in groups.items()}
+  widths = {tap: S.kernel_at(block, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = jax.eval_shape(lambda: {tap: init_stats(d) for tap, d in widths.items()})
   weights = jax.ShapeDtypeStruct((batch,), jnp.float32)
   new_stats = jax.eval_shape(lambda *a: S._stats_step(*a, config=config, modes=("full", "full"), mesh=None),
@@ -53,7 +53,7 @@ def one_block(name: str, nsamples: int, seqlen: int, batch: int, data: int, mode
     spec = S.PruneSpec(method, pattern)
     for tap, paths in groups.items():
       for path in paths:
-        k = S._kernel(block, path)
+        k = S.kernel_at(block, path)
         w = jax.ShapeDtypeStruct(k.shape[::-1], jnp.float32)
         res = jax.eval_shape(S.jitted_solver(spec), w, new_stats[tap])
         solvers[f"{method} {path} {w.shape}"] = {"w": list(res.w.shape), "mask": list(res.mask.shape)}
@@ -62,7 +62,7 @@ def one_block(name: str, nsamples: int, seqlen: int, batch: int, data: int, mode
       "calibration_activations_in_and_out": 2 * activations / data,
       "block_params": nbytes(block),
       "statistics": nbytes(new_stats),
-      "largest_solver_weight_rows": max(S._kernel(block, p).size for ps in groups.values() for p in ps) * 4 / model,
+      "largest_solver_weight_rows": max(S.kernel_at(block, p).size for ps in groups.values() for p in ps) * 4 / model,
   }
   return {
       "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -105,12 +105,12 @@ def run(args) -> dict:
 
 
 def _widths(model, layer):
-  from jaxprune.prune.sequential import _kernel, block_linears
+  from jaxprune.prune.sequential import block_linears, kernel_at
 
   block = model.params["layers"][layer]
   for paths in block_linears(model.config, block).values():
     for path in paths:
-      yield _kernel(block, path).shape[0]
+      yield kernel_at(block, path).shape[0]
 
 
 def _pattern_str(pattern) -> str:

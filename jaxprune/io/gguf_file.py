@@ -109,7 +109,33 @@ def load_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
 
 
 def load_gguf_tokenizer(path: Path):
-  """The tokenizer stored in a GGUF file's metadata, as a Hugging Face fast tokenizer."""
-  from transformers import AutoTokenizer
+  """The tokenizer stored in a GGUF file's metadata, as a Hugging Face fast tokenizer.
 
-  return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``, as in SmolLM, GPT-2, LLaMA-3 and Qwen2 files)
+  are rebuilt here with the ``tokenizers`` library, without torch; other kinds go through transformers' own GGUF
+  reader (which needs torch).
+  """
+  reader = _reader(path)
+  kind = _field(reader, "tokenizer.ggml.model")
+  if kind != "gpt2":
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  tokens = _field(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+  types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+  tok = Tokenizer(bpe)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  special = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind in (3, 4)]
+  tok.add_special_tokens(special)
+  names = {}
+  for role in ("bos", "eos", "unknown", "padding"):
+    token_id = _field(reader, f"tokenizer.ggml.{role}_token_id")
+    if token_id is not None:
+      names[{"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")] = tokens[int(token_id)]
+  return PreTrainedTokenizerFast(tokenizer_object=tok, **names)

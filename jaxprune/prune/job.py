@@ -14,7 +14,7 @@ from jaxprune.errors import JaxpruneError
 from jaxprune.io import checkpoint
 from jaxprune.models.config import ModelConfig
 from jaxprune.prune.resume import ResumeStore
-from jaxprune.prune.sequential import BlockState, PruneSpec, run_pass
+from jaxprune.prune.sequential import BlockState, PruneSpec, kernel_at, run_pass
 
 _VERSIONED = ("jaxprune", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers", "numpy")
 
@@ -53,12 +53,10 @@ def mask_tree(masks: list[dict[str, np.ndarray]]) -> dict:
 
 def linear_sparsity(reports: list[list[dict]], config: ModelConfig, params) -> float:
   """Measured fraction of exact zeros over all pruned linears."""
-  from jaxprune.prune.sequential import _kernel
-
   zeros = total = 0
   for i, block in enumerate(reports):
     for r in block:
-      k = np.asarray(_kernel(params["layers"][i], r["name"]))
+      k = np.asarray(kernel_at(params["layers"][i], r["name"]))
       zeros += int(np.sum(k == 0))
       total += k.size
   return zeros / max(total, 1)

@@ -55,7 +55,8 @@ class BlockState:
   inputs: np.ndarray | None  # (n, seqlen, hidden) float32; None for methods without calibration
 
 
-def _kernel(block_params: dict, path: str) -> jax.Array:
+def kernel_at(block_params: dict, path: str) -> jax.Array:
+  """The kernel ``(d_in, d_out)`` of the linear at ``path`` (e.g. ``"mlp/down_proj"``) in a block."""
   node = block_params
   for part in path.split("/"):
     node = node[part]
@@ -139,7 +140,7 @@ class _Batches:
 
 
 def _statistics(block_params, inputs, batches: _Batches, groups, *, config, modes, needs_gram: bool):
-  widths = {tap: _kernel(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
+  widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
     stats = _stats_step(block_params, h, batches.ctx, stats, weights, config=config, modes=modes,
@@ -169,7 +170,7 @@ def prune_block(block_params, inputs, batches: _Batches | None, spec: PruneSpec,
   row_mesh = batches.row_mesh if batches is not None else None
   for tap, paths in groups.items():
     for path in paths:
-      kernel, mask, result = _solve(spec, _kernel(block_params, path), stats[tap], row_mesh)
+      kernel, mask, result = _solve(spec, kernel_at(block_params, path), stats[tap], row_mesh)
       block_params = _set_kernel(block_params, path, kernel)
       masks[path] = np.asarray(mask)
       reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])),
