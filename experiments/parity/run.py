@@ -56,10 +56,26 @@ def worker(args) -> None:
     params = outcome.params
     out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
                hparams=dict(hparams))
-  start = time.perf_counter()
-  result = perplexity(params, evals, config=model.config, batch_size=8, progress=False)
-  out.update(ppl=result.perplexity, eval_seconds=time.perf_counter() - start, peak_rss_gb=peak_rss_gb())
+  out["peak_rss_gb_prune"] = peak_rss_gb()
+  if not args.no_eval:
+    start = time.perf_counter()
+    result = perplexity(params, evals, config=model.config, batch_size=8, progress=False)
+    out.update(ppl=result.perplexity, eval_seconds=time.perf_counter() - start)
+  out["peak_rss_gb"] = peak_rss_gb()
   print(json.dumps(out))
+
+
+def table(runs: dict) -> str:
+  """Markdown table: reference against jaxprune, per case."""
+  lines = ["| case | reference ppl | jaxprune ppl | ratio | reference prune s | jaxprune prune s | speed-up "
+           "| reference peak RSS GB | jaxprune peak RSS GB (prune) |", "|---|---|---|---|---|---|---|---|---|"]
+  for case, r in sorted(runs.items()):
+    ref = r.get("reference", {})
+    fmt = lambda v, f="{:.2f}": "—" if v is None else f.format(v)  # noqa: E731
+    lines.append(f"| {case} | {fmt(ref.get('ppl'), '{:.4f}')} | {fmt(r.get('ppl'), '{:.4f}')} | {fmt(r.get('ppl_ratio_to_reference'), '{:.4f}')} "
+                 f"| {fmt(ref.get('prune_seconds'), '{:.1f}')} | {fmt(r.get('prune_seconds'), '{:.1f}')} "
+                 f"| {fmt(r.get('speedup_over_reference'))} | {fmt(ref.get('peak_rss_gb'))} | {fmt(r.get('peak_rss_gb_prune', r.get('peak_rss_gb')))} |")
+  return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -68,6 +84,8 @@ def main() -> None:
   p.add_argument("--cases", nargs="*", default=None, help="default: every case of results.json")
   p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
+  p.add_argument("--no-eval", action="store_true",
+                 help="time the pruning only; keep each case's perplexity from an earlier run in --out")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--case", help=argparse.SUPPRESS)
   p.add_argument("--hparams", default="", help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
@@ -80,9 +98,10 @@ def main() -> None:
   runs = dict(previous)
   for case in cases:
     print(f"== {case}", flush=True)
-    extra = ["--hparams", args.hparams] if args.hparams else []
-    runs[case] = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
-                            str(args.batch_size), *extra)
+    extra = (["--hparams", args.hparams] if args.hparams else []) + (["--no-eval"] if args.no_eval else [])
+    fresh = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
+                       str(args.batch_size), *extra)
+    runs[case] = {**runs.get(case, {}), **fresh}
     ref = reference.get(case, {})
     runs[case]["reference"] = {k: ref.get(k) for k in ("ppl", "prune_seconds", "peak_rss_gb")}
     if ref.get("ppl"):
@@ -93,6 +112,7 @@ def main() -> None:
     write_json(args.out, {"command": "python experiments/parity/run.py " + " ".join(sys.argv[1:]),
                           "machine": machine(), "seqlen": 512, "calib": "calib_512x64.npy (64 x 512)",
                           "eval": "eval_512x128.npy (128 x 512)", "runs": runs})
+  args.out.with_name("table.md").write_text(table(runs))
 
 
 if __name__ == "__main__":
