@@ -166,3 +166,40 @@ def test_corrupt_checkpoint(tiny_dir, tmp_path, capsys):
   assert_one_line_error(*run(capsys, "eval", "--model", tmp_path / "ck")[::2], "corrupt")
   (tmp_path / "ck" / "jaxprune.json").write_text("{not json")
   assert_one_line_error(*run(capsys, "eval", "--model", tmp_path / "ck")[::2], "not a readable jaxprune checkpoint")
+
+
+def test_prune_killed_mid_way_resumes_to_the_same_checkpoint(tiny_dir, tmp_path, capsys):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from jaxprune.io.checkpoint import load_checkpoint
+
+  args = ["prune", "--model", str(tiny_dir), "--method", "sparsegpt", "--sparsity", "0.6", "--nsamples", "4",
+          "--seqlen", "32", "--batch-size", "2"]
+  assert run(capsys, *args, "--out", tmp_path / "whole")[0] == 0
+  out = tmp_path / "resumed"
+  proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *args, "--out", str(out)], env=dict(os.environ),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  progress = tmp_path / "resumed.partial" / "progress.json"
+  deadline = time.time() + 300
+  while not progress.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # after the first block, before the second finishes
+  proc.wait()
+  assert progress.exists() and not out.exists()
+  assert json.loads(progress.read_text())["done"] == 1
+  assert run(capsys, *args, "--out", out)[0] == 0
+  _, whole, _, meta_whole = load_checkpoint(tmp_path / "whole")
+  _, resumed, _, meta_resumed = load_checkpoint(out)
+  assert meta_resumed["layers"] == meta_whole["layers"]
+  for a, b in zip(jax_leaves(whole), jax_leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
