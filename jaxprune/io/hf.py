@@ -76,10 +76,12 @@ def download_hub_model(name: str) -> Path:
   if not hub_reachable():
     raise JaxpruneError(f"cannot reach the Hugging Face hub to fetch {name!r} (offline?); "
                         "pass a local model directory, a .gguf file, or smollm2-135m")
-  from huggingface_hub import snapshot_download
+  from huggingface_hub import list_repo_files, snapshot_download
 
   try:
-    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    files = list_repo_files(name)
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin"
+    return Path(snapshot_download(name, allow_patterns=["*.json", weights, "*.model", "*.txt"]))
   except Exception as err:  # hub errors come in many types; the user needs one line
     raise JaxpruneError(f"could not download {name!r} from the Hugging Face hub: {err}") from None
 
