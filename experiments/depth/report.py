@@ -78,9 +78,12 @@ def removable(result: dict, unit: str = "attention") -> str:
     ks = sorted(k for k in set(cfg["grid"][unit]) | set(rc["grid"][unit])
                 if _ppl(cases, metric, unit, k, recover) is not None)
     ok = [k for k in ks if _ppl(cases, metric, unit, k, recover) <= 1.05 * dense]
-    best = max(ok) if ok else 0
-    ppl = f"{_ppl(cases, metric, unit, best, recover):.2f}" if ok else f"{dense:.2f} (k=0)"
-    out += f"| {metric} | {recover} | {best} | {ppl} |\n"
+    if ok:
+      out += f"| {metric} | {recover} | {max(ok)} | {_ppl(cases, metric, unit, max(ok), recover):.2f} |\n"
+    else:
+      bound = "0" if min(ks) == 1 else f"fewer than {min(ks)} (k < {min(ks)} not tried)"
+      out += f"| {metric} | {recover} | {bound} | {_ppl(cases, metric, unit, min(ks), recover):.2f} at k = " \
+             f"{min(ks)} |\n"
   return out
 
 
@@ -141,6 +144,16 @@ def rankings(result: dict, first: int = 8) -> str:
   return out
 
 
+def _curve(ax, xs, ys, top, style, label):
+  """One line, with points above ``top`` drawn at ``top`` and labelled with their value."""
+  line, = ax.plot(xs, np.minimum(ys, top), style, marker="o", ms=3, label=label)
+  for x, y in zip(xs, ys):
+    if y > top:
+      ax.plot([x], [top], "^", color=line.get_color(), ms=7)
+      ax.annotate(f"{y:.3g}", (x, top), textcoords="offset points", xytext=(-30, -12), fontsize=7,
+                  color=line.get_color())
+
+
 def plot(result: dict, path: Path) -> None:
   import matplotlib
 
@@ -149,24 +162,35 @@ def plot(result: dict, path: Path) -> None:
 
   cfg, cases = result["config"], result["cases"]
   dense = cases["dense"]["perplexity"]
+  top = 2.5 * dense
   rc = cfg["recovery"]
-  fig, axes = plt.subplots(1, len(cfg["units"]), figsize=(5 * len(cfg["units"]), 4.2))
+  fig, axes = plt.subplots(1, len(cfg["units"]) + 1, figsize=(4.6 * (len(cfg["units"]) + 1), 4.2))
   styles = {"none": "-", **{r: s for r, s in zip(rc["kinds"], ("--", ":", "-."))}}
-  for ax, unit in zip(np.atleast_1d(axes), cfg["units"]):
-    rows = [(m, "none") for m in cfg["metrics"]] + [(rc["metric"], r) for r in rc["kinds"]]
+  rows = [(m, "none") for m in cfg["metrics"]] + [(rc["metric"], r) for r in rc["kinds"]]
+  for ax, unit in zip(axes, cfg["units"]):
     for metric, recover in rows:
       ks = sorted(k for k in set(cfg["grid"][unit]) | set(rc["grid"][unit])
                   if _ppl(cases, metric, unit, k, recover) is not None)
       ys = [dense] + [_ppl(cases, metric, unit, k, recover) for k in ks]
-      label = metric if recover == "none" else f"{metric} + {recover}"
-      ax.plot([0] + ks, ys, styles[recover], marker="o", ms=3, label=label)
-    ax.axhline(1.05 * dense, color="gray", lw=0.8, ls="--", label="dense + 5 %")
-    ax.set_yscale("log")
+      _curve(ax, [0] + ks, ys, top, styles[recover], metric if recover == "none" else f"{metric} + {recover}")
     ax.set_xlabel(f"{unit} units removed")
     ax.set_title(unit)
+  ax = axes[-1]  # the same runs against the parameters they remove
+  for unit, color in zip(cfg["units"], ("C0", "C1", "C2")):
+    for metric, style in (("cosine", "-"), ("loss", "--")):
+      ks = [k for k in cfg["grid"][unit] if f"ppl/{metric}/{unit}/{k}/none" in cases]
+      gone = [0.0] + [(cases["speed"]["dense"]["params"] - cases[f"ppl/{metric}/{unit}/{k}/none"]["params"]) / 1e6
+                      for k in ks]
+      _curve(ax, gone, [dense] + [_ppl(cases, metric, unit, k, "none") for k in ks], top, color + style,
+             f"{unit} by {metric}")
+  ax.set_xlabel("parameters removed (M)")
+  ax.set_title("by parameters removed")
+  for ax in axes:
+    ax.axhline(1.05 * dense, color="gray", lw=0.8, ls="--", label="dense + 5 %")
+    ax.set_ylim(0.95 * dense, top * 1.05)
     ax.grid(alpha=0.3)
-  np.atleast_1d(axes)[0].set_ylabel("perplexity (austen)")
-  np.atleast_1d(axes)[-1].legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="upper left")
+  axes[0].set_ylabel("perplexity (austen)")
   m = result["machine"]
   fig.suptitle(f"{cfg['model']}, one-shot depth pruning; {m['note']}, {m['date']}", fontsize=9)
   fig.tight_layout()
