@@ -27,7 +27,6 @@ from jaxprune.models import model as M
 from jaxprune.models.config import ModelConfig
 
 UNITS = ("block", "attention", "mlp")
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Stage(NamedTuple):
