@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import JaxpruneError
-from jaxprune.prune import Stats, accumulate, accumulate_sharded, init_stats
+from jaxprune.prune import accumulate, accumulate_sharded, init_stats
 from jaxprune.prune.solvers.sparsegpt import inverse_cholesky_upper
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import machine, peak_rss_gb, run_worker, write_json  # noqa: E402
 
 
-def _windows(n: int, seqlen: int) -> "np.ndarray":
+def _windows(n: int, seqlen: int):
   from jaxprune.data import load_windows
   from jaxprune.io.load import load_model
 

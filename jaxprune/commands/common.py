@@ -21,6 +21,25 @@ def add_model_arg(p, help_extra: str = "") -> None:
                       f"or HF hub name (online){help_extra} [default: %(default)s]")
 
 
+def add_calib_args(p, *, nsamples: int) -> None:
+  """Calibration data options shared by ``prune`` and ``depth``."""
+  p.add_argument("--calib", default=DEFAULT_CALIB,
+                 help="calibration data: bundled corpus, text file, .npy windows, or c4/wikitext2 (online) "
+                      "[default: %(default)s]")
+  p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows [default: %(default)s]")
+  p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: %(default)s]")
+  p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch [default: %(default)s]")
+
+
+def add_output_args(p) -> None:
+  """Checkpoint, evaluation and JSON options shared by ``prune`` and ``depth``."""
+  p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing jaxprune checkpoint")
+  p.add_argument("--eval", default=None, help="evaluate perplexity on this data afterwards (e.g. austen)")
+  p.add_argument("--max-eval-windows", type=int, default=0, help="limit evaluation windows; 0 = all")
+  add_json_arg(p)
+
+
 def add_json_arg(p) -> None:
   p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
 

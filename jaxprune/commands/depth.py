@@ -1,7 +1,6 @@
 """``jaxprune depth``: score blocks or sublayers, remove the least important, recover, save (and evaluate)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from jaxprune.commands import common
 
@@ -22,19 +21,10 @@ def add_parser(sub) -> None:
                  help="replacement of each removed unit: none, bias, or lowrank:R [default: %(default)s]")
   p.add_argument("--damp", type=float, default=1e-2,
                  help="ridge damping of lowrank:R, relative to the mean input variance [default: %(default)s]")
-  p.add_argument("--calib", default=common.DEFAULT_CALIB,
-                 help="calibration data: bundled corpus, text file, .npy windows, or c4/wikitext2 (online) "
-                      "[default: %(default)s]")
-  p.add_argument("--nsamples", type=int, default=16, help="calibration windows [default: %(default)s]")
-  p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: %(default)s]")
+  common.add_calib_args(p, nsamples=16)
   p.add_argument("--seed", type=int, default=0, help="calibration and permutation seed [default: %(default)s]")
   p.add_argument("--samples", type=int, default=8, help="shapley: sampled permutations [default: %(default)s]")
-  p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch [default: %(default)s]")
-  p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing jaxprune checkpoint")
-  p.add_argument("--eval", default=None, help="evaluate perplexity on this data afterwards (e.g. austen)")
-  p.add_argument("--max-eval-windows", type=int, default=0, help="limit evaluation windows; 0 = all")
-  common.add_json_arg(p)
+  common.add_output_args(p)
   p.set_defaults(run=run)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 from jaxprune.commands import common
 
@@ -22,18 +21,9 @@ def add_parser(sub) -> None:
   shape.add_argument("--nm", default=None, help="N:M: keep N weights in every M consecutive inputs, e.g. 2:4")
   p.add_argument("--scope", choices=("layer", "row"), default=None,
                  help="unstructured ranking scope [default: the method's reference choice]")
-  p.add_argument("--calib", default=common.DEFAULT_CALIB,
-                 help="calibration data: bundled corpus, text file, .npy windows, or c4/wikitext2 (online) "
-                      "[default: %(default)s]")
-  p.add_argument("--nsamples", type=int, default=64, help="calibration windows [default: %(default)s]")
-  p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: %(default)s]")
+  common.add_calib_args(p, nsamples=64)
   p.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: %(default)s]")
-  p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch [default: %(default)s]")
-  p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing jaxprune checkpoint")
-  p.add_argument("--eval", default=None, help="evaluate perplexity on this data afterwards (e.g. austen)")
-  p.add_argument("--max-eval-windows", type=int, default=0, help="limit evaluation windows; 0 = all")
-  common.add_json_arg(p)
+  common.add_output_args(p)
   g = p.add_argument_group("method options (defaults: each reference implementation's)")
   g.add_argument("--blocksize", type=int, help="SparseGPT column block [128]")
   g.add_argument("--percdamp", type=float, help="relative damping [SparseGPT 0.01, ADMM 0.1]")

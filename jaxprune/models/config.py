@@ -178,8 +178,9 @@ def to_hf_config(config: ModelConfig) -> dict:
     hf.pop("rope_scaling", None)
     hf.pop("rope_theta", None)
     hf["rope_parameters"] = rope
-    if hf["model_type"] != "qwen2":
+    if hf["model_type"] == "llama":
       hf["attention_bias"] = config.qkv_bias
+      hf["mlp_bias"] = config.mlp_bias
   else:
     hf.update(ffn_dim=config.intermediate_size, do_layer_norm_before=config.pre_norm)
   hf["architectures"] = ["LlamaForCausalLM" if hf["model_type"] == "llama" else

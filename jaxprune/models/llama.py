@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxprune.models.config import ModelConfig
 from jaxprune.models.layers import Context, RMSNorm, apply_rotary, dot_attention, sublayer
