@@ -57,6 +57,14 @@ class Adapter(nn.Module):
     return out
 
 
+def lm_logits(h, embedding, vocab_size: int):
+  """LM head logits ``(..., vocab)``: the tied token embedding ``(vocab, d)`` when given, else an ``lm_head``
+  Dense (call from inside a compact module)."""
+  if embedding is not None:
+    return h @ embedding.T.astype(h.dtype)
+  return nn.Dense(vocab_size, use_bias=False, name="lm_head")(h)
+
+
 def sublayer(mode: str, rank: int, name: str, compute, x):
   """Applies a residual sublayer according to its ``mode``: returns the update added to ``x``."""
   if mode == "full":

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, RMSNorm, apply_rotary, dot_attention, sublayer
+from jaxprune.models.layers import Context, lm_logits, RMSNorm, apply_rotary, dot_attention, sublayer
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -87,6 +87,4 @@ class Head(nn.Module):
   def __call__(self, h, embedding=None):
     c = self.config
     h = RMSNorm(c.norm_eps, name="norm")(h)
-    if c.tie_word_embeddings:
-      return h @ embedding.T.astype(h.dtype)
-    return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(h)
+    return lm_logits(h, embedding if c.tie_word_embeddings else None, c.vocab_size)

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, dot_attention, sublayer
+from jaxprune.models.layers import Context, lm_logits, dot_attention, sublayer
 
 POSITION_OFFSET = 2
 
@@ -100,6 +100,4 @@ class Head(nn.Module):
       h = _norm(c, "final_layer_norm")(h)
     if c.word_embed_proj_dim:
       h = nn.Dense(c.word_embed_proj_dim, use_bias=False, name="project_out")(h)
-    if c.tie_word_embeddings:
-      return h @ embedding.T.astype(h.dtype)
-    return nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(h)
+    return lm_logits(h, embedding if c.tie_word_embeddings else None, c.vocab_size)
