@@ -13,9 +13,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxprune.batching import Batches
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import model as M
 from jaxprune.models.config import ModelConfig
@@ -99,18 +100,14 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   windows = np.asarray(windows)
   check_windows(windows, config)
   n, seqlen = windows.shape
-  shards = mesh.shape["data"] if mesh is not None else 1
-  batch_size = -(-max(1, batch_size) // shards) * shards
-  put = (lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))) if mesh is not None else jnp.asarray
-  params = jax.device_put(params, NamedSharding(mesh, P()) if mesh is not None else None)  # once, not per batch
+  batches = Batches(n, seqlen, config=config, batch_size=batch_size, mesh=mesh)
+  params = batches.replicate(params)  # once, not per batch
   losses = []
   start = time.perf_counter()
-  for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-    chunk = windows[lo:lo + batch_size]
-    real = len(chunk)
-    if real < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-    losses.append(np.asarray(window_losses(params, put(chunk.astype(np.int32)), config=config))[:real])
+  bar = tqdm(batches.chunks(windows.astype(np.int32)), total=-(-n // batches.batch), desc=desc, unit="batch",
+             disable=not progress, leave=False)
+  for tokens, _, real in bar:
+    losses.append(np.asarray(window_losses(params, tokens, config=config))[:real])
   per_window = np.concatenate(losses).astype(np.float32)
   seconds = time.perf_counter() - start
   mean = float(np.mean(per_window, dtype=np.float64))

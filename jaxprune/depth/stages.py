@@ -20,8 +20,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from jaxprune import batching
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import model as M
 from jaxprune.models.config import ModelConfig
@@ -126,43 +127,23 @@ def similarity(a, b, weights):
   return jnp.sum(cos * w), jnp.sum(jnp.arccos(cos) / jnp.pi * w)
 
 
-class Batches:
-  """Token windows ``(n, t)`` in batches, padded to whole batches (weight 0), split over a mesh ``data`` axis.
-
-  The batch size is rounded up to a multiple of the ``data`` axis; params go replicated (:meth:`replicate`).
-  """
+class Batches(batching.Batches):
+  """Calibration token windows ``(n, t)`` held with their :class:`jaxprune.batching.Batches` (padding windows
+  weigh 0); iterating yields ``(tokens (batch, t) int32, weights (batch,) float32)`` on device."""
 
   def __init__(self, tokens: np.ndarray, *, config: ModelConfig, batch_size: int, mesh: Mesh | None):
     tokens = np.asarray(tokens, dtype=np.int32)
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
       raise JaxpruneError(f"calibration windows must be a non-empty (n, seqlen >= 2) array, got {tokens.shape}")
-    self.mesh = mesh if mesh is not None and "data" in mesh.shape else None
-    shards = self.mesh.shape["data"] if self.mesh is not None else 1
-    n, seq = tokens.shape
-    self.batch = min(-(-max(1, batch_size) // shards) * shards, -(-n // shards) * shards)
-    pad = -n % self.batch
-    self.tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, axis=0)])
-    self.weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    self.n, self.seq = n, seq
-    self.ctx = M.context(config, self.batch, seq)
+    super().__init__(*tokens.shape, config=config, batch_size=batch_size, mesh=mesh)
+    self.tokens = tokens
 
   def __len__(self) -> int:
-    return len(self.tokens) // self.batch
-
-  def put(self, x):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
-  def replicate(self, tree):
-    if self.mesh is None:
-      return tree
-    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+    return -(-self.n // self.batch)
 
   def __iter__(self):
-    """Yields ``(tokens (batch, t) int32, weights (batch,) float32)`` on device."""
-    for lo in range(0, len(self.tokens), self.batch):
-      yield self.put(self.tokens[lo:lo + self.batch]), self.put(self.weights[lo:lo + self.batch])
+    for tokens, weights, _ in self.chunks(self.tokens):
+      yield tokens, weights
 
 
 class Runner:

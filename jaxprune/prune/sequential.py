@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxprune.batching import Batches
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import model as M
 from jaxprune.models.config import ModelConfig
@@ -104,42 +105,7 @@ def jitted_solver(spec: PruneSpec):
   return jax.jit(functools.partial(get_solver(spec.method).solve, pattern=spec.pattern, **dict(spec.hparams)))
 
 
-class _Batches:
-  """Calibration windows in batches, split over the ``data`` axis of an optional mesh.
-
-  The batch is a multiple of the ``data`` axis size; a last, short batch is padded with copies of its last
-  window, which get weight 0 in the statistics and whose outputs are dropped.
-  """
-
-  def __init__(self, config: ModelConfig, n: int, seqlen: int, batch_size: int, mesh: Mesh | None):
-    self.mesh = mesh if mesh is not None and "data" in mesh.shape else None
-    shards = self.mesh.shape["data"] if self.mesh is not None else 1
-    self.batch = -(-min(batch_size, n) // shards) * shards
-    self.ctx = M.context(config, self.batch, seqlen)
-    self.n = n
-    self.row_mesh = mesh if mesh is not None and "model" in mesh.shape else None
-
-  def chunks(self, x: np.ndarray):
-    """Yields ``(device batch, weights (batch,), real rows)`` covering ``x`` ``(n, ...)`` in order."""
-    for lo in range(0, self.n, self.batch):
-      part = x[lo:lo + self.batch]
-      real = len(part)
-      if real < self.batch:
-        part = np.concatenate([part, np.repeat(part[-1:], self.batch - real, axis=0)])
-      weights = (np.arange(self.batch) < real).astype(np.float32)
-      yield self._put(part), self._put(weights), real
-
-  def map(self, fn, x: np.ndarray) -> np.ndarray:
-    """``fn`` over the batches of ``x``, outputs gathered to host float32 ``(n, ...)``."""
-    return np.concatenate([np.asarray(fn(batch), np.float32)[:real] for batch, _, real in self.chunks(x)])
-
-  def _put(self, x):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
-
-def _statistics(block_params, inputs, batches: _Batches, groups, *, config, modes, needs_gram: bool):
+def _statistics(block_params, inputs, batches: Batches, groups, *, config, modes, needs_gram: bool):
   widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
@@ -157,8 +123,8 @@ def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   return from_hf_layout(result.w), from_hf_layout(result.mask), result
 
 
-def prune_block(block_params, inputs, batches: _Batches | None, spec: PruneSpec, *, config: ModelConfig,
-                modes) -> tuple[dict, dict, list]:
+def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, *, config: ModelConfig,
+                modes, mesh: Mesh | None = None) -> tuple[dict, dict, list]:
   """Prunes every linear of one block. Returns ``(new block params, {path: mask}, reports)``."""
   solver = get_solver(spec.method)
   groups = block_linears(config, block_params)
@@ -167,7 +133,7 @@ def prune_block(block_params, inputs, batches: _Batches | None, spec: PruneSpec,
     stats = _statistics(block_params, inputs, batches, groups, config=config, modes=modes,
                         needs_gram=solver.needs_gram)
   masks, reports = {}, []
-  row_mesh = batches.row_mesh if batches is not None else None
+  row_mesh = mesh if mesh is not None and "model" in mesh.shape else None
   for tap, paths in groups.items():
     for path in paths:
       kernel, mask, result = _solve(spec, kernel_at(block_params, path), stats[tap], row_mesh)
@@ -189,7 +155,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   needs_calib = spec.method != "magnitude"
   if needs_calib and calib is None:
     raise JaxpruneError(f"{spec.method} needs calibration data")
-  batches = _Batches(config, *calib.shape, batch_size, mesh) if needs_calib else None
+  batches = Batches(*calib.shape, config=config, batch_size=batch_size, mesh=mesh) if needs_calib else None
   if state is None:
     inputs = None
     if needs_calib:
@@ -202,7 +168,8 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     start = time.perf_counter()
     modes = config.sublayer_modes(i)
     block_params = state.params["layers"][i]
-    new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes)
+    new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes,
+                                              mesh=mesh)
     inputs = state.inputs
     if needs_calib:
       inputs = batches.map(lambda h: _forward(new_block, h, batches.ctx, config=config, modes=modes),
