@@ -112,7 +112,9 @@ def main() -> None:
     write_json(args.out, {"command": "python experiments/parity/run.py " + " ".join(sys.argv[1:]),
                           "machine": machine(), "seqlen": 512, "calib": "calib_512x64.npy (64 x 512)",
                           "eval": "eval_512x128.npy (128 x 512)", "runs": runs})
-  args.out.with_name("table.md").write_text(table(runs))
+  # result.json -> table.md; any other output (a variant run) -> its own NAME.md beside it
+  (args.out.with_name("table.md") if args.out.name == "result.json" else args.out.with_suffix(".md")).write_text(
+      table(runs))
 
 
 if __name__ == "__main__":

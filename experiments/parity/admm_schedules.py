@@ -1,0 +1,92 @@
+"""ADMM's two mask schedules on the reference calibration tokens, evaluated in and out of the calibration domain.
+
+  python experiments/parity/admm_schedules.py --out experiments/parity/admm_schedules.json
+
+The reference ADMM code selects the mask at the final sparsity in every mask iteration ("final"); the paper's
+ADMM-Grad raises the sparsity along a cubic schedule ("cubic"). Both run on ``calib_512x64.npy`` (Wikipedia
+text), each case in a fresh process; each pruned model is evaluated on
+
+* ``austen``: the reference evaluation tokens ``eval_512x128.npy`` (all 128 windows, as in ``run.py``);
+* ``wiki_heldout``: windows of the bundled ``wiki`` corpus that share no 16-token run with any calibration
+  window (the calibration domain, unseen text);
+* ``mobydick``: the bundled Moby-Dick corpus (a third domain).
+
+Each case also records the summed layer-wise reconstruction error ``Σ tr(ΔW G ΔWᵀ)`` over the 210 linears, the
+quantity both schedules minimise on the calibration data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import REFERENCE, machine, run_worker, write_json  # noqa: E402
+
+SHINGLE = 16
+
+
+def heldout(windows, calib, limit: int):
+  """The first ``limit`` rows of ``windows`` sharing no ``SHINGLE``-token run with any row of ``calib``."""
+  import numpy as np
+
+  seen = {row[i:i + SHINGLE].tobytes() for row in np.asarray(calib) for i in range(row.size - SHINGLE + 1)}
+  keep = [row for row in windows
+          if not any(row[i:i + SHINGLE].tobytes() in seen for i in range(row.size - SHINGLE + 1))]
+  return np.stack(keep[:limit]), len(windows) - len(keep)
+
+
+def worker(args) -> None:
+  import numpy as np
+
+  from jaxprune.data import load_windows
+  from jaxprune.evaluate import perplexity
+  from jaxprune.io.load import load_model
+  from jaxprune.prune import Unstructured
+  from jaxprune.prune.job import prune
+  from jaxprune.prune.sequential import PruneSpec
+
+  model = load_model("smollm2-135m")
+  calib = np.load(args.reference / "calib_512x64.npy")
+  wiki = load_windows("wiki", tokenizer=model.tokenizer, seqlen=512, role="eval").tokens
+  wiki, dropped = heldout(wiki, calib, args.windows)
+  texts = {"austen": np.load(args.reference / "eval_512x128.npy"), "wiki_heldout": wiki,
+           "mobydick": load_windows("mobydick", tokenizer=model.tokenizer, seqlen=512, role="eval",
+                                    max_windows=args.windows).tokens}
+  sparsity, schedule = args.case.split(":")
+  outcome = prune(model.params, model.config, PruneSpec("admm", Unstructured(int(sparsity) / 100),
+                                                        (("schedule", schedule),)), calib, progress=False)
+  out = {"case": args.case, "prune_seconds": outcome.seconds, "sparsity": outcome.metadata["sparsity"],
+         "reconstruction_error": sum(r["error"] for r in outcome.metadata["layers"]),
+         "wiki_windows_overlapping_calibration_dropped": dropped, "windows": {k: len(v) for k, v in texts.items()}}
+  for name, tokens in texts.items():
+    out[f"ppl_{name}"] = perplexity(outcome.params, tokens, config=model.config, progress=False).perplexity
+  print(json.dumps(out))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cases", nargs="+", default=["50:cubic", "50:final"], help="SPARSITY%%:SCHEDULE")
+  p.add_argument("--windows", type=int, default=32, help="windows of wiki_heldout and mobydick")
+  p.add_argument("--reference", type=Path, default=REFERENCE)
+  p.add_argument("--out", type=Path, default=Path(__file__).with_name("admm_schedules.json"))
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--case", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.worker:
+    return worker(args)
+  runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
+  for case in args.cases:
+    if case in runs:
+      continue
+    print(f"== {case}", flush=True)
+    runs[case] = run_worker(Path(__file__), "--case", case, "--windows", str(args.windows),
+                            "--reference", str(args.reference))
+    print(json.dumps(runs[case]), flush=True)
+    write_json(args.out, {"command": "python experiments/parity/admm_schedules.py " + " ".join(sys.argv[1:]),
+                          "machine": machine(), "runs": runs})
+
+
+if __name__ == "__main__":
+  main()
