@@ -44,3 +44,17 @@ def write_json(path: Path, data: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
   print(f"wrote {path}")
+
+
+SHINGLE = 16
+
+
+def heldout(windows, calib, limit: int):
+  """The first ``limit`` rows of ``windows`` sharing no ``SHINGLE``-token run with any row of ``calib``, and
+  how many rows were dropped for sharing one."""
+  import numpy as np
+
+  seen = {row[i:i + SHINGLE].tobytes() for row in np.asarray(calib) for i in range(row.size - SHINGLE + 1)}
+  keep = [row for row in windows
+          if not any(row[i:i + SHINGLE].tobytes() in seen for i in range(row.size - SHINGLE + 1))]
+  return np.stack(keep[:limit]), len(windows) - len(keep)

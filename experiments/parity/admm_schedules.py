@@ -22,20 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, machine, run_worker, write_json  # noqa: E402
-
-SHINGLE = 16
-
-
-def heldout(windows, calib, limit: int):
-  """The first ``limit`` rows of ``windows`` sharing no ``SHINGLE``-token run with any row of ``calib``."""
-  import numpy as np
-
-  seen = {row[i:i + SHINGLE].tobytes() for row in np.asarray(calib) for i in range(row.size - SHINGLE + 1)}
-  keep = [row for row in windows
-          if not any(row[i:i + SHINGLE].tobytes() in seen for i in range(row.size - SHINGLE + 1))]
-  return np.stack(keep[:limit]), len(windows) - len(keep)
-
+from experiments.common import REFERENCE, heldout, machine, run_worker, write_json  # noqa: E402
 
 def worker(args) -> None:
   import numpy as np
