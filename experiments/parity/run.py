@@ -104,7 +104,7 @@ def main() -> None:
     runs[case] = {**runs.get(case, {}), **fresh}
     ref = reference.get(case, {})
     runs[case]["reference"] = {k: ref.get(k) for k in ("ppl", "prune_seconds", "peak_rss_gb")}
-    if ref.get("ppl"):
+    if ref.get("ppl") and runs[case].get("ppl"):
       runs[case]["ppl_ratio_to_reference"] = runs[case]["ppl"] / ref["ppl"]
     if ref.get("prune_seconds") and runs[case].get("prune_seconds"):
       runs[case]["speedup_over_reference"] = ref["prune_seconds"] / runs[case]["prune_seconds"]
