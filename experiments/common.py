@@ -40,6 +40,21 @@ def run_worker(script: Path, *args: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_cases(script: Path, cases, out: Path, *worker_args: str, **header) -> dict:
+  """Runs each case of ``cases`` not yet in ``out`` with :func:`run_worker` (``--case CASE *worker_args``),
+  rewriting ``out`` after each (command, machine, ``header`` and the runs); returns every run."""
+  runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
+  command = f"python {script.resolve().relative_to(REPO)} " + " ".join(sys.argv[1:])
+  for case in cases:
+    if case in runs:
+      continue
+    print(f"== {case}", flush=True)
+    runs[case] = run_worker(script, "--case", case, *worker_args)
+    print(json.dumps(runs[case]), flush=True)
+    write_json(out, {"command": command, **header, "machine": machine(), "runs": runs})
+  return runs
+
+
 def write_json(path: Path, data: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

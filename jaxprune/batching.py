@@ -24,6 +24,10 @@ class Batches:
     self.n, self.seq = n, seq
     self.ctx = M.context(config, self.batch, seq)
 
+  def __len__(self) -> int:
+    """Number of batches."""
+    return -(-self.n // self.batch)
+
   def put(self, x):
     """``x`` on the devices, its leading (window) axis split over ``data``."""
     if self.mesh is None:

@@ -104,7 +104,7 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   params = batches.replicate(params)  # once, not per batch
   losses = []
   start = time.perf_counter()
-  bar = tqdm(batches.chunks(windows.astype(np.int32)), total=-(-n // batches.batch), desc=desc, unit="batch",
+  bar = tqdm(batches.chunks(windows.astype(np.int32)), total=len(batches), desc=desc, unit="batch",
              disable=not progress, leave=False)
   for tokens, _, real in bar:
     losses.append(np.asarray(window_losses(params, tokens, config=config))[:real])

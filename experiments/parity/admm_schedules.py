@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, heldout, machine, run_worker, write_json  # noqa: E402
+from experiments.common import REFERENCE, heldout, run_cases  # noqa: E402
 
 def worker(args) -> None:
   import numpy as np
@@ -63,17 +63,7 @@ def main() -> None:
   args = p.parse_args()
   if args.worker:
     return worker(args)
-  runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
-  for case in args.cases:
-    if case in runs:
-      continue
-    print(f"== {case}", flush=True)
-    runs[case] = run_worker(Path(__file__), "--case", case, "--windows", str(args.windows),
-                            "--reference", str(args.reference))
-    print(json.dumps(runs[case]), flush=True)
-    write_json(args.out, {"command": "python experiments/parity/admm_schedules.py " + " ".join(sys.argv[1:]),
-                          "machine": machine(), "runs": runs})
-
+  run_cases(Path(__file__), args.cases, args.out, "--windows", str(args.windows), "--reference", str(args.reference))
 
 if __name__ == "__main__":
   main()

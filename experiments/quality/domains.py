@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import heldout, machine, run_worker, write_json  # noqa: E402
+from experiments.common import heldout, run_cases  # noqa: E402
 
 
 def worker(args) -> None:
@@ -61,16 +61,8 @@ def main() -> None:
   args = p.parse_args()
   if args.worker:
     return worker(args)
-  runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
-  for case in args.cases:
-    if case in runs:
-      continue
-    print(f"== {case}", flush=True)
-    runs[case] = run_worker(Path(__file__), "--case", case, "--config", str(args.config))
-    print(json.dumps(runs[case]), flush=True)
-    write_json(args.out, {"command": "python experiments/quality/domains.py " + " ".join(sys.argv[1:]),
-                          "config": json.loads(args.config.read_text()), "machine": machine(), "runs": runs})
-
+  run_cases(Path(__file__), args.cases, args.out, "--config", str(args.config),
+            config=json.loads(args.config.read_text()))
 
 if __name__ == "__main__":
   main()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import machine, peak_rss_gb, run_worker, write_json  # noqa: E402
+from experiments.common import peak_rss_gb, run_cases  # noqa: E402
 
 
 def worker(args) -> None:
@@ -93,17 +93,9 @@ def main() -> None:
   if args.worker:
     return worker(args)
   cfg = json.loads(args.config.read_text())
-  result_path = args.out / "result.json"
-  runs = json.loads(result_path.read_text())["runs"] if result_path.is_file() else {}
   cases = ["dense"] + [f"{m}:{p}" for p in cfg["patterns"] for m in cfg["methods"]]
-  for case in cases if not args.only_report else []:
-    if case in runs:
-      continue
-    print(f"== {case}", flush=True)
-    runs[case] = run_worker(Path(__file__), "--case", case, "--config", str(args.config))
-    print(json.dumps(runs[case]), flush=True)
-    write_json(result_path, {"command": f"python experiments/quality/run.py --config {args.config}",
-                             "config": cfg, "machine": machine(), "runs": runs})
+  runs = run_cases(Path(__file__), [] if args.only_report else cases, args.out / "result.json", "--config",
+                   str(args.config), config=cfg)
   (args.out / "table.md").write_text(table(cfg, runs))
   plot(cfg, runs, args.out / "perplexity.png")
   print(table(cfg, runs))

@@ -1,7 +1,6 @@
 """``jaxprune depth``: score blocks or sublayers, remove the least important, recover, save (and evaluate)."""
 from __future__ import annotations
 
-
 from jaxprune.commands import common
 
 

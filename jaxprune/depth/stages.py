@@ -138,9 +138,6 @@ class Batches(batching.Batches):
     super().__init__(*tokens.shape, config=config, batch_size=batch_size, mesh=mesh)
     self.tokens = tokens
 
-  def __len__(self) -> int:
-    return -(-self.n // self.batch)
-
   def __iter__(self):
     for tokens, weights, _ in self.chunks(self.tokens):
       yield tokens, weights
