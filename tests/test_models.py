@@ -143,3 +143,32 @@ def test_abstract_params_of_a_7b_shape_cost_no_memory():
   shapes = M.abstract_params(from_hf_config(cfg))
   count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
   assert count == 6_738_415_616  # LLaMA-2-7B parameter count
+
+
+def _attention_f64(q, k, v, mask):
+  """Plain float64 softmax attention, KV heads repeated, for checking the chunked kernel."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.asarray(mask), scores, -1e300)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(q.shape[0], q.shape[1], -1)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 128])
+def test_chunked_attention_equals_float64_softmax(chunk):
+  from jaxprune.models.layers import attention_mask, dot_attention
+
+  rng = np.random.default_rng(chunk)
+  b, t, h, kv, d = 2, 19, 6, 2, 8
+  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d)))
+  padding = np.ones((b, t), np.int32)
+  padding[1, :5] = 0  # left padding: rows 0..4 of window 1 see no key at all
+  mask = attention_mask(jnp.asarray(padding), b, t, window=6)
+  got = np.asarray(jax.jit(lambda *a: dot_attention(*a, mask, chunk=chunk))(q, k, v))
+  assert np.isfinite(got).all()  # padding rows included
+  real = np.asarray(mask).any(-1)[:, 0]  # (b, t): query rows that see at least one key
+  assert (~real).sum() == 5
+  np.testing.assert_allclose(got[real], _attention_f64(q, k, v, mask)[real], atol=2e-6, rtol=1e-5)
