@@ -18,8 +18,13 @@ def lowest_pruned(scores: np.ndarray, k: int) -> np.ndarray:
   return keep
 
 
-def unstructured_keep(scores: np.ndarray, sparsity: float, scope: str) -> np.ndarray:
-  """``int(s·size)`` pruned over the whole matrix (``"layer"``) or ``int(s·d_in)`` in each row (``"row"``)."""
+def unstructured_keep(scores: np.ndarray, sparsity: float, scope: str, ties: str = "count") -> np.ndarray:
+  """``int(s·size)`` pruned over the whole matrix (``"layer"``) or ``int(s·d_in)`` in each row (``"row"``).
+
+  ``ties="threshold"`` (layer scope): the reference codes' ``scores <= sort(scores)[int(s·size)]``.
+  """
+  if ties == "threshold":
+    return scores > np.sort(scores.ravel())[int(scores.size * sparsity)]
   if scope == "layer":
     return lowest_pruned(scores.ravel(), int(scores.size * sparsity)).reshape(scores.shape)
   k = int(scores.shape[1] * sparsity)
@@ -35,8 +40,8 @@ def nm_keep(scores: np.ndarray, n: int, m: int) -> np.ndarray:
   return keep
 
 
-def _select(scores, sparsity, nm, scope):
-  return nm_keep(scores, *nm) if nm is not None else unstructured_keep(scores, sparsity, scope)
+def _select(scores, sparsity, nm, scope, ties="count"):
+  return nm_keep(scores, *nm) if nm is not None else unstructured_keep(scores, sparsity, scope, ties)
 
 
 def error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> float:
@@ -45,9 +50,9 @@ def error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> float:
   return float(np.trace(delta @ gram.astype(np.float64) @ delta.T))
 
 
-def magnitude(w, *, sparsity=None, nm=None, scope="layer"):
+def magnitude(w, *, sparsity=None, nm=None, scope="layer", ties="count"):
   """Magnitude pruning: lowest ``|W|``, no update."""
-  keep = _select(np.abs(w.astype(np.float64)), sparsity, nm, scope)
+  keep = _select(np.abs(w.astype(np.float64)), sparsity, nm, scope, ties)
   return np.where(keep, w, 0.0), keep
 
 
@@ -58,7 +63,7 @@ def wanda(w, sq_norms, *, sparsity=None, nm=None, scope="row"):
   return np.where(keep, w, 0.0), keep
 
 
-def sparsegpt(w, gram, *, sparsity=None, nm=None, blocksize=128, percdamp=0.01):
+def sparsegpt(w, gram, *, sparsity=None, nm=None, blocksize=128, percdamp=0.01, ties="count"):
   """SparseGPT (Frantar & Alistarh 2023, Algorithm 1 as in IST-DASLab/sparsegpt ``fasterprune``)."""
   W = w.astype(np.float64).copy()
   H = gram.astype(np.float64).copy()
@@ -75,7 +80,7 @@ def sparsegpt(w, gram, *, sparsity=None, nm=None, blocksize=128, percdamp=0.01):
     E1 = np.zeros_like(W1)
     d2 = np.diag(U1) ** 2
     if nm is None:
-      keep1 = unstructured_keep(W1 ** 2 / d2[None, :], sparsity, "layer")
+      keep1 = unstructured_keep(W1 ** 2 / d2[None, :], sparsity, "layer", ties)
     else:
       keep1 = np.ones(W1.shape, bool)
     for i in range(i2 - i1):

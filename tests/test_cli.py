@@ -115,11 +115,12 @@ def test_hub_name_offline_fails_fast(capsys, monkeypatch):
 def test_prune_end_to_end_then_eval_and_export(tiny_dir, tmp_path, capsys):
   out = tmp_path / "pruned"
   code, _, _ = run(capsys, "prune", "--model", tiny_dir, "--method", "sparsegpt", "--nm", "2:4", "--calib", "wiki",
-                   "--nsamples", 4, "--seqlen", 32, "--batch-size", 2, "--out", out, "--eval", "austen",
+                   "--true-sequential", "--nsamples", 4, "--seqlen", 32, "--batch-size", 2, "--out", out, "--eval", "austen",
                    "--max-eval-windows", 2, "--json", tmp_path / "p.json")
   assert code == 0
   result = json.loads((tmp_path / "p.json").read_text())
   assert result["method"] == "sparsegpt" and result["pattern"] == "2:4" and result["sparsity"] == 0.5
+  assert result["true_sequential"] is True
   assert result["perplexity"] > 1 and result["prune_seconds"] > 0
   assert not (tmp_path / "pruned.partial").exists()  # resume state dropped once the checkpoint is written
   assert run(capsys, "eval", "--model", out, "--seqlen", 32, "--max-windows", 2)[0] == 0
@@ -135,6 +136,10 @@ def test_prune_end_to_end_then_eval_and_export(tiny_dir, tmp_path, capsys):
     (["--nm", "3:7"], ["7", "32"]),
     (["--method", "obc"], ["unknown pruning method 'obc'"]),
     (["--method", "wanda", "--rho", "2"], ["--rho does not apply to wanda"]),
+    (["--method", "wanda", "--ties", "threshold"], ["--ties does not apply to wanda"]),
+    (["--method", "sparsegpt", "--nm", "2:4", "--ties", "threshold"], ["ties='threshold'", "unstructured"]),
+    (["--method", "admm", "--rho", "0"], ["rho must be a positive"]),
+    (["--method", "magnitude", "--true-sequential"], ["--true-sequential needs calibration"]),
 ])
 def test_prune_bad_options(tiny_dir, tmp_path, capsys, argv, needles):
   code, _, err = run(capsys, "prune", "--model", tiny_dir, "--seqlen", 32, "--nsamples", 2, "--out",

@@ -136,6 +136,22 @@ def test_admm_update_parity_x64_and_improves_with_iterations():
   assert float(got.error) < float(few.error) < ref.error(w, np.where(mask, w, 0), np.asarray(stats.gram))
 
 
+@pytest.mark.parametrize("name", ["magnitude", "sparsegpt"])
+def test_threshold_tie_rule_parity_x64(name):
+  """``ties="threshold"`` equals the reference codes' ``score <= sort(score)[int(s·n)]`` on weights with many ties."""
+  w, x = make_problem(seed=13)
+  w = np.round(w * 4) / 4  # few distinct values, as in a dequantized model
+  pattern, hp = Unstructured(0.5), {**HPARAMS.get(name, {}), "ties": "threshold", "blocksize": 16}
+  hp = hp if name == "sparsegpt" else {"ties": "threshold"}
+  with jax.enable_x64(True):
+    stats = stats_of(x, jnp.float64)
+    got = SOLVERS[name].solve(jnp.asarray(w, jnp.float64), stats, pattern=pattern, **hp)
+    exact = SOLVERS[name].solve(jnp.asarray(w, jnp.float64), stats, pattern=pattern)
+  assert_same_solution(got, *reference(name, w, stats, pattern, **hp), 1e-10)
+  pruned, count = int((~np.asarray(got.mask)).sum()), int((~np.asarray(exact.mask)).sum())
+  assert pruned > count == int(0.5 * w.size)  # ties at the threshold go too
+
+
 def test_sparsegpt_single_partial_block_parity_x64():
   w, x = make_problem(seed=4)  # d_in = 40 < the default block of 128
   with jax.enable_x64(True):
@@ -290,6 +306,8 @@ def test_get_solver_lists_known_methods():
     (lambda w, s: sparsegpt(w, s, pattern=NM(2, 8), blocksize=12), "multiple of the N:M group 8"),
     (lambda w, s: sparsegpt(w, s, pattern=Unstructured(0.5, scope="row")), "per column block"),
     (lambda w, s: admm(w, s, pattern=NM(2, 4), schedule="linear"), "schedule"),
+    (lambda w, s: sparsegpt(w, s, pattern=NM(2, 4), ties="threshold"), "unstructured sparsity"),
+    (lambda w, s: SOLVERS["magnitude"].solve(w, s, pattern=Unstructured(0.5), ties="all"), "count, threshold"),
     (lambda w, s: admm(w, s, pattern=NM(2, 4), mask_iterations=25), "cannot exceed"),
     (lambda w, s: admm(w, s, pattern=NM(2, 4), rho=0.0), "rho"),
     (lambda w, s: admm_update(w, s, mask=jnp.ones((3, 3), bool)), "mask shape"),

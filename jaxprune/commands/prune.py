@@ -7,7 +7,7 @@ from jaxprune.commands import common
 
 METHOD_OPTIONS = {  # CLI flag -> solver keyword
     "blocksize": "blocksize", "percdamp": "percdamp", "rho": "rho", "iterations": "iterations",
-    "mask_iterations": "mask_iterations", "schedule": "schedule",
+    "mask_iterations": "mask_iterations", "schedule": "schedule", "ties": "ties",
 }
 
 
@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
                  help="unstructured ranking scope [default: the method's reference choice]")
   common.add_calib_args(p, nsamples=64)
   p.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: %(default)s]")
+  p.add_argument("--true-sequential", action="store_true",
+                 help="prune the linears of a block group by group (q/k/v, o, gate/up, down), each from inputs "
+                      "computed with the groups before it pruned: one forward per block instead of two "
+                      "[default: all groups from the dense block's inputs, as the reference codes]")
   common.add_output_args(p)
   g = p.add_argument_group("method options (defaults: each reference implementation's)")
   g.add_argument("--blocksize", type=int, help="SparseGPT column block [128]")
@@ -32,6 +36,9 @@ def add_parser(sub) -> None:
   g.add_argument("--mask-iterations", type=int, help="ADMM iterations that re-select the mask [15]")
   g.add_argument("--schedule", choices=("cubic", "final"),
                  help="ADMM mask schedule: the paper's cubic one, or 'final' (the reference code's) [cubic]")
+  g.add_argument("--ties", choices=("count", "threshold"),
+                 help="magnitude/SparseGPT unstructured: prune exactly floor(s*n) ('count'), or every score up to "
+                      "the next one as the reference codes do ('threshold') [count]")
   p.set_defaults(run=run)
 
 
@@ -53,16 +60,23 @@ def spec_from_args(args):
 
       raise JaxpruneError(f"--{flag.replace('_', '-')} does not apply to {args.method}")
     hparams[name] = value
-  return PruneSpec(args.method, pattern, tuple(sorted(hparams.items())))
+  if args.true_sequential and args.method == "magnitude":
+    from jaxprune.errors import JaxpruneError
+
+    raise JaxpruneError("--true-sequential needs calibration; magnitude uses none")
+  return PruneSpec(args.method, pattern, tuple(sorted(hparams.items())), true_sequential=args.true_sequential)
 
 
 def run(args) -> dict:
   from jaxprune.evaluate import data_mesh, perplexity
   from jaxprune.prune import job
 
+  from jaxprune.prune.sequential import check_spec
+
   spec = spec_from_args(args)
   job.check_out(args.out, args.overwrite)
   model = common.load(args.model)
+  check_spec(spec, model.config, model.params)  # a pattern or option the solver cannot take fails before any work
   calib = None
   identity = {"model": args.model, "seqlen": args.seqlen}
   if spec.method != "magnitude":
@@ -70,9 +84,6 @@ def run(args) -> dict:
                            seed=args.seed)
     identity.update(calib=calib.source, calib_sha256=calib.sha256, nsamples=int(calib.tokens.shape[0]),
                     seed=args.seed)
-  for layer in range(model.config.num_layers):  # fail before any work on a width the pattern cannot split
-    for path in _widths(model, layer):
-      spec.pattern.check_width(path)
   mesh = data_mesh()
   outcome = job.prune(model.params, model.config, spec, None if calib is None else calib.tokens, out=args.out,
                       identity=identity, batch_size=args.batch_size, mesh=mesh)
@@ -92,15 +103,6 @@ def run(args) -> dict:
   common.log(f"wrote checkpoint {args.out}")
   common.write_json(args.json, result)
   return result
-
-
-def _widths(model, layer):
-  from jaxprune.prune.sequential import block_linears, kernel_at
-
-  block = model.params["layers"][layer]
-  for paths in block_linears(model.config, block).values():
-    for path in paths:
-      yield kernel_at(block, path).shape[0]
 
 
 def _pattern_str(pattern) -> str:

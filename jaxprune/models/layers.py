@@ -57,6 +57,16 @@ class Adapter(nn.Module):
     return out
 
 
+def tap(module: nn.Module, name: str, x):
+  """Marks ``x`` as the input of the linears of group ``name``: sows it into the ``taps`` collection and returns
+  it -- or, when the ``given`` collection holds ``name`` in this module's scope, returns that value instead (the
+  within-block sequential pass feeds inputs computed with the block's already-pruned linears)."""
+  if module.has_variable("given", name):
+    x = module.get_variable("given", name)
+  module.sow("taps", name, x)
+  return x
+
+
 def lm_logits(h, embedding, vocab_size: int):
   """LM head logits ``(..., vocab)``: the tied token embedding ``(vocab, d)`` when given, else an ``lm_head``
   Dense (call from inside a compact module)."""

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, lm_logits, RMSNorm, apply_rotary, dot_attention, sublayer
+from jaxprune.models.layers import Context, lm_logits, RMSNorm, apply_rotary, dot_attention, sublayer, tap
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -28,14 +28,14 @@ class Attention(nn.Module):
   def __call__(self, x, ctx: Context):
     c = self.config
     b, t, _ = x.shape
-    self.sow("taps", "attn_in", x)
+    x = tap(self, "attn_in", x)
     q = nn.Dense(c.num_heads * c.head_dim, use_bias=c.qkv_bias, name="q_proj")(x)
     k = nn.Dense(c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, name="k_proj")(x)
     v = nn.Dense(c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, name="v_proj")(x)
     q = apply_rotary(q.reshape(b, t, c.num_heads, c.head_dim), ctx.cos, ctx.sin)
     k = apply_rotary(k.reshape(b, t, c.num_kv_heads, c.head_dim), ctx.cos, ctx.sin)
     out = dot_attention(q, k, v.reshape(b, t, c.num_kv_heads, c.head_dim), ctx.mask)
-    self.sow("taps", "o_in", out)
+    out = tap(self, "o_in", out)
     return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(out)
 
 
@@ -45,11 +45,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    self.sow("taps", "mlp_in", x)
+    x = tap(self, "mlp_in", x)
     gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
     up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
     hidden = jax.nn.silu(gate) * up
-    self.sow("taps", "down_in", hidden)
+    hidden = tap(self, "down_in", hidden)
     return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(hidden)
 
 

@@ -52,22 +52,42 @@ def embed(params: Params, tokens: jax.Array, *, config: ModelConfig, mask: jax.A
 
 
 def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConfig,
-          modes: tuple[str, str] = ("full", "full"), taps: bool = False):
+          modes: tuple[str, str] = ("full", "full"), taps: bool = False, given: dict | None = None):
   """One decoder layer: ``(batch, seq, hidden) -> (batch, seq, hidden)``.
 
   ``modes`` = ``config.sublayer_modes(layer)``; passing the modes rather than the layer index lets every block of
   the same shape share one compilation.
   With ``taps=True`` also returns ``{tap name: input of those linears}`` (see :func:`linear_groups`).
+  ``given`` = ``{tap name: value}`` replaces those inputs by the values given (same shapes); whatever only fed
+  them is not computed.
   """
   module = block_module(config, modes)
+  variables = {"params": block_params}
+  if given:
+    variables["given"] = _scoped(config, given)
   if not taps:
-    return module.apply({"params": block_params}, h, ctx)
-  out, state = module.apply({"params": block_params}, h, ctx, mutable=["taps"])
+    return module.apply(variables, h, ctx)
+  out, state = module.apply(variables, h, ctx, mutable=["taps"])
+  return out, _sown(state.get("taps", {}))
+
+
+def _scoped(config: ModelConfig, values: dict) -> dict:
+  """``{tap: value}`` nested under the module that reads each tap (the scope of its linears)."""
+  tree: dict = {}
+  for name, value in values.items():
+    node = tree
+    for part in linear_groups(config)[name][0].split("/")[:-1]:
+      node = node.setdefault(part, {})
+    node[name] = value
+  return tree
+
+
+def _sown(tree: dict) -> dict:
+  """Flattens the ``taps`` collection (sown values are 1-tuples, at any depth) to ``{tap: value}``."""
   flat = {}
-  for sub in state.get("taps", {}).values():
-    for name, value in sub.items():
-      flat[name] = value[0]
-  return out, flat
+  for name, value in tree.items():
+    flat.update({name: value[0]} if isinstance(value, tuple) else _sown(value))
+  return flat
 
 
 def head(params: Params, h: jax.Array, *, config: ModelConfig) -> jax.Array:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, lm_logits, dot_attention, sublayer
+from jaxprune.models.layers import Context, lm_logits, dot_attention, sublayer, tap
 
 POSITION_OFFSET = 2
 
@@ -33,13 +33,13 @@ class Attention(nn.Module):
   def __call__(self, x, ctx: Context):
     c = self.config
     b, t, _ = x.shape
-    self.sow("taps", "attn_in", x)
+    x = tap(self, "attn_in", x)
     shape = (b, t, c.num_heads, c.head_dim)
     q = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="q_proj")(x).reshape(shape)
     k = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="k_proj")(x).reshape(shape)
     v = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="v_proj")(x).reshape(shape)
     out = dot_attention(q, k, v, ctx.mask)
-    self.sow("taps", "o_in", out)
+    out = tap(self, "o_in", out)
     return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="out_proj")(out)
 
 
@@ -67,10 +67,10 @@ class Block(nn.Module):
 
   def _mlp(self, x):
     c = self.config
-    self.sow("taps", "mlp_in", x)
+    x = tap(self, "mlp_in", x)
     hidden = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="fc1")(x)
     hidden = jax.nn.relu(hidden) if c.activation == "relu" else jax.nn.gelu(hidden, approximate=False)
-    self.sow("taps", "down_in", hidden)
+    hidden = tap(self, "down_in", hidden)
     return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="fc2")(hidden)
 
 

@@ -3,11 +3,12 @@
 Counts are exact: an unstructured selection prunes ``floor(sparsity · size)`` scores (computed as
 ``int(size * sparsity)`` in float64, as the reference code does), whatever the ties.
 
-Tie rule (everywhere in jaxprune): among equal scores, the one with the **lower flat index is pruned first**,
-i.e. the pruned set is the first ``k`` entries of a stable ascending sort. The reference implementations
-differ here: the Wanda/magnitude code prunes every weight equal to the threshold (a few more than
-``floor(s·n)``), SparseGPT prunes every score ``<=`` the ``floor(s·n)``-th smallest, and ``torch.topk`` leaves
-the order of ties unspecified.
+Tie rule (the default everywhere in jaxprune, ``ties="count"``): among equal scores, the one with the **lower
+flat index is pruned first**, i.e. the pruned set is the first ``k`` entries of a stable ascending sort. The
+reference implementations differ here: the magnitude code of the Wanda repository and SparseGPT prune every
+score ``<=`` the one at position ``floor(s·n)`` (0-based) of the ascending sort, so at least one weight more than
+``floor(s·n)`` and every tie at that threshold; ``ties="threshold"`` selects that rule (for reproducing them).
+Wanda and ADMM prune exactly ``floor(s·n)``, and ``torch.topk`` leaves the order of ties unspecified.
 
 No sort: the threshold (the ``k``-th smallest score) is found by a radix select on the bit patterns of the
 scores -- 32 passes (64 for float64) that each compare every score with a candidate and count, in one
@@ -103,13 +104,32 @@ def layer_mask(scores: jax.Array, k) -> jax.Array:
   return ~(below | (tied & (tie_rank <= room))).reshape(scores.shape)
 
 
-def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str) -> jax.Array:
-  """Keep mask pruning ``floor(sparsity · size)`` lowest ``scores`` ``(d_out, d_in)`` per ``"layer"`` or ``"row"``."""
-  if scope == "row":
-    return keep_mask(scores, num_pruned(scores.shape[-1], sparsity))
-  if scope == "layer":
-    return layer_mask(scores, num_pruned(scores.size, sparsity))
-  raise ValueError(f"unknown scope {scope!r}")
+TIES = ("count", "threshold")
+
+
+def threshold_mask(scores: jax.Array, k, *, axes: tuple[int, ...] | None = None) -> jax.Array:
+  """The reference codes' rule: prunes every score ``<=`` the ``(k+1)``-th smallest over ``axes`` (default all).
+
+  At least ``k + 1`` scores go (``k < size``), and every tie at the threshold with them.
+
+  >>> threshold_mask(jnp.array([[3., 1., 1., 2.]]), 1).tolist()
+  [[True, False, False, True]]
+  """
+  axes = tuple(range(scores.ndim)) if axes is None else axes
+  below, tied, _ = _lowest(scores, jnp.asarray(k, jnp.int32) + 1, axes)
+  return ~(below | tied)
+
+
+def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str, ties: str = "count") -> jax.Array:
+  """Keep mask pruning the ``floor(sparsity · size)`` lowest ``scores`` ``(d_out, d_in)`` per ``"layer"`` or
+  ``"row"``; with ``ties="threshold"``, every score up to the next one as well (see the module docstring)."""
+  if scope not in ("row", "layer"):
+    raise ValueError(f"unknown scope {scope!r}")
+  size = scores.shape[-1] if scope == "row" else scores.size
+  k = num_pruned(size, sparsity)
+  if ties == "threshold":
+    return threshold_mask(scores, k, axes=(scores.ndim - 1,) if scope == "row" else None)
+  return keep_mask(scores, k) if scope == "row" else layer_mask(scores, k)
 
 
 def nm_mask(scores: jax.Array, *, n: int, m: int) -> jax.Array:
@@ -132,9 +152,11 @@ def nm_mask(scores: jax.Array, *, n: int, m: int) -> jax.Array:
   return (rank >= m - n).reshape(scores.shape)
 
 
-def pattern_mask(scores: jax.Array, pattern: Unstructured | NM, *, default_scope: str) -> jax.Array:
-  """Keep mask for ``pattern`` from ``scores`` ``(d_out, d_in)``; ``default_scope`` stands in for ``scope=None``."""
+def pattern_mask(scores: jax.Array, pattern: Unstructured | NM, *, default_scope: str,
+                 ties: str = "count") -> jax.Array:
+  """Keep mask for ``pattern`` from ``scores`` ``(d_out, d_in)``; ``default_scope`` stands in for ``scope=None``;
+  ``ties`` applies to unstructured patterns (N:M always prunes exactly ``m - n`` per group)."""
   if isinstance(pattern, NM):
     pattern.check_width(scores.shape[-1])
     return nm_mask(scores, n=pattern.n, m=pattern.m)
-  return unstructured_mask(scores, sparsity=pattern.sparsity, scope=pattern.scope or default_scope)
+  return unstructured_mask(scores, sparsity=pattern.sparsity, scope=pattern.scope or default_scope, ties=ties)

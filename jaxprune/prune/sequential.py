@@ -5,6 +5,12 @@ every group of linears; accumulate their statistics; prune every linear of the b
 block **with pruned weights** to produce the next block's inputs. All linears of a block are pruned from the same
 (dense-block) inputs, as the reference implementations do.
 
+With ``PruneSpec(true_sequential=True)`` the groups of a block are pruned in order instead (LLaMA: q/k/v, o,
+gate/up, down), each from inputs computed with the groups before it already pruned (GPTQ's and SparseGPT's
+"true sequential" order). Each group's inputs are computed once, from the inputs kept of the groups before
+it, so a block costs one forward with pruned weights (plus the ``o`` projection twice) instead of a dense and
+a pruned one.
+
 Compilation: the block forward, the statistics step and each solver are jitted with the block's shape as the only
 static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
 one block ``(n, seqlen, hidden)`` plus one block's statistics, whatever the depth.
@@ -40,9 +46,11 @@ class PruneSpec:
   method: str
   pattern: Pattern
   hparams: tuple[tuple[str, Any], ...] = ()
+  true_sequential: bool = False
 
   def to_json(self) -> dict:
-    return {"method": self.method, "pattern": repr(self.pattern), "hparams": dict(self.hparams)}
+    return {"method": self.method, "pattern": repr(self.pattern), "hparams": dict(self.hparams),
+            "true_sequential": self.true_sequential}
 
 
 @dataclasses.dataclass
@@ -90,19 +98,45 @@ def _forward(block_params, h, ctx, *, config, modes):
   return M.block(block_params, h, ctx, config=config, modes=modes)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "modes"))
+def _forward_given(block_params, h, ctx, given, *, config, modes):
+  return M.block(block_params, h, ctx, config=config, modes=modes, given=given)
+
+
+def _accumulate(stats, x, weights, mesh):
+  x = x * weights.astype(x.dtype)[:, None, None]  # padding rows -> 0
+  return accumulate(stats, x) if mesh is None else accumulate_sharded(stats, x, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "mesh"), donate_argnames=("stats",))
+def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, mesh):
+  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups) and its statistics."""
+  _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
+  return taps[tap], _accumulate(stats, taps[tap], weights, mesh)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
 def _stats_step(block_params, h, ctx, stats, weights, *, config, modes, mesh):
   _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True)
-  taps = {name: x * weights.astype(x.dtype)[:, None, None] for name, x in taps.items()}  # padding rows -> 0
-  if mesh is None:
-    return {name: accumulate(s, taps[name]) for name, s in stats.items()}
-  return {name: accumulate_sharded(s, taps[name], mesh=mesh) for name, s in stats.items()}
+  return {name: _accumulate(s, taps[name], weights, mesh) for name, s in stats.items()}
 
 
 @functools.lru_cache(maxsize=None)
 def jitted_solver(spec: PruneSpec):
   """The solver of ``spec`` with its pattern and hyper-parameters bound, jitted once (one compile per shape)."""
   return jax.jit(functools.partial(get_solver(spec.method).solve, pattern=spec.pattern, **dict(spec.hparams)))
+
+
+def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
+  """Traces the solver of ``spec`` abstractly (no computation) on every distinct linear shape of the model, so
+  that a pattern or hyper-parameter it cannot take raises its one-line :class:`JaxpruneError` before any work."""
+  solver = jitted_solver(spec)
+  needs_gram = get_solver(spec.method).needs_gram
+  shapes = {kernel_at(block, path).shape for block in params["layers"]
+            for paths in block_linears(config, block).values() for path in paths}
+  for d_in, d_out in sorted(shapes):
+    stats = None if spec.method == "magnitude" else jax.eval_shape(functools.partial(init_stats, d_in, gram=needs_gram))
+    jax.eval_shape(solver, jax.ShapeDtypeStruct((d_out, d_in), jnp.float32), stats)
 
 
 def _statistics(block_params, inputs, batches: Batches, groups, *, config, modes, needs_gram: bool):
@@ -123,9 +157,24 @@ def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   return from_hf_layout(result.w), from_hf_layout(result.mask), result
 
 
+def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
+  """Prunes the linears ``paths`` (one input group) from ``stats``; adds to ``masks``/``reports``."""
+  for path in paths:
+    kernel, mask, result = _solve(spec, kernel_at(block_params, path), stats, row_mesh)
+    block_params = _set_kernel(block_params, path, kernel)
+    masks[path] = np.asarray(mask)
+    reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": float(result.error)})
+  return block_params
+
+
+def _row_mesh(mesh):
+  return mesh if mesh is not None and "model" in mesh.shape else None
+
+
 def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, *, config: ModelConfig,
                 modes, mesh: Mesh | None = None) -> tuple[dict, dict, list]:
-  """Prunes every linear of one block. Returns ``(new block params, {path: mask}, reports)``."""
+  """Prunes every linear of one block from the dense block's inputs. Returns ``(new block params, {path: mask},
+  reports)``."""
   solver = get_solver(spec.method)
   groups = block_linears(config, block_params)
   stats = {tap: None for tap in groups}
@@ -133,15 +182,40 @@ def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, 
     stats = _statistics(block_params, inputs, batches, groups, config=config, modes=modes,
                         needs_gram=solver.needs_gram)
   masks, reports = {}, []
-  row_mesh = mesh if mesh is not None and "model" in mesh.shape else None
   for tap, paths in groups.items():
-    for path in paths:
-      kernel, mask, result = _solve(spec, kernel_at(block_params, path), stats[tap], row_mesh)
-      block_params = _set_kernel(block_params, path, kernel)
-      masks[path] = np.asarray(mask)
-      reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])),
-                      "error": float(result.error)})
+    block_params = _prune_group(block_params, paths, stats[tap], spec, _row_mesh(mesh), masks, reports)
   return block_params, masks, reports
+
+
+def _with_given(batches: Batches, inputs: np.ndarray, given: dict):
+  """Yields ``(h, weights, real, {tap: batch of given[tap]})`` over the batches of ``inputs``."""
+  names = list(given)
+  for (h, weights, real), *parts in zip(batches.chunks(inputs), *(batches.chunks(given[n]) for n in names)):
+    yield h, weights, real, {n: part[0] for n, part in zip(names, parts)}
+
+
+def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSpec, *, config: ModelConfig,
+                           modes, mesh: Mesh | None = None) -> tuple[dict, dict, list, np.ndarray]:
+  """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
+
+  Returns ``(new block params, {path: mask}, reports, block outputs (n, seq, hidden))``.
+  """
+  needs_gram = get_solver(spec.method).needs_gram
+  given: dict[str, np.ndarray] = {}  # tap -> its inputs over all windows, host float32
+  masks, reports = {}, []
+  for tap, paths in block_linears(config, block_params).items():
+    stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
+    values = []
+    for h, weights, real, part in _with_given(batches, inputs, given):
+      x, stats = _tap_step(block_params, h, batches.ctx, part, stats, weights, config=config, modes=modes, tap=tap,
+                           mesh=batches.mesh)
+      values.append(np.asarray(x, np.float32)[:real])
+    given[tap] = np.concatenate(values)
+    stats = stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
+    block_params = _prune_group(block_params, paths, stats, spec, _row_mesh(mesh), masks, reports)
+  outputs = [np.asarray(_forward_given(block_params, h, batches.ctx, part, config=config, modes=modes),
+                        np.float32)[:real] for h, _, real, part in _with_given(batches, inputs, given)]
+  return block_params, masks, reports, np.concatenate(outputs)
 
 
 def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
@@ -155,6 +229,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   needs_calib = spec.method != "magnitude"
   if needs_calib and calib is None:
     raise JaxpruneError(f"{spec.method} needs calibration data")
+  check_spec(spec, config, params)
   batches = Batches(*calib.shape, config=config, batch_size=batch_size, mesh=mesh) if needs_calib else None
   if state is None:
     inputs = None
@@ -168,12 +243,16 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     start = time.perf_counter()
     modes = config.sublayer_modes(i)
     block_params = state.params["layers"][i]
-    new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes,
+    if needs_calib and spec.true_sequential:
+      new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, batches, spec,
+                                                                 config=config, modes=modes, mesh=mesh)
+    else:
+      new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes,
                                               mesh=mesh)
-    inputs = state.inputs
-    if needs_calib:
-      inputs = batches.map(lambda h: _forward(new_block, h, batches.ctx, config=config, modes=modes),
-                           state.inputs)
+      inputs = state.inputs
+      if needs_calib:
+        inputs = batches.map(lambda h: _forward(new_block, h, batches.ctx, config=config, modes=modes),
+                             state.inputs)
     layers = list(state.params["layers"])
     layers[i] = new_block
     for r in reports:

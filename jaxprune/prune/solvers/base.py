@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.prune.masks import TIES
 from jaxprune.prune.patterns import NM, Unstructured
 from jaxprune.prune.stats import Stats
 
@@ -54,6 +55,16 @@ def check_inputs(name: str, w: jax.Array, stats: Stats | None, pattern, *, needs
     raise JaxpruneError(f"{name}: statistics of width {stats.sq_norms.shape[0]} do not fit weights {w.shape}")
   if needs == "gram" and stats.gram is None:
     raise JaxpruneError(f"{name} needs the full Gram matrix; accumulate statistics with gram=True")
+
+
+def check_ties(name: str, ties: str, pattern) -> None:
+  """Raises :class:`JaxpruneError` unless ``ties`` is a tie rule of :mod:`jaxprune.prune.masks` that fits
+  ``pattern`` (``"threshold"`` is a threshold rule: unstructured sparsity only)."""
+  if ties not in TIES:
+    raise JaxpruneError(f"{name}: ties must be one of {', '.join(TIES)}, got {ties!r}")
+  if ties == "threshold" and isinstance(pattern, NM):
+    raise JaxpruneError(f"{name}: ties='threshold' applies to unstructured sparsity; N:M prunes exactly m - n "
+                        "per group")
 
 
 def reconstruction_error(w: jax.Array, w_hat: jax.Array, stats: Stats | None) -> jax.Array:

@@ -11,15 +11,19 @@ import jax.numpy as jnp
 
 from jaxprune.prune.masks import pattern_mask
 from jaxprune.prune.patterns import NM, Unstructured
-from jaxprune.prune.solvers.base import SolverResult, check_inputs, compute_dtype, finish
+from jaxprune.prune.solvers.base import SolverResult, check_inputs, check_ties, compute_dtype, finish
 from jaxprune.prune.stats import Stats
 
 
-def magnitude(w: jax.Array, stats: Stats | None = None, *, pattern: Unstructured | NM) -> SolverResult:
+def magnitude(w: jax.Array, stats: Stats | None = None, *, pattern: Unstructured | NM,
+              ties: str = "count") -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` by ``|W|`` (``scope=None`` means per layer).
 
-  ``stats`` is used only for the reported error (``None``: Frobenius norm of the change).
+  ``stats`` is used only for the reported error (``None``: Frobenius norm of the change). ``ties``: ``"count"``
+  prunes exactly ``floor(s·n)``; ``"threshold"`` every ``|W|`` up to the ``floor(s·n)``-th smallest (0-based) as the
+  Wanda repository's magnitude code does (:mod:`jaxprune.prune.masks`).
   """
   check_inputs("magnitude", w, stats, pattern, needs=None)
-  mask = pattern_mask(jnp.abs(w.astype(compute_dtype(w))), pattern, default_scope="layer")
+  check_ties("magnitude", ties, pattern)
+  mask = pattern_mask(jnp.abs(w.astype(compute_dtype(w))), pattern, default_scope="layer", ties=ties)
   return finish(w, w, mask, stats)

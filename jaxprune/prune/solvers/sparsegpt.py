@@ -11,8 +11,9 @@ precision:
 3. Columns in blocks of ``blocksize`` (the last block may be narrower: the weights are padded with zero columns
    whose ``U`` rows are those of the identity). Unstructured: at the start of each block the scores
    ``W² / diag(U)²`` of the block are ranked **jointly over all rows** and exactly ``floor(s · rows · width)``
-   lowest are pruned (stable tie rule of :mod:`jaxprune.prune.masks`; the reference prunes every score ``<=``
-   its ``floor(s·n)``-th smallest, one or more weights beyond the count). N:M: at the start of every group of
+   lowest are pruned (stable tie rule of :mod:`jaxprune.prune.masks`); ``ties="threshold"`` prunes, as the
+   reference does, every score ``<=`` the one at position ``floor(s·n)`` of the sorted block (0-based): one or
+   more weights beyond the count. N:M: at the start of every group of
    ``m`` columns, per row, the ``m - n`` lowest scores of the group (from the weights updated so far).
 4. Column by column: ``q = w`` with pruned entries zeroed, ``e = (w - q) / U_ii``, ``W[:, i:] -= e ⊗ U[i, i:]``
    within the block; after the block, ``W -= E · U[block, :]`` on the later columns (one matmul).
@@ -28,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.errors import JaxpruneError
-from jaxprune.prune.masks import layer_mask, nm_mask, num_pruned
+from jaxprune.prune.masks import layer_mask, nm_mask, num_pruned, threshold_mask
 from jaxprune.prune.patterns import NM, Unstructured
-from jaxprune.prune.solvers.base import HIGHEST, SolverResult, check_inputs, compute_dtype, finish
+from jaxprune.prune.solvers.base import HIGHEST, SolverResult, check_inputs, check_ties, compute_dtype, finish
 from jaxprune.prune.stats import Stats
 
 
@@ -90,7 +91,7 @@ def _obs_columns(w1, err1, u1, mask1, start, count):
   return jax.lax.fori_loop(start, start + count, column, (w1, err1))
 
 
-def _prune_block(w1, u1, count, d_valid, pattern):
+def _prune_block(w1, u1, count, d_valid, pattern, ties):
   """Selects the mask of one block and runs its column updates. Returns ``(q1, err1, mask1)``, ``(d_out, B)``.
 
   ``count``: number to prune jointly over the block (unstructured); ``d_valid``: real (unpadded) columns.
@@ -100,7 +101,7 @@ def _prune_block(w1, u1, count, d_valid, pattern):
   err1 = jnp.zeros_like(w1)
   if isinstance(pattern, Unstructured):
     scores = jnp.where(jnp.arange(width)[None, :] < d_valid, jnp.square(w1) * inv_d2[None, :], jnp.inf)
-    mask1 = layer_mask(scores, count)
+    mask1 = threshold_mask(scores, count) if ties == "threshold" else layer_mask(scores, count)
     w1, err1 = _obs_columns(w1, err1, u1, mask1, 0, width)
     return w1, err1, mask1
   m = pattern.m
@@ -131,7 +132,7 @@ def _check_hparams(pattern, blocksize, percdamp, max_retries):
 
 
 def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksize: int = 128,
-              percdamp: float = 0.01, max_retries: int = 6) -> SolverResult:
+              percdamp: float = 0.01, max_retries: int = 6, ties: str = "count") -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` with SparseGPT on ``stats.gram`` ``(d_in, d_in)`` (any positive scale).
 
   Args:
@@ -141,8 +142,10 @@ def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksi
     blocksize: columns per block (a multiple of ``m`` for N:M); ``d_in`` need not be a multiple.
     percdamp: damping relative to ``mean(diag H)``.
     max_retries: Cholesky retries with 10x damping.
+    ties: ``"count"`` (exactly ``floor(s·n)`` per block) or ``"threshold"`` (the reference's rule); unstructured.
   """
   check_inputs("sparsegpt", w, stats, pattern, needs="gram")
+  check_ties("sparsegpt", ties, pattern)
   _check_hparams(pattern, blocksize, percdamp, max_retries)
   dtype = compute_dtype(w)
   d_out, d_in = w.shape
@@ -166,7 +169,7 @@ def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksi
     u_rows = jax.lax.dynamic_slice_in_dim(u, i1, blocksize, axis=0)
     w1 = jax.lax.dynamic_slice_in_dim(w0, i1, blocksize, axis=1)
     u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, blocksize, axis=1)
-    q1, err1, mask1 = _prune_block(w1, u1, counts[b], d_in - i1, pattern)
+    q1, err1, mask1 = _prune_block(w1, u1, counts[b], d_in - i1, pattern, ties)
     w0 = w0 - jnp.matmul(err1, u_rows, precision=HIGHEST)  # U is upper: only columns >= i1 change
     w0 = jax.lax.dynamic_update_slice_in_dim(w0, q1, i1, axis=1)
     return w0, jax.lax.dynamic_update_slice_in_dim(mask, mask1, i1, axis=1)
