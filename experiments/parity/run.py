@@ -51,11 +51,11 @@ def worker(args) -> None:
   params = model.params
   if pattern is not None:
     hparams = tuple(json.loads(args.hparams).items()) if args.hparams else ()
-    outcome = prune(params, model.config, PruneSpec(method, pattern, hparams), calib, batch_size=args.batch_size,
-                    progress=False)
+    spec = PruneSpec(method, pattern, hparams, true_sequential=args.true_sequential)
+    outcome = prune(params, model.config, spec, calib, batch_size=args.batch_size, progress=False)
     params = outcome.params
     out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
-               hparams=dict(hparams))
+               hparams=dict(hparams), true_sequential=args.true_sequential)
   out["peak_rss_gb_prune"] = peak_rss_gb()
   if not args.no_eval:
     start = time.perf_counter()
@@ -86,6 +86,8 @@ def main() -> None:
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
   p.add_argument("--no-eval", action="store_true",
                  help="time the pruning only; keep each case's perplexity from an earlier run in --out")
+  p.add_argument("--true-sequential", action="store_true",
+                 help="prune each block group by group (jaxprune's one-forward order; not the references')")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--case", help=argparse.SUPPRESS)
   p.add_argument("--hparams", default="", help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
@@ -98,7 +100,8 @@ def main() -> None:
   runs = dict(previous)
   for case in cases:
     print(f"== {case}", flush=True)
-    extra = (["--hparams", args.hparams] if args.hparams else []) + (["--no-eval"] if args.no_eval else [])
+    extra = (["--hparams", args.hparams] if args.hparams else []) + (["--no-eval"] if args.no_eval else []) + (
+        ["--true-sequential"] if args.true_sequential else [])
     fresh = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
                        str(args.batch_size), *extra)
     runs[case] = {**runs.get(case, {}), **fresh}
