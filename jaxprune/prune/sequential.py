@@ -9,7 +9,7 @@ With ``PruneSpec(true_sequential=True)`` the groups of a block are pruned in ord
 gate/up, down), each from inputs computed with the groups before it already pruned (GPTQ's and SparseGPT's
 "true sequential" order). Each group's inputs are computed once, from the inputs kept of the groups before
 it, so a block costs one forward with pruned weights (plus the ``o`` projection twice) instead of a dense and
-a pruned one.
+a pruned one; the price is memory: the inputs of every group of the current block stay on the devices.
 
 Compilation: the block forward, the statistics step and each solver are jitted with the block's shape as the only
 static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
@@ -187,34 +187,35 @@ def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, 
   return block_params, masks, reports
 
 
-def _with_given(batches: Batches, inputs: np.ndarray, given: dict):
-  """Yields ``(h, weights, real, {tap: batch of given[tap]})`` over the batches of ``inputs``."""
-  names = list(given)
-  for (h, weights, real), *parts in zip(batches.chunks(inputs), *(batches.chunks(given[n]) for n in names)):
-    yield h, weights, real, {n: part[0] for n, part in zip(names, parts)}
-
-
 def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSpec, *, config: ModelConfig,
                            modes, mesh: Mesh | None = None) -> tuple[dict, dict, list, np.ndarray]:
   """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
 
-  Returns ``(new block params, {path: mask}, reports, block outputs (n, seq, hidden))``.
+  The inputs of every group but the first (which depends on the block input alone) stay on the devices, batch
+  by batch, until the block is done: about ``(2·hidden + intermediate) / hidden`` times the block's input
+  activations. Returns ``(new block params, {path: mask}, reports, block outputs (n, seq, hidden))``.
   """
   needs_gram = get_solver(spec.method).needs_gram
-  given: dict[str, np.ndarray] = {}  # tap -> its inputs over all windows, host float32
+  chunks = list(batches.chunks(inputs))
+  given: dict[str, list] = {}  # tap -> its inputs, one device array per batch
   masks, reports = {}, []
-  for tap, paths in block_linears(config, block_params).items():
+  for g, (tap, paths) in enumerate(block_linears(config, block_params).items()):
     stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
     values = []
-    for h, weights, real, part in _with_given(batches, inputs, given):
+    for b, (h, weights, _) in enumerate(chunks):
+      part = {name: batch_values[b] for name, batch_values in given.items()}
       x, stats = _tap_step(block_params, h, batches.ctx, part, stats, weights, config=config, modes=modes, tap=tap,
                            mesh=batches.mesh)
-      values.append(np.asarray(x, np.float32)[:real])
-    given[tap] = np.concatenate(values)
+      values.append(x)
+    if g:
+      given[tap] = values
     stats = stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
     block_params = _prune_group(block_params, paths, stats, spec, _row_mesh(mesh), masks, reports)
-  outputs = [np.asarray(_forward_given(block_params, h, batches.ctx, part, config=config, modes=modes),
-                        np.float32)[:real] for h, _, real, part in _with_given(batches, inputs, given)]
+  outputs = []
+  for b, (h, _, real) in enumerate(chunks):
+    part = {name: batch_values[b] for name, batch_values in given.items()}
+    outputs.append(np.asarray(_forward_given(block_params, h, batches.ctx, part, config=config, modes=modes),
+                              np.float32)[:real])
   return block_params, masks, reports, np.concatenate(outputs)
 
 
