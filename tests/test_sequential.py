@@ -50,7 +50,7 @@ def test_one_compilation_serves_all_blocks(params, calib):
   spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
   S._forward.clear_cache() if hasattr(S._forward, "clear_cache") else None
   S._stats_step.clear_cache() if hasattr(S._stats_step, "clear_cache") else None
-  S.jitted_solver.cache_clear()
+  S._jitted_solver.cache_clear()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
   assert S._forward._cache_size() == 1  # 4 blocks, one compilation
   assert S._stats_step._cache_size() == 1
@@ -170,10 +170,10 @@ def test_true_sequential_equals_group_by_group_full_forwards(calib, family):
 def test_true_sequential_compiles_once_per_group(params, calib):
   spec = S.PruneSpec("wanda", Unstructured(0.5), true_sequential=True)
   S._tap_step.clear_cache()
-  S._forward_given.clear_cache()
+  S._forward.clear_cache()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
   assert S._tap_step._cache_size() == len(M.linear_groups(CONFIG))  # 4 blocks, one compilation per group
-  assert S._forward_given._cache_size() == 1
+  assert S._forward._cache_size() == 1
 
 
 def test_true_sequential_sharded_equals_unsharded(params, calib):

@@ -94,12 +94,7 @@ def block_linears(config: ModelConfig, block_params: dict) -> dict[str, tuple[st
 
 
 @functools.partial(jax.jit, static_argnames=("config", "modes"))
-def _forward(block_params, h, ctx, *, config, modes):
-  return M.block(block_params, h, ctx, config=config, modes=modes)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "modes"))
-def _forward_given(block_params, h, ctx, given, *, config, modes):
+def _forward(block_params, h, ctx, given=None, *, config, modes):
   return M.block(block_params, h, ctx, config=config, modes=modes, given=given)
 
 
@@ -121,10 +116,14 @@ def _stats_step(block_params, h, ctx, stats, weights, *, config, modes, mesh):
   return {name: _accumulate(s, taps[name], weights, mesh) for name, s in stats.items()}
 
 
-@functools.lru_cache(maxsize=None)
 def jitted_solver(spec: PruneSpec):
   """The solver of ``spec`` with its pattern and hyper-parameters bound, jitted once (one compile per shape)."""
-  return jax.jit(functools.partial(get_solver(spec.method).solve, pattern=spec.pattern, **dict(spec.hparams)))
+  return _jitted_solver(spec.method, spec.pattern, spec.hparams)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_solver(method: str, pattern: Pattern, hparams: tuple):
+  return jax.jit(functools.partial(get_solver(method).solve, pattern=pattern, **dict(hparams)))
 
 
 def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
@@ -214,7 +213,7 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
   outputs = []
   for b, (h, _, real) in enumerate(chunks):
     part = {name: batch_values[b] for name, batch_values in given.items()}
-    outputs.append(np.asarray(_forward_given(block_params, h, batches.ctx, part, config=config, modes=modes),
+    outputs.append(np.asarray(_forward(block_params, h, batches.ctx, part, config=config, modes=modes),
                               np.float32)[:real])
   return block_params, masks, reports, np.concatenate(outputs)
 
