@@ -43,6 +43,7 @@ def add_parser(sub) -> None:
 
 
 def spec_from_args(args):
+  from jaxprune.errors import JaxpruneError
   from jaxprune.prune import get_solver, parse_pattern
   from jaxprune.prune.sequential import PruneSpec
 
@@ -56,13 +57,9 @@ def spec_from_args(args):
     if value is None:
       continue
     if name not in accepted:
-      from jaxprune.errors import JaxpruneError
-
       raise JaxpruneError(f"--{flag.replace('_', '-')} does not apply to {args.method}")
     hparams[name] = value
   if args.true_sequential and args.method == "magnitude":
-    from jaxprune.errors import JaxpruneError
-
     raise JaxpruneError("--true-sequential needs calibration; magnitude uses none")
   return PruneSpec(args.method, pattern, tuple(sorted(hparams.items())), true_sequential=args.true_sequential)
 
@@ -70,7 +67,6 @@ def spec_from_args(args):
 def run(args) -> dict:
   from jaxprune.evaluate import data_mesh, perplexity
   from jaxprune.prune import job
-
   from jaxprune.prune.sequential import check_spec
 
   spec = spec_from_args(args)

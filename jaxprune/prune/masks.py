@@ -87,12 +87,15 @@ def keep_mask(scores: jax.Array, k) -> jax.Array:
   return ~(below | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= room)))
 
 
-def layer_mask(scores: jax.Array, k) -> jax.Array:
+def layer_mask(scores: jax.Array, k, *, ties: str = "count") -> jax.Array:
   """Prunes the ``k`` lowest of all of ``scores`` (any shape) in row-major flat order; returns the keep mask.
+  (``ties="threshold"``: :func:`threshold_mask` over all of ``scores`` instead.)
 
   The tie order needs the number of tied scores in earlier rows: a cumulative sum over the (small) vector of
   per-row counts, replicated first when the rows are explicitly sharded (mesh axes of type ``Explicit``).
   """
+  if ties == "threshold":
+    return threshold_mask(scores, k)
   rows = scores.reshape(-1, scores.shape[-1]) if scores.ndim != 2 else scores
   below, tied, room = _lowest(rows, k, (0, 1))
   per_row = jnp.sum(tied, axis=1, dtype=jnp.int32)
@@ -125,11 +128,10 @@ def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str, ties: s
   ``"row"``; with ``ties="threshold"``, every score up to the next one as well (see the module docstring)."""
   if scope not in ("row", "layer"):
     raise ValueError(f"unknown scope {scope!r}")
-  size = scores.shape[-1] if scope == "row" else scores.size
-  k = num_pruned(size, sparsity)
-  if ties == "threshold":
-    return threshold_mask(scores, k, axes=(scores.ndim - 1,) if scope == "row" else None)
-  return keep_mask(scores, k) if scope == "row" else layer_mask(scores, k)
+  if scope == "layer":
+    return layer_mask(scores, num_pruned(scores.size, sparsity), ties=ties)
+  k = num_pruned(scores.shape[-1], sparsity)
+  return threshold_mask(scores, k, axes=(scores.ndim - 1,)) if ties == "threshold" else keep_mask(scores, k)
 
 
 def nm_mask(scores: jax.Array, *, n: int, m: int) -> jax.Array:

@@ -144,8 +144,12 @@ def _statistics(block_params, inputs, batches: Batches, groups, *, config, modes
   for h, weights, _ in batches.chunks(inputs):
     stats = _stats_step(block_params, h, batches.ctx, stats, weights, config=config, modes=modes,
                         mesh=batches.mesh)
-  tokens = jnp.float32(inputs.shape[0] * inputs.shape[1])
-  return {tap: s._replace(count=tokens) for tap, s in stats.items()}
+  return {tap: _counted(s, inputs) for tap, s in stats.items()}
+
+
+def _counted(stats, inputs: np.ndarray):
+  """``stats`` with ``count`` = the real (unpadded) tokens of ``inputs`` ``(n, seq, ...)``."""
+  return stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
 
 
 def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
@@ -186,6 +190,10 @@ def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, 
   return block_params, masks, reports
 
 
+def _batch(given: dict[str, list], b: int) -> dict:
+  return {name: per_batch[b] for name, per_batch in given.items()}
+
+
 def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSpec, *, config: ModelConfig,
                            modes, mesh: Mesh | None = None) -> tuple[dict, dict, list, np.ndarray]:
   """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
@@ -202,18 +210,16 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
     stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
     values = []
     for b, (h, weights, _) in enumerate(chunks):
-      part = {name: batch_values[b] for name, batch_values in given.items()}
-      x, stats = _tap_step(block_params, h, batches.ctx, part, stats, weights, config=config, modes=modes, tap=tap,
-                           mesh=batches.mesh)
+      x, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
+                           modes=modes, tap=tap, mesh=batches.mesh)
       values.append(x)
     if g:
       given[tap] = values
-    stats = stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
+    stats = _counted(stats, inputs)
     block_params = _prune_group(block_params, paths, stats, spec, _row_mesh(mesh), masks, reports)
   outputs = []
   for b, (h, _, real) in enumerate(chunks):
-    part = {name: batch_values[b] for name, batch_values in given.items()}
-    outputs.append(np.asarray(_forward(block_params, h, batches.ctx, part, config=config, modes=modes),
+    outputs.append(np.asarray(_forward(block_params, h, batches.ctx, _batch(given, b), config=config, modes=modes),
                               np.float32)[:real])
   return block_params, masks, reports, np.concatenate(outputs)
 

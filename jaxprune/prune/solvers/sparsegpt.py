@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.errors import JaxpruneError
-from jaxprune.prune.masks import layer_mask, nm_mask, num_pruned, threshold_mask
+from jaxprune.prune.masks import layer_mask, nm_mask, num_pruned
 from jaxprune.prune.patterns import NM, Unstructured
 from jaxprune.prune.solvers.base import HIGHEST, SolverResult, check_inputs, check_ties, compute_dtype, finish
 from jaxprune.prune.stats import Stats
@@ -101,7 +101,7 @@ def _prune_block(w1, u1, count, d_valid, pattern, ties):
   err1 = jnp.zeros_like(w1)
   if isinstance(pattern, Unstructured):
     scores = jnp.where(jnp.arange(width)[None, :] < d_valid, jnp.square(w1) * inv_d2[None, :], jnp.inf)
-    mask1 = threshold_mask(scores, count) if ties == "threshold" else layer_mask(scores, count)
+    mask1 = layer_mask(scores, count, ties=ties)
     w1, err1 = _obs_columns(w1, err1, u1, mask1, 0, width)
     return w1, err1, mask1
   m = pattern.m
