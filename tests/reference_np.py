@@ -129,14 +129,13 @@ def admm_update(w, gram, mask, *, rho=1.0, percdamp=0.1, iterations=20):
                mask_iterations=0)
 
 
-def admm(w, gram, *, sparsity=None, nm=None, scope="layer", rho=1.0, percdamp=0.1, iterations=20,
+def admm(w, gram, *, sparsity=None, nm=None, scope="row", rho=1.0, percdamp=0.1, iterations=20,
          mask_iterations=15, schedule="cubic"):
   """ADMM-Grad (Boža 2024): cubic schedule ``s_k = s − s(1 − (k+1)/K)³`` over ``K = mask_iterations``.
 
-  N:M: among the entries the N:M rule prunes now, the ``int(P·(1 − (1 − (k+1)/K)³))`` lowest are pruned,
-  ``P`` the final number pruned. ``schedule="final"`` selects the final pattern at every mask iteration.
+  N:M: in each row, among the entries the N:M rule prunes now, the ``int(P·(1 − (1 − (k+1)/K)³))`` lowest are
+  pruned, ``P`` the row's final number pruned. ``schedule="final"`` selects the final pattern at every mask iteration.
   """
-  size = w.size
 
   def select(k, scores):
     if k is None or schedule == "final":
@@ -146,9 +145,8 @@ def admm(w, gram, *, sparsity=None, nm=None, scope="layer", rho=1.0, percdamp=0.
       return unstructured_keep(scores, sparsity - sparsity * c, scope)
     n, m = nm
     candidates = ~nm_keep(scores, n, m)
-    pruned = size // m * (m - n)
-    flat = np.where(candidates, scores, np.inf).ravel()
-    return lowest_pruned(flat, int(pruned * (1.0 - c))).reshape(scores.shape)
+    pruned = scores.shape[1] // m * (m - n)
+    return np.stack([lowest_pruned(row, int(pruned * (1.0 - c))) for row in np.where(candidates, scores, np.inf)])
 
   return _admm(w, gram, select, None, rho=rho, percdamp=percdamp, iterations=iterations,
                mask_iterations=mask_iterations)

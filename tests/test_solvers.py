@@ -111,8 +111,8 @@ def test_parity_float32(name, pattern):
 
 
 @pytest.mark.parametrize("hp", [
-    {"pattern": Unstructured(0.6, scope="row")},
-    {"pattern": Unstructured(0.5), "schedule": "final"},
+    {"pattern": Unstructured(0.6, scope="layer")},
+    {"pattern": Unstructured(0.5, scope="layer"), "schedule": "final"},
     {"pattern": Unstructured(0.5), "mask_iterations": 0},
     {"pattern": NM(1, 4), "rho": 0.5, "percdamp": 0.05, "iterations": 12, "mask_iterations": 6},
 ], ids=str)
@@ -267,7 +267,9 @@ def test_sharded_rows_equal_unsharded(name, mode, pattern):
   assert len(got.w.sharding.device_set) == 8
   want = jitted(name, pattern)(jnp.asarray(w), stats)
   np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
-  np.testing.assert_allclose(np.asarray(got.w), np.asarray(want.w), rtol=0, atol=1e-6 * np.abs(w).max())
+  # ADMM: 20 float32 iterations whose products the partitioner may block differently
+  atol = (1e-5 if name == "admm" else 1e-6) * np.abs(w).max()
+  np.testing.assert_allclose(np.asarray(got.w), np.asarray(want.w), rtol=0, atol=atol)
   np.testing.assert_allclose(float(got.error), float(want.error), rtol=1e-5)
 
 

@@ -1,10 +1,13 @@
-"""ADMM's two mask schedules on the reference calibration tokens, evaluated in and out of the calibration domain.
+"""ADMM's mask schedules and scopes on the reference calibration tokens, evaluated in and out of the calibration domain.
 
-  python experiments/parity/admm_schedules.py --out experiments/parity/admm_schedules.json
+  python experiments/parity/admm_schedules.py --cases 50:cubic:row 50:cubic:layer 50:final:layer 70:cubic:row \
+      70:cubic:layer 70:final:layer --out experiments/parity/admm_schedules.json
 
-The reference ADMM code selects the mask at the final sparsity in every mask iteration ("final"); the paper's
-ADMM-Grad raises the sparsity along a cubic schedule ("cubic"). Both run on ``calib_512x64.npy`` (Wikipedia
-text), each case in a fresh process; each pruned model is evaluated on
+A case is ``SPARSITY%:SCHEDULE:SCOPE``. The reference ADMM code's default selects the mask over the whole matrix
+(``layer``) at the final sparsity in every mask iteration (``final``); the paper's ADMM-Grad raises the sparsity
+along a cubic schedule (``cubic``); the reference's ``per_out`` path, jaxprune's default, ranks within each output
+row (``row``) on the cubic schedule. All run on ``calib_512x64.npy`` (Wikipedia text), each case in a fresh
+process; each pruned model is evaluated on
 
 * ``austen``: the reference evaluation tokens ``eval_512x128.npy`` (all 128 windows, as in ``run.py``);
 * ``wiki_heldout``: windows of the bundled ``wiki`` corpus that share no 16-token run with any calibration
@@ -12,7 +15,7 @@ text), each case in a fresh process; each pruned model is evaluated on
 * ``mobydick``: the bundled Moby-Dick corpus (a third domain).
 
 Each case also records the summed layer-wise reconstruction error ``Σ tr(ΔW G ΔWᵀ)`` over the 210 linears, the
-quantity both schedules minimise on the calibration data.
+quantity every variant minimises on the calibration data.
 """
 from __future__ import annotations
 
@@ -41,9 +44,10 @@ def worker(args) -> None:
   texts = {"austen": np.load(args.reference / "eval_512x128.npy"), "wiki_heldout": wiki,
            "mobydick": load_windows("mobydick", tokenizer=model.tokenizer, seqlen=512, role="eval",
                                     max_windows=args.windows).tokens}
-  sparsity, schedule = args.case.split(":")
-  outcome = prune(model.params, model.config, PruneSpec("admm", Unstructured(int(sparsity) / 100),
-                                                        (("schedule", schedule),)), calib, progress=False)
+  sparsity, schedule, scope = args.case.split(":")
+  pattern = Unstructured(int(sparsity) / 100, scope=scope)
+  outcome = prune(model.params, model.config, PruneSpec("admm", pattern, (("schedule", schedule),)), calib,
+                  progress=False)
   out = {"case": args.case, "prune_seconds": outcome.seconds, "sparsity": outcome.metadata["sparsity"],
          "reconstruction_error": sum(r["error"] for r in outcome.metadata["layers"]),
          "wiki_windows_overlapping_calibration_dropped": dropped, "windows": {k: len(v) for k, v in texts.items()}}
@@ -54,7 +58,8 @@ def worker(args) -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--cases", nargs="+", default=["50:cubic", "50:final"], help="SPARSITY%%:SCHEDULE")
+  p.add_argument("--cases", nargs="+", default=["50:cubic:row", "50:cubic:layer", "50:final:layer"],
+                 help="SPARSITY%%:SCHEDULE:SCOPE")
   p.add_argument("--windows", type=int, default=32, help="windows of wiki_heldout and mobydick")
   p.add_argument("--reference", type=Path, default=REFERENCE)
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("admm_schedules.json"))
@@ -63,6 +68,11 @@ def main() -> None:
   args = p.parse_args()
   if args.worker:
     return worker(args)
+  for case in args.cases:
+    parts = case.split(":")
+    if (len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("cubic", "final")
+        or parts[2] not in ("row", "layer")):
+      p.error(f"case {case!r} is not SPARSITY%:{{cubic,final}}:{{row,layer}}, e.g. 50:cubic:row")
   run_cases(Path(__file__), args.cases, args.out, "--windows", str(args.windows), "--reference", str(args.reference))
 
 if __name__ == "__main__":

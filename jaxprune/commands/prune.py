@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                      help="unstructured: fraction of weights pruned, in [0, 1) [default: 0.5]")
   shape.add_argument("--nm", default=None, help="N:M: keep N weights in every M consecutive inputs, e.g. 2:4")
   p.add_argument("--scope", choices=("layer", "row"), default=None,
-                 help="unstructured ranking scope [default: the method's reference choice]")
+                 help="unstructured ranking scope [default: magnitude per layer, wanda and admm per row; "
+                      "sparsegpt ranks per column block and takes no scope]")
   common.add_calib_args(p, nsamples=64)
   p.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: %(default)s]")
   p.add_argument("--true-sequential", action="store_true",

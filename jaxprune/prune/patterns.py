@@ -38,8 +38,8 @@ class Unstructured:
   Attributes:
     sparsity: fraction of weights pruned, in ``[0, 1)``.
     scope: ``"layer"`` (one ranking over the whole ``(d_out, d_in)`` matrix), ``"row"`` (one ranking per output
-      row, ``floor(sparsity · d_in)`` pruned in each), or ``None`` for the method's reference default:
-      magnitude and ADMM per layer, Wanda per row, SparseGPT jointly over all rows of each column block.
+      row, ``floor(sparsity · d_in)`` pruned in each), or ``None`` for the method's default: magnitude per
+      layer, Wanda and ADMM per row, SparseGPT jointly over all rows of each column block.
   """
 
   sparsity: float
