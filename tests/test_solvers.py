@@ -125,6 +125,16 @@ def test_admm_variants_parity_x64(hp):
   assert_same_solution(got, *reference("admm", w, stats, pattern, **rest), 1e-10)
 
 
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4)], ids=str)
+def test_admm_first_mask_is_wandas(pattern):
+  """ADMM's mask from the preconditioned weights ``|W|·‖X_j‖`` (no re-selection) is Wanda's, per row by default."""
+  w, x = make_problem(seed=12)
+  stats = stats_of(x)
+  got = admm(jnp.asarray(w), stats, pattern=pattern, mask_iterations=0)
+  want = get_solver("wanda").solve(jnp.asarray(w), stats, pattern=pattern)
+  np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+
+
 def test_admm_update_parity_x64_and_improves_with_iterations():
   w, x = make_problem(seed=3)
   mask = np.random.default_rng(3).random(w.shape) > 0.6

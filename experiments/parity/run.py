@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import REFERENCE, machine, peak_rss_gb, run_worker, write_json  # noqa: E402
 
 
-def parse_case(case: str):
+def parse_case(case: str, scope: str | None = None):
   from jaxprune.prune import NM, Unstructured
 
   method, _, shape = case.partition(":")
   if method == "dense":
     return method, None
   if shape.startswith("u"):
-    return method, Unstructured(int(shape[1:]) / 100)
+    return method, Unstructured(int(shape[1:]) / 100, scope=scope)
   n, m = shape.split(":")
   return method, NM(int(n), int(m))
 
@@ -46,7 +46,7 @@ def worker(args) -> None:
   model = load_model("smollm2-135m")
   calib = np.load(args.reference / "calib_512x64.npy")
   evals = np.load(args.reference / "eval_512x128.npy")
-  method, pattern = parse_case(args.case)
+  method, pattern = parse_case(args.case, args.scope)
   out = {"case": args.case}
   params = model.params
   if pattern is not None:
@@ -55,7 +55,7 @@ def worker(args) -> None:
     outcome = prune(params, model.config, spec, calib, batch_size=args.batch_size, progress=False)
     params = outcome.params
     out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
-               hparams=dict(hparams), true_sequential=args.true_sequential)
+               hparams=dict(hparams), true_sequential=args.true_sequential, pattern=repr(pattern))
   out["peak_rss_gb_prune"] = peak_rss_gb()
   if not args.no_eval:
     start = time.perf_counter()
@@ -88,9 +88,12 @@ def main() -> None:
                  help="time the pruning only; keep each case's perplexity from an earlier run in --out")
   p.add_argument("--true-sequential", action="store_true",
                  help="prune each block group by group (jaxprune's one-forward order; not the references')")
+  p.add_argument("--scope", choices=("layer", "row"), default=None,
+                 help="ranking scope of the unstructured cases [default: each method's]")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--case", help=argparse.SUPPRESS)
-  p.add_argument("--hparams", default="", help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
+  p.add_argument("--hparams", default="",
+                 help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
   args = p.parse_args()
   if args.worker:
     return worker(args)
@@ -101,7 +104,7 @@ def main() -> None:
   for case in cases:
     print(f"== {case}", flush=True)
     extra = (["--hparams", args.hparams] if args.hparams else []) + (["--no-eval"] if args.no_eval else []) + (
-        ["--true-sequential"] if args.true_sequential else [])
+        ["--true-sequential"] if args.true_sequential else []) + (["--scope", args.scope] if args.scope else [])
     fresh = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
                        str(args.batch_size), *extra)
     runs[case] = {**runs.get(case, {}), **fresh}

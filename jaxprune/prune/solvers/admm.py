@@ -28,7 +28,7 @@ its ``per_out`` path ranks per row and is the one that runs the cubic schedule. 
 because, with the cubic schedule on SmolLM2-135M, it gave lower perplexity than either whole-matrix variant at
 50 % and 70 % on three texts (``experiments/parity``), as Wanda found for per-row ranking.
 
-With ``mask_iterations=0`` the mask is chosen once from ``|W0| = |W|·‖X_j‖``: exactly Wanda's ranking.
+With ``mask_iterations=0`` the mask is chosen once from ``|W0| = |W|·‖X_j‖``: Wanda's ranking (same mask).
 """
 from __future__ import annotations
 
