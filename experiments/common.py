@@ -27,6 +27,20 @@ def machine() -> dict:
           "date": datetime.date.today().isoformat()}
 
 
+def parse_case(case: str, scope: str | None = None):
+  """``"METHOD:uNN"`` (unstructured NN %, ranked within ``scope``), ``"METHOD:N:M"`` (N kept of M) or ``"dense"``
+  -> ``(method, pattern or None)``."""
+  from jaxprune.prune import NM, Unstructured
+
+  method, _, shape = case.partition(":")
+  if method == "dense":
+    return method, None
+  if shape.startswith("u"):
+    return method, Unstructured(int(shape[1:]) / 100, scope=scope)
+  n, m = shape.split(":")
+  return method, NM(int(n), int(m))
+
+
 def peak_rss_gb() -> float:
   """Peak resident memory of this process so far, in GB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

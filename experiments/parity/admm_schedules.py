@@ -27,6 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import REFERENCE, heldout, run_cases  # noqa: E402
 
+def parse_variant(case: str) -> tuple[int, str, str]:
+  """``"50:cubic:row"`` -> ``(50, "cubic", "row")``; ``ValueError`` for anything else."""
+  parts = case.split(":")
+  if (len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("cubic", "final")
+      or parts[2] not in ("row", "layer")):
+    raise ValueError(f"case {case!r} is not SPARSITY%:{{cubic,final}}:{{row,layer}}, e.g. 50:cubic:row")
+  return int(parts[0]), parts[1], parts[2]
+
+
 def worker(args) -> None:
   import numpy as np
 
@@ -44,8 +53,8 @@ def worker(args) -> None:
   texts = {"austen": np.load(args.reference / "eval_512x128.npy"), "wiki_heldout": wiki,
            "mobydick": load_windows("mobydick", tokenizer=model.tokenizer, seqlen=512, role="eval",
                                     max_windows=args.windows).tokens}
-  sparsity, schedule, scope = args.case.split(":")
-  pattern = Unstructured(int(sparsity) / 100, scope=scope)
+  sparsity, schedule, scope = parse_variant(args.case)
+  pattern = Unstructured(sparsity / 100, scope=scope)
   outcome = prune(model.params, model.config, PruneSpec("admm", pattern, (("schedule", schedule),)), calib,
                   progress=False)
   out = {"case": args.case, "prune_seconds": outcome.seconds, "sparsity": outcome.metadata["sparsity"],
@@ -69,10 +78,10 @@ def main() -> None:
   if args.worker:
     return worker(args)
   for case in args.cases:
-    parts = case.split(":")
-    if (len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("cubic", "final")
-        or parts[2] not in ("row", "layer")):
-      p.error(f"case {case!r} is not SPARSITY%:{{cubic,final}}:{{row,layer}}, e.g. 50:cubic:row")
+    try:
+      parse_variant(case)
+    except ValueError as e:
+      p.error(str(e))
   run_cases(Path(__file__), args.cases, args.out, "--windows", str(args.windows), "--reference", str(args.reference))
 
 if __name__ == "__main__":

@@ -20,19 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, machine, peak_rss_gb, run_worker, write_json  # noqa: E402
-
-
-def parse_case(case: str, scope: str | None = None):
-  from jaxprune.prune import NM, Unstructured
-
-  method, _, shape = case.partition(":")
-  if method == "dense":
-    return method, None
-  if shape.startswith("u"):
-    return method, Unstructured(int(shape[1:]) / 100, scope=scope)
-  n, m = shape.split(":")
-  return method, NM(int(n), int(m))
+from experiments.common import REFERENCE, machine, parse_case, peak_rss_gb, run_worker, write_json  # noqa: E402
 
 
 def worker(args) -> None:

@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import heldout, run_cases  # noqa: E402
+from experiments.common import heldout, parse_case, run_cases  # noqa: E402
 
 
 def worker(args) -> None:
   from jaxprune.data import load_windows
   from jaxprune.evaluate import perplexity
   from jaxprune.io.load import load_model
-  from jaxprune.prune import NM, Unstructured
   from jaxprune.prune.job import prune
   from jaxprune.prune.sequential import PruneSpec
 
@@ -41,8 +40,7 @@ def worker(args) -> None:
   params = model.params
   out = {"case": args.case, "wiki_windows_overlapping_calibration_dropped": dropped}
   if args.case != "dense":
-    method, _, shape = args.case.partition(":")
-    pattern = Unstructured(int(shape[1:]) / 100) if shape.startswith("u") else NM(*map(int, shape.split(":")))
+    method, pattern = parse_case(args.case)
     outcome = prune(params, model.config, PruneSpec(method, pattern), calib, progress=False)
     params = outcome.params
     out["reconstruction_error"] = sum(r["error"] for r in outcome.metadata["layers"])

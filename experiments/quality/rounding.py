@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import machine, write_json  # noqa: E402
+from experiments.common import machine, parse_case, write_json  # noqa: E402
 
 
 def full_attention(q, k, v, mask):
@@ -47,7 +47,6 @@ def main() -> None:
   from jaxprune.data import load_windows
   from jaxprune.evaluate import perplexity
   from jaxprune.io.load import load_model
-  from jaxprune.prune import NM, Unstructured
   from jaxprune.prune.job import prune
   from jaxprune.prune.sequential import PruneSpec
 
@@ -57,8 +56,7 @@ def main() -> None:
                        max_windows=cfg["eval_windows"])
   calib = load_windows(cfg["calib"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="calib",
                        nsamples=cfg["nsamples"], seed=cfg["seed"])
-  method, _, shape = args.case.partition(":")
-  pattern = Unstructured(int(shape[1:]) / 100) if shape.startswith("u") else NM(*map(int, shape.split(":")))
+  method, pattern = parse_case(args.case)
   dense = perplexity(model.params, evals.tokens, config=model.config, progress=False).perplexity
   outcome = prune(model.params, model.config, PruneSpec(method, pattern), calib.tokens, progress=False)
   pruned = perplexity(outcome.params, evals.tokens, config=model.config, progress=False).perplexity

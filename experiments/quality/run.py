@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import peak_rss_gb, run_cases  # noqa: E402
+from experiments.common import parse_case, peak_rss_gb, run_cases  # noqa: E402
 
 
 def worker(args) -> None:
   from jaxprune.data import load_windows
   from jaxprune.evaluate import perplexity
   from jaxprune.io.load import load_model
-  from jaxprune.prune import NM, Unstructured
   from jaxprune.prune.job import prune
   from jaxprune.prune.sequential import PruneSpec
 
@@ -31,8 +30,7 @@ def worker(args) -> None:
   out = {"case": args.case}
   params = model.params
   if args.case != "dense":
-    method, _, shape = args.case.partition(":")
-    pattern = Unstructured(int(shape[1:]) / 100) if shape.startswith("u") else NM(*map(int, shape.split(":")))
+    method, pattern = parse_case(args.case)
     calib = load_windows(cfg["calib"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="calib",
                          nsamples=cfg["nsamples"], seed=cfg["seed"])
     outcome = prune(params, model.config, PruneSpec(method, pattern), calib.tokens, progress=False)
