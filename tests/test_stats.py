@@ -54,6 +54,24 @@ def test_accumulate_streams_batches_with_any_leading_dims():
   assert step._cache_size() == 1
 
 
+@pytest.mark.parametrize("d", [300, 601], ids=["2-blocks", "4-uneven-blocks"])
+def test_wide_gram_from_upper_blocks_is_exact_and_symmetric(d):
+  """Wide inputs take the Gram from its upper block triangle: float64-close, exactly symmetric, and equal to
+  one full product entry by entry, also data-parallel over an explicit mesh axis."""
+  x = activations((3, 70, d), seed=5)
+  stats = jax.jit(accumulate)(init_stats(d), jnp.asarray(x))
+  assert_close_to(stats, x, 1e-5)
+  gram = np.asarray(stats.gram)
+  np.testing.assert_array_equal(gram, gram.T)
+  flat = jnp.asarray(x.reshape(-1, d))
+  full = jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(gram, np.asarray(full), rtol=1e-6, atol=1e-6 * float(jnp.abs(full).max()))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  sharded = jax.jit(lambda s, x: accumulate_sharded(s, x, mesh=mesh))(init_stats(d), jnp.asarray(x))
+  assert_close_to(sharded, x, 1e-5)
+  np.testing.assert_array_equal(np.asarray(sharded.gram), np.asarray(sharded.gram).T)
+
+
 def test_accumulate_bfloat16_in_float32_and_diag_only():
   x = activations((40, 12), seed=1)
   stats = accumulate(init_stats(12), jnp.asarray(x, jnp.bfloat16))

@@ -32,6 +32,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxprune.errors import JaxpruneError
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_GRAM_PARTS = 4  # column blocks of the Gram product (see _gram)
+_GRAM_MIN_BLOCK = 128  # narrower inputs take one full product
 
 
 class Stats(NamedTuple):
@@ -65,8 +67,23 @@ def _partial_sums(x: jax.Array, with_gram: bool):
   x = x.astype(jnp.float32)
   sharding = jax.typeof(x).sharding
   replicated = NamedSharding(sharding.mesh, P()) if any(a is not None for a in sharding.spec) else None
-  gram = jnp.matmul(x.T, x, precision=_HIGHEST, out_sharding=replicated) if with_gram else None
+  gram = _gram(x, replicated) if with_gram else None
   return gram, jnp.sum(x * x, axis=0)
+
+
+def _gram(x: jax.Array, out_sharding) -> jax.Array:
+  """``xᵀx`` from the products of its upper block triangle, mirrored: with ``p`` column blocks, ``p(p+1)/2`` of
+  the ``p²`` block products (``p = 4``: 62.5 % of the FLOPs). Each entry is the same dot product over tokens as
+  in one full ``xᵀx``, and the result is exactly symmetric."""
+  d = x.shape[1]
+  parts = min(_GRAM_PARTS, d // _GRAM_MIN_BLOCK)
+  if parts <= 1:
+    return jnp.matmul(x.T, x, precision=_HIGHEST, out_sharding=out_sharding)
+  edges = [d * i // parts for i in range(parts + 1)]
+  cols = [x[:, lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
+  upper = {(i, j): jnp.matmul(cols[i].T, cols[j], precision=_HIGHEST, out_sharding=out_sharding)
+           for i in range(parts) for j in range(i, parts)}
+  return jnp.block([[upper[i, j] if j >= i else upper[j, i].T for j in range(parts)] for i in range(parts)])
 
 
 def _add(stats: Stats, gram, sq_norms, tokens: int) -> Stats:
