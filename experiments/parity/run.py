@@ -29,10 +29,12 @@ def worker(args) -> None:
   from jaxprune.evaluate import perplexity
   from jaxprune.io.load import load_model
   from jaxprune.prune.job import prune
-  from jaxprune.prune.sequential import PruneSpec
+  from jaxprune.prune.sequential import PruneSpec, kernel_at
 
   model = load_model("smollm2-135m")
   calib = np.load(args.reference / "calib_512x64.npy")
+  if args.window_order:  # the same windows in another order: the same statistics up to float32 rounding
+    calib = calib[np.random.default_rng(args.window_order).permutation(len(calib))]
   evals = np.load(args.reference / "eval_512x128.npy")
   method, pattern = parse_case(args.case, args.scope)
   out = {"case": args.case}
@@ -42,8 +44,13 @@ def worker(args) -> None:
     spec = PruneSpec(method, pattern, hparams, true_sequential=args.true_sequential)
     outcome = prune(params, model.config, spec, calib, batch_size=args.batch_size, progress=False)
     params = outcome.params
+    if args.masks:  # nonzero pattern of every pruned linear, [out, in], keyed like the reference's modules
+      kernels = {f"{r['layer']}/{r['name'].replace('/', '.')}": kernel_at(params["layers"][r["layer"]], r["name"])
+                 for r in outcome.metadata["layers"]}
+      np.savez_compressed(args.masks, **{name: np.asarray(k).T != 0 for name, k in kernels.items()})
     out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
-               hparams=dict(hparams), true_sequential=args.true_sequential, pattern=repr(pattern))
+               hparams=dict(hparams), true_sequential=args.true_sequential, pattern=repr(pattern),
+               window_order=args.window_order)
   out["peak_rss_gb_prune"] = peak_rss_gb()
   if not args.no_eval:
     start = time.perf_counter()
@@ -78,6 +85,9 @@ def main() -> None:
                  help="prune each block group by group (jaxprune's one-forward order; not the references')")
   p.add_argument("--scope", choices=("layer", "row"), default=None,
                  help="ranking scope of the unstructured cases [default: each method's]")
+  p.add_argument("--window-order", type=int, default=0,
+                 help="calibrate on the same windows permuted with this seed (0: as given)")
+  p.add_argument("--masks", type=Path, help=argparse.SUPPRESS)  # worker: save the nonzero patterns (.npz)
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--case", help=argparse.SUPPRESS)
   p.add_argument("--hparams", default="",
@@ -94,7 +104,7 @@ def main() -> None:
     extra = (["--hparams", args.hparams] if args.hparams else []) + (["--no-eval"] if args.no_eval else []) + (
         ["--true-sequential"] if args.true_sequential else []) + (["--scope", args.scope] if args.scope else [])
     fresh = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
-                       str(args.batch_size), *extra)
+                       str(args.batch_size), "--window-order", str(args.window_order), *extra)
     runs[case] = {**runs.get(case, {}), **fresh}
     ref = reference.get(case, {})
     runs[case]["reference"] = {k: ref.get(k) for k in ("ppl", "prune_seconds", "peak_rss_gb")}
