@@ -46,6 +46,14 @@ def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def add_worker_args(parser) -> None:
+  """The hidden options by which a script runs one case in a fresh process (see :func:`run_worker`)."""
+  import argparse
+
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--case", help=argparse.SUPPRESS)
+
+
 def run_worker(script: Path, *args: str) -> dict:
   """Runs ``script --worker args`` in a fresh process (own peak memory) and returns the JSON it prints last."""
   proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True)

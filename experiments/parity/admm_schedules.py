@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, heldout, run_cases  # noqa: E402
+from experiments.common import REFERENCE, add_worker_args, heldout, run_cases  # noqa: E402
 
 def parse_variant(case: str) -> tuple[int, str, str]:
   """``"50:cubic:row"`` -> ``(50, "cubic", "row")``; ``ValueError`` for anything else."""
@@ -72,8 +72,7 @@ def main() -> None:
   p.add_argument("--windows", type=int, default=32, help="windows of wiki_heldout and mobydick")
   p.add_argument("--reference", type=Path, default=REFERENCE)
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("admm_schedules.json"))
-  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--case", help=argparse.SUPPRESS)
+  add_worker_args(p)
   args = p.parse_args()
   if args.worker:
     return worker(args)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, parse_case, run_cases  # noqa: E402
+from experiments.common import REFERENCE, add_worker_args, parse_case, run_cases  # noqa: E402
 
 STEPS = ("_stats_step", "_tap_step", "_forward", "_prune_group")
 
@@ -66,8 +66,7 @@ def main() -> None:
   p.add_argument("--reference", type=Path, default=REFERENCE)
   p.add_argument("--cases", nargs="*", default=["wanda:u50:ts", "sparsegpt:u50"])
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("breakdown.json"))
-  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--case", help=argparse.SUPPRESS)
+  add_worker_args(p)
   args = p.parse_args()
   if args.worker:
     return worker(args)

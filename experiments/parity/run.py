@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, machine, parse_case, peak_rss_gb, run_worker, write_json  # noqa: E402
+from experiments.common import (  # noqa: E402
+    REFERENCE, add_worker_args, machine, parse_case, peak_rss_gb, run_worker, write_json)
 
 
 def worker(args) -> None:
@@ -67,9 +68,11 @@ def table(runs: dict) -> str:
   for case, r in sorted(runs.items()):
     ref = r.get("reference", {})
     fmt = lambda v, f="{:.2f}": "—" if v is None else f.format(v)  # noqa: E731
-    lines.append(f"| {case} | {fmt(ref.get('ppl'), '{:.4f}')} | {fmt(r.get('ppl'), '{:.4f}')} | {fmt(r.get('ppl_ratio_to_reference'), '{:.4f}')} "
-                 f"| {fmt(ref.get('prune_seconds'), '{:.1f}')} | {fmt(r.get('prune_seconds'), '{:.1f}')} "
-                 f"| {fmt(r.get('speedup_over_reference'))} | {fmt(ref.get('peak_rss_gb'))} | {fmt(r.get('peak_rss_gb_prune', r.get('peak_rss_gb')))} |")
+    cells = [fmt(ref.get("ppl"), "{:.4f}"), fmt(r.get("ppl"), "{:.4f}"), fmt(r.get("ppl_ratio_to_reference"), "{:.4f}"),
+             fmt(ref.get("prune_seconds"), "{:.1f}"), fmt(r.get("prune_seconds"), "{:.1f}"),
+             fmt(r.get("speedup_over_reference")), fmt(ref.get("peak_rss_gb")),
+             fmt(r.get("peak_rss_gb_prune", r.get("peak_rss_gb")))]
+    lines.append(f"| {case} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -88,8 +91,7 @@ def main() -> None:
   p.add_argument("--window-order", type=int, default=0,
                  help="calibrate on the same windows permuted with this seed (0: as given)")
   p.add_argument("--masks", type=Path, help=argparse.SUPPRESS)  # worker: save the nonzero patterns (.npz)
-  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--case", help=argparse.SUPPRESS)
+  add_worker_args(p)
   p.add_argument("--hparams", default="",
                  help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
   args = p.parse_args()

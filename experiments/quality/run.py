@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import parse_case, peak_rss_gb, run_cases  # noqa: E402
+from experiments.common import add_worker_args, parse_case, peak_rss_gb, run_cases  # noqa: E402
 
 
 def worker(args) -> None:
@@ -85,8 +85,7 @@ def main() -> None:
   p.add_argument("--config", type=Path, default=Path(__file__).with_name("config.json"))
   p.add_argument("--out", type=Path, default=Path(__file__).parent)
   p.add_argument("--only-report", action="store_true", help="rewrite table and plot from result.json")
-  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--case", help=argparse.SUPPRESS)
+  add_worker_args(p)
   args = p.parse_args()
   if args.worker:
     return worker(args)
