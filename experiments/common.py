@@ -41,6 +41,14 @@ def parse_case(case: str, scope: str | None = None):
   return method, NM(int(n), int(m))
 
 
+def reorder(windows, seed: int):
+  """The calibration ``windows`` permuted with ``seed`` (0: as given): the same statistics up to float32
+  rounding."""
+  import numpy as np
+
+  return windows[np.random.default_rng(seed).permutation(len(windows))] if seed else windows
+
+
 def peak_rss_gb() -> float:
   """Peak resident memory of this process so far, in GB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import REFERENCE, add_worker_args, heldout, run_cases  # noqa: E402
 
+
 def parse_variant(case: str) -> tuple[int, str, str]:
   """``"50:cubic:row"`` -> ``(50, "cubic", "row")``; ``ValueError`` for anything else."""
   parts = case.split(":")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import (  # noqa: E402
-    REFERENCE, add_worker_args, machine, parse_case, peak_rss_gb, run_worker, write_json)
+    REFERENCE, add_worker_args, machine, parse_case, peak_rss_gb, reorder, run_worker, write_json)
 
 
 def worker(args) -> None:
@@ -33,9 +33,7 @@ def worker(args) -> None:
   from jaxprune.prune.sequential import PruneSpec, kernel_at
 
   model = load_model("smollm2-135m")
-  calib = np.load(args.reference / "calib_512x64.npy")
-  if args.window_order:  # the same windows in another order: the same statistics up to float32 rounding
-    calib = calib[np.random.default_rng(args.window_order).permutation(len(calib))]
+  calib = reorder(np.load(args.reference / "calib_512x64.npy"), args.window_order)
   evals = np.load(args.reference / "eval_512x128.npy")
   method, pattern = parse_case(args.case, args.scope)
   out = {"case": args.case}

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, machine, write_json  # noqa: E402
+from experiments.common import REFERENCE, machine, parse_case, reorder, write_json  # noqa: E402
 
 
 class RunningStat:
@@ -97,29 +97,25 @@ def main() -> None:
   p.add_argument("--masks", type=Path, help="also save the nonzero patterns, {block/linear: bool [out, in]}, as .npz")
   p.add_argument("--out", type=Path, required=True)
   args = p.parse_args()
-  method, _, shape = args.case.partition(":")
-  if method not in ("wanda", "sparsegpt") or not (shape.startswith("u") or (method == "sparsegpt" and ":" in shape)):
-    raise SystemExit(f"--case: expected wanda:uNN, sparsegpt:uNN or sparsegpt:N:M, got {args.case!r}")
-
   import numpy as np
   import torch
   import transformers
 
   from jaxprune.io.load import embedded_path
+  from jaxprune.prune import NM
 
-  if shape.startswith("u"):
-    options = {"sparsity": int(shape[1:]) / 100}
+  method, pattern = parse_case(args.case)
+  if method not in ("wanda", "sparsegpt") or (method == "wanda" and isinstance(pattern, NM)):
+    raise SystemExit(f"--case: expected wanda:uNN, sparsegpt:uNN or sparsegpt:N:M, got {args.case!r}")
+  if isinstance(pattern, NM):
+    options = {"prune_n": pattern.m - pattern.n, "group": pattern.m}
   else:
-    n, m = (int(v) for v in shape.split(":"))
-    options = {"prune_n": m - n, "group": m}
+    options = {"sparsity": pattern.sparsity}
   torch.manual_seed(0)
   path = embedded_path("smollm2-135m")
   model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                             dtype=torch.float32).eval()
-  calib = np.load(args.reference / "calib_512x64.npy").astype(np.int64)
-  if args.window_order:
-    calib = calib[np.random.default_rng(args.window_order).permutation(len(calib))]
-  calib = torch.from_numpy(calib)
+  calib = torch.from_numpy(reorder(np.load(args.reference / "calib_512x64.npy"), args.window_order).astype(np.int64))
   evals = torch.from_numpy(np.load(args.reference / "eval_512x128.npy").astype(np.int64))
   start = time.perf_counter()
   masks = {}
