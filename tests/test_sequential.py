@@ -139,14 +139,14 @@ def _true_sequential_by_full_forwards(params, config, spec, calib):
   h = M.embed(params, calib, config=config)
   layers, masks = [], []
   for i, block in enumerate(params["layers"]):
-    block_masks = {}
+    block_masks, modes = {}, config.sublayer_modes(i)
     for tap, paths in S.block_linears(config, block).items():
-      x = M.block(block, h, ctx, config=config, taps=True)[1][tap]
+      x = M.block(block, h, ctx, config=config, modes=modes, taps=True)[1][tap]
       stats = S.accumulate(S.init_stats(x.shape[-1], gram=S.get_solver(spec.method).needs_gram), x)
       for path in paths:
         kernel, block_masks[path], _ = S._solve(spec, S.kernel_at(block, path), stats, None)
         block = S._set_kernel(block, path, kernel)
-    h = M.block(block, h, ctx, config=config)
+    h = M.block(block, h, ctx, config=config, modes=modes)
     layers.append(block)
     masks.append(block_masks)
   return layers, masks
@@ -168,6 +168,30 @@ def test_true_sequential_equals_group_by_group_full_forwards(calib, family):
   default = S.run_pass(params, config, S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),)), calib,
                        batch_size=3, progress=False)
   assert any((a[n] != b[n]).any() for a, b in zip(default.masks, state.masks) for n in a)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_true_sequential_with_removed_sublayers(calib, family):
+  # Block 1 has no attention, block 2 no MLP: the residual stream kept for the block output comes from the first
+  # MLP group whatever precedes it, and a block without MLP computes its output from its attention.
+  config = (CONFIG if family == "llama" else OPT_CONFIG).replace(
+      num_layers=3, sublayers=(("full", "full"), ("skip", "full"), ("full", "bias")))
+  params = jax.tree.map(np.asarray, M.init_params(config, jax.random.key(2)))
+  spec = S.PruneSpec("wanda", Unstructured(0.5), true_sequential=True)
+  state = S.run_pass(params, config, spec, calib, batch_size=3, progress=False)
+  layers, masks = _true_sequential_by_full_forwards(params, config, spec, calib)
+  assert [set(m) for m in state.masks] == [set(m) for m in masks]
+  assert not any(name.startswith("self_attn/") for name in state.masks[1])
+  assert all(name.startswith("self_attn/") for name in state.masks[2]) and state.masks[2]
+  for got, want in zip(state.masks, masks):
+    for name in got:
+      np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+  _close(state.params["layers"], layers, atol=1e-5)
+  ctx = M.context(config, *calib.shape)
+  h = M.embed(params, calib, config=config)
+  for i, block in enumerate(layers):
+    h = M.block(block, h, ctx, config=config, modes=config.sublayer_modes(i))
+  np.testing.assert_allclose(state.inputs, np.asarray(h), atol=1e-4, rtol=1e-4)
 
 
 def test_true_sequential_compiles_once_per_group(params, calib):

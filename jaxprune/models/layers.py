@@ -57,6 +57,11 @@ class Adapter(nn.Module):
     return out
 
 
+# The residual stream between a block's attention and MLP sublayers: a tap of no linear, kept by the within-block
+# sequential pass so that the block output needs no second run of the attention.
+MID = "mid"
+
+
 def tap(module: nn.Module, name: str, x):
   """Marks ``x`` as the input of the linears of group ``name``: sows it into the ``taps`` collection and returns
   it -- or, when the ``given`` collection holds ``name`` in this module's scope, returns that value instead (the

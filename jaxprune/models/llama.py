@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, lm_logits, RMSNorm, apply_rotary, dot_attention, sublayer, tap
+from jaxprune.models.layers import MID, Context, lm_logits, RMSNorm, apply_rotary, dot_attention, sublayer, tap
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -65,6 +65,7 @@ class Block(nn.Module):
     attn_norm = RMSNorm(c.norm_eps, name="input_layernorm")
     h = h + sublayer(self.modes[0], c.adapter_rank, "self_attn",
                      lambda x: Attention(c, name="self_attn")(attn_norm(x), ctx), h)
+    h = tap(self, MID, h)
     mlp_norm = RMSNorm(c.norm_eps, name="post_attention_layernorm")
     return h + sublayer(self.modes[1], c.adapter_rank, "mlp", lambda x: MLP(c, name="mlp")(mlp_norm(x)), h)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxprune.models import llama, opt
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, attention_mask, positions_from_mask, rotary
+from jaxprune.models.layers import MID, Context, attention_mask, positions_from_mask, rotary
 
 Params = dict
 
@@ -57,7 +57,8 @@ def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConf
 
   ``modes`` = ``config.sublayer_modes(layer)``; passing the modes rather than the layer index lets every block of
   the same shape share one compilation.
-  With ``taps=True`` also returns ``{tap name: input of those linears}`` (see :func:`linear_groups`).
+  With ``taps=True`` also returns ``{tap name: input of those linears}`` (see :func:`linear_groups`), and under
+  :data:`MID` the residual stream entering the MLP sublayer.
   ``given`` = ``{tap name: value}`` replaces those inputs by the values given (same shapes); whatever only fed
   them is not computed.
   """
@@ -72,11 +73,12 @@ def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConf
 
 
 def _scoped(config: ModelConfig, values: dict) -> dict:
-  """``{tap: value}`` nested under the module that reads each tap (the scope of its linears)."""
+  """``{tap: value}`` nested under the module that reads each tap (the scope of its linears; the block itself for
+  :data:`MID`)."""
   tree: dict = {}
   for name, value in values.items():
     node = tree
-    for part in linear_groups(config)[name][0].split("/")[:-1]:
+    for part in (linear_groups(config)[name][0].split("/")[:-1] if name != MID else ()):
       node = node.setdefault(part, {})
     node[name] = value
   return tree

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import Context, lm_logits, dot_attention, sublayer, tap
+from jaxprune.models.layers import MID, Context, lm_logits, dot_attention, sublayer, tap
 
 POSITION_OFFSET = 2
 
@@ -53,7 +53,7 @@ class Block(nn.Module):
   def __call__(self, h, ctx: Context):
     c = self.config
     attn = lambda x: Attention(c, name="self_attn")(x, ctx)  # noqa: E731
-    h = self._residual(h, self.modes[0], "self_attn", "self_attn_layer_norm", attn)
+    h = tap(self, MID, self._residual(h, self.modes[0], "self_attn", "self_attn_layer_norm", attn))
     return self._residual(h, self.modes[1], "mlp", "final_layer_norm", self._mlp)
 
   def _residual(self, h, mode, name, norm_name, compute):

@@ -8,8 +8,9 @@ block **with pruned weights** to produce the next block's inputs. All linears of
 With ``PruneSpec(true_sequential=True)`` the groups of a block are pruned in order instead (LLaMA: q/k/v, o,
 gate/up, down), each from inputs computed with the groups before it already pruned (GPTQ's and SparseGPT's
 "true sequential" order). Each group's inputs are computed once, from the inputs kept of the groups before
-it, so a block costs one forward with pruned weights (plus the ``o`` projection twice) instead of a dense and
-a pruned one; the price is memory: the inputs of every group of the current block stay on the devices.
+it, and the block output from the kept residual stream entering the MLP (``layers.MID``) and the inputs of its
+last linear, so a block costs one forward with pruned weights instead of a dense and a pruned one; the price is
+memory: the inputs of every group of the current block stay on the devices.
 
 Compilation: the block forward, the statistics step and each solver are jitted with the block's shape as the only
 static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
@@ -34,6 +35,7 @@ from jaxprune.errors import JaxpruneError
 from jaxprune.models import model as M
 from jaxprune.models.config import ModelConfig
 from jaxprune.models.convert import from_hf_layout, to_hf_layout
+from jaxprune.models.layers import MID
 from jaxprune.prune.patterns import Pattern
 from jaxprune.prune.solvers import get_solver
 from jaxprune.prune.stats import accumulate, accumulate_sharded, init_stats
@@ -62,6 +64,9 @@ class BlockState:
   masks: list  # per finished block: {path: kernel-layout bool mask}
   reports: list  # per finished block: list of per-linear dicts
   inputs: np.ndarray | None  # (n, seqlen, hidden) float32; None for methods without calibration
+
+
+ATTENTION = "self_attn/"  # the scope of the attention linears in every family
 
 
 def kernel_at(block_params: dict, path: str) -> jax.Array:
@@ -103,11 +108,12 @@ def _accumulate(stats, x, weights, mesh):
   return accumulate(stats, x) if mesh is None else accumulate_sharded(stats, x, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "mesh"), donate_argnames=("stats",))
-def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, mesh):
-  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups) and its statistics."""
+@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "keep", "mesh"), donate_argnames=("stats",))
+def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, keep, mesh):
+  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups), its statistics, and the values
+  of the taps named in ``keep``."""
   _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
-  return taps[tap], _accumulate(stats, taps[tap], weights, mesh)
+  return taps[tap], {name: taps[name] for name in keep}, _accumulate(stats, taps[tap], weights, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
@@ -198,9 +204,9 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
                            modes, mesh: Mesh | None = None) -> tuple[dict, dict, list, np.ndarray]:
   """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
 
-  The inputs of every group but the first (which depends on the block input alone) stay on the devices, batch
-  by batch, until the block is done: about ``(2·hidden + intermediate) / hidden`` times the block's input
-  activations. Returns ``(new block params, {path: mask}, reports, block outputs (n, seq, hidden))``.
+  The inputs of every group but the first (which depends on the block input alone) and the residual stream
+  entering the MLP stay on the devices, batch by batch, until the block is done: about
+  ``(3·hidden + intermediate) / hidden`` times the block's input activations. Returns ``(new block params, {path: mask}, reports, block outputs (n, seq, hidden))``.
   """
   needs_gram = get_solver(spec.method).needs_gram
   chunks = list(batches.chunks(inputs))
@@ -208,11 +214,17 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
   masks, reports = {}, []
   for g, (tap, paths) in enumerate(block_linears(config, block_params).items()):
     stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
-    values = []
+    # The first MLP group's inputs come after every attention linear is pruned: so does the residual stream
+    # entering the MLP, kept so that the block output below needs no attention (its o projection) again.
+    keep = (MID,) if MID not in given and not paths[0].startswith(ATTENTION) else ()
+    values, kept = [], {name: [] for name in keep}
     for b, (h, weights, _) in enumerate(chunks):
-      x, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
-                           modes=modes, tap=tap, mesh=batches.mesh)
+      x, extra, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
+                                  modes=modes, tap=tap, keep=keep, mesh=batches.mesh)
       values.append(x)
+      for name in keep:
+        kept[name].append(extra[name])
+    given.update(kept)
     if g:
       given[tap] = values
     stats = _counted(stats, inputs)
