@@ -22,7 +22,8 @@ def setup():
 def test_formula_is_exp_of_mean_window_loss(setup):
   params, windows = setup
   logits = np.asarray(jax.jit(lambda p, t: M.forward(p, t, config=CONFIG))(params, windows), np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
   nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1)[..., 0]
   expected = np.exp(nll.mean(axis=1).mean())
   result = perplexity(params, windows, config=CONFIG, batch_size=4, progress=False)

@@ -47,7 +47,8 @@ def gguf_hf_config(reader, path: Path) -> dict:
   """The Hugging Face config dict equivalent to a GGUF file's metadata."""
   arch = _field(reader, "general.architecture")
   if arch not in SUPPORTED_ARCHS:
-    raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_ARCHS)})")
   names = {t.name for t in reader.tensors}
   heads = int(_field(reader, f"{arch}.attention.head_count"))
   hidden = int(_field(reader, f"{arch}.embedding_length"))

@@ -85,7 +85,8 @@ def params_from_hf(get: Callable[[str], np.ndarray], names: Mapping[str, object]
     if path[-1] == "kernel":
       value = from_hf_layout(value)
     if value.shape != like.shape:
-      raise JaxpruneError(f"tensor {hf_name(config, path)} has shape {value.shape[::-1] if path[-1] == 'kernel' else value.shape}, "
-                          f"config expects {like.shape[::-1] if path[-1] == 'kernel' else like.shape}")
+      flip = (lambda shape: shape[::-1]) if path[-1] == "kernel" else (lambda shape: shape)  # report HF layout
+      raise JaxpruneError(f"tensor {hf_name(config, path)} has shape {flip(value.shape)}, "
+                          f"config expects {flip(like.shape)}")
     values.append(np.ascontiguousarray(value))
   return jax.tree_util.tree_unflatten(treedef, values)

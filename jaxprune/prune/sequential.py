@@ -206,7 +206,8 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
 
   The inputs of every group but the first (which depends on the block input alone) and the residual stream
   entering the MLP stay on the devices, batch by batch, until the block is done: about
-  ``(3·hidden + intermediate) / hidden`` times the block's input activations. Returns ``(new block params, {path: mask}, reports, block outputs (n, seq, hidden))``.
+  ``(3·hidden + intermediate) / hidden`` times the block's input activations. Returns ``(new block params,
+  {path: mask}, reports, block outputs (n, seq, hidden))``.
   """
   needs_gram = get_solver(spec.method).needs_gram
   chunks = list(batches.chunks(inputs))
