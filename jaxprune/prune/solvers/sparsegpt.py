@@ -70,25 +70,27 @@ def inverse_cholesky_upper(h: jax.Array, *, percdamp: float, max_retries: int = 
   return jnp.where(failed(u), fallback, u)
 
 
-def _obs_columns(w1, err1, u1, mask1, start, count):
+def _obs_columns(wt, errt, u1, maskt, start, count):
   """OBS update of block columns ``start .. start+count-1`` in order (SparseGPT Algorithm 1, inner loop).
 
-  ``w1``, ``err1``, ``mask1``: ``(d_out, B)``; ``u1``: ``(B, B)`` upper triangular. Column ``i`` of ``w1``
-  becomes its pruned value ``q``; later columns absorb ``e ⊗ U[i, :]``; ``err1[:, i] = e``.
+  The block is held transposed, one weight column per row, so that every step reads and writes contiguous
+  memory: ``wt``, ``errt``, ``maskt``: ``(B, d_out)``; ``u1``: ``(B, B)`` upper triangular. Column ``i``
+  becomes its pruned value ``q``; later columns absorb ``e ⊗ U[i, :]``; ``errt[i] = e``. (The arithmetic of
+  every entry is that of the untransposed loop, bit for bit; this layout runs it about 3x faster on a CPU.)
   """
 
   def column(i, carry):
-    w1, err1 = carry
-    wi = jax.lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
-    keep = jax.lax.dynamic_index_in_dim(mask1, i, axis=1, keepdims=False)
+    wt, errt = carry
+    wi = jax.lax.dynamic_index_in_dim(wt, i, axis=0, keepdims=False)
+    keep = jax.lax.dynamic_index_in_dim(maskt, i, axis=0, keepdims=False)
     u_row = jax.lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)
     q = jnp.where(keep, wi, 0)
     e = (wi - q) / jax.lax.dynamic_index_in_dim(u_row, i, keepdims=False)
-    w1 = w1 - e[:, None] * u_row[None, :]
-    w1 = jax.lax.dynamic_update_index_in_dim(w1, q, i, axis=1)
-    return w1, jax.lax.dynamic_update_index_in_dim(err1, e, i, axis=1)
+    wt = wt - u_row[:, None] * e[None, :]
+    wt = jax.lax.dynamic_update_index_in_dim(wt, q, i, axis=0)
+    return wt, jax.lax.dynamic_update_index_in_dim(errt, e, i, axis=0)
 
-  return jax.lax.fori_loop(start, start + count, column, (w1, err1))
+  return jax.lax.fori_loop(start, start + count, column, (wt, errt))
 
 
 def _prune_block(w1, u1, count, d_valid, pattern, ties):
@@ -98,24 +100,25 @@ def _prune_block(w1, u1, count, d_valid, pattern, ties):
   """
   width = w1.shape[1]
   inv_d2 = 1.0 / jnp.square(jnp.diag(u1))
-  err1 = jnp.zeros_like(w1)
+  errt = jnp.zeros_like(w1.T)
   if isinstance(pattern, Unstructured):
     scores = jnp.where(jnp.arange(width)[None, :] < d_valid, jnp.square(w1) * inv_d2[None, :], jnp.inf)
     mask1 = layer_mask(scores, count, ties=ties)
-    w1, err1 = _obs_columns(w1, err1, u1, mask1, 0, width)
-    return w1, err1, mask1
+    wt, errt = _obs_columns(w1.T, errt, u1, mask1.T, 0, width)
+    return wt.T, errt.T, mask1
   m = pattern.m
 
   def group(g, carry):
-    w1, err1, mask1 = carry
-    wg = jax.lax.dynamic_slice_in_dim(w1, g * m, m, axis=1)
-    scores = jnp.square(wg) * jax.lax.dynamic_slice_in_dim(inv_d2, g * m, m)[None, :]
-    mask1 = jax.lax.dynamic_update_slice_in_dim(mask1, nm_mask(scores, n=pattern.n, m=m), g * m, axis=1)
-    w1, err1 = _obs_columns(w1, err1, u1, mask1, g * m, m)
-    return w1, err1, mask1
+    wt, errt, maskt = carry
+    wg = jax.lax.dynamic_slice_in_dim(wt, g * m, m, axis=0)
+    scores = jnp.square(wg) * jax.lax.dynamic_slice_in_dim(inv_d2, g * m, m)[:, None]
+    maskt = jax.lax.dynamic_update_slice_in_dim(maskt, nm_mask(scores.T, n=pattern.n, m=m).T, g * m, axis=0)
+    wt, errt = _obs_columns(wt, errt, u1, maskt, g * m, m)
+    return wt, errt, maskt
 
-  mask1 = jnp.ones_like(w1, dtype=bool)
-  return jax.lax.fori_loop(0, width // m, group, (w1, err1, mask1))
+  maskt = jnp.ones_like(w1.T, dtype=bool)
+  wt, errt, maskt = jax.lax.fori_loop(0, width // m, group, (w1.T, errt, maskt))
+  return wt.T, errt.T, maskt.T
 
 
 def _check_hparams(pattern, blocksize, percdamp, max_retries):
