@@ -11,6 +11,7 @@ from jaxprune.errors import JaxpruneError  # noqa: E402
 from jaxprune.models import model as M  # noqa: E402
 from jaxprune.models.config import from_hf_config  # noqa: E402
 from jaxprune.models.convert import params_from_hf, params_to_hf  # noqa: E402
+from jaxprune.models.layers import MID  # noqa: E402
 
 TOL = 1e-4  # max abs error, float32; never loosened
 
@@ -104,12 +105,13 @@ def test_taps_are_the_inputs_of_the_linears():
   ctx = M.context(config, *ids.shape)
   h = M.embed(params, ids, config=config)
   out, taps = M.block(params["layers"][0], h, ctx, config=config, taps=True)
-  assert set(taps) == set(M.linear_groups(config))
+  assert set(taps) == set(M.linear_groups(config)) | {MID}
   lp = params["layers"][0]
   # The q projection of the tapped input, through the block, equals the block output: check via the o/down taps.
   attn = taps["o_in"] @ lp["self_attn"]["o_proj"]["kernel"]
   mlp = taps["down_in"] @ lp["mlp"]["down_proj"]["kernel"]
   np.testing.assert_allclose(np.asarray(h + attn + mlp), np.asarray(out), atol=TOL)
+  np.testing.assert_allclose(np.asarray(h + attn), np.asarray(taps[MID]), atol=TOL)  # the residual entering the MLP
   assert taps["attn_in"].shape == (*ids.shape, config.hidden_size)
   assert taps["down_in"].shape == (*ids.shape, config.intermediate_size)
 
