@@ -116,6 +116,13 @@ def test_taps_are_the_inputs_of_the_linears():
   assert taps["down_in"].shape == (*ids.shape, config.intermediate_size)
 
 
+def test_tap_order_is_the_order_of_computation():
+  config, _ = convert(build_hf("llama-gqa-tied"))
+  assert M.tap_order(config) == ("attn_in", "o_in", MID, "mlp_in", "down_in")
+  assert M.tap_order(config, ("skip", "full")) == (MID, "mlp_in", "down_in")
+  assert M.tap_order(config, ("full", "bias")) == ("attn_in", "o_in", MID)
+
+
 def test_state_dict_round_trip_is_exact():
   model = build_hf("opt-project-in-out")
   config, params = convert(model)

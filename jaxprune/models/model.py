@@ -72,6 +72,21 @@ def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConf
   return out, _sown(state.get("taps", {}))
 
 
+@functools.lru_cache(maxsize=None)
+def tap_order(config: ModelConfig, modes: tuple[str, str] = ("full", "full")) -> tuple[str, ...]:
+  """The taps of a block (:func:`linear_groups` present in ``modes``, and :data:`MID`) in the order the block
+  computes them; traced abstractly, no computation."""
+  names: list[str] = []
+
+  def trace():  # the sown collection is an insertion-ordered dict inside the trace (pytree outputs are sorted)
+    h = jnp.zeros((1, 2, config.hidden_size), jnp.float32)
+    variables = block_module(config, modes).init(jax.random.key(0), h, context(config, 1, 2))
+    names.extend(_sown(variables.get("taps", {})))
+
+  jax.eval_shape(trace)
+  return tuple(names)
+
+
 def _scoped(config: ModelConfig, values: dict) -> dict:
   """``{tap: value}`` nested under the module that reads each tap (the scope of its linears; the block itself for
   :data:`MID`)."""

@@ -66,9 +66,6 @@ class BlockState:
   inputs: np.ndarray | None  # (n, seqlen, hidden) float32; None for methods without calibration
 
 
-ATTENTION = "self_attn/"  # the scope of the attention linears in every family
-
-
 def kernel_at(block_params: dict, path: str) -> jax.Array:
   """The kernel ``(d_in, d_out)`` of the linear at ``path`` (e.g. ``"mlp/down_proj"``) in a block."""
   node = block_params
@@ -210,14 +207,15 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
   {path: mask}, reports, block outputs (n, seq, hidden))``.
   """
   needs_gram = get_solver(spec.method).needs_gram
+  order = M.tap_order(config, modes)
   chunks = list(batches.chunks(inputs))
   given: dict[str, list] = {}  # tap -> its inputs, one device array per batch
   masks, reports = {}, []
   for g, (tap, paths) in enumerate(block_linears(config, block_params).items()):
     stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
-    # The first MLP group's inputs come after every attention linear is pruned: so does the residual stream
-    # entering the MLP, kept so that the block output below needs no attention (its o projection) again.
-    keep = (MID,) if MID not in given and not paths[0].startswith(ATTENTION) else ()
+    # The residual stream entering the MLP is final once every group the block computes before it is pruned: it
+    # is kept from the step of the first group after it, so that the block output needs no attention again.
+    keep = (MID,) if MID not in given and order.index(tap) > order.index(MID) else ()
     values, kept = [], {name: [] for name in keep}
     for b, (h, weights, _) in enumerate(chunks):
       x, extra, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
