@@ -105,12 +105,12 @@ def _accumulate(stats, x, weights, mesh):
   return accumulate(stats, x) if mesh is None else accumulate_sharded(stats, x, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "keep", "mesh"), donate_argnames=("stats",))
-def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, keep, mesh):
-  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups), its statistics, and the values
-  of the taps named in ``keep``."""
+@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "keep_mid", "mesh"), donate_argnames=("stats",))
+def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, keep_mid, mesh):
+  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups), its statistics, and, with
+  ``keep_mid``, the residual stream entering the MLP (else None)."""
   _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
-  return taps[tap], {name: taps[name] for name in keep}, _accumulate(stats, taps[tap], weights, mesh)
+  return taps[tap], taps[MID] if keep_mid else None, _accumulate(stats, taps[tap], weights, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
@@ -215,15 +215,15 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
     stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
     # The residual stream entering the MLP is final once every group the block computes before it is pruned: it
     # is kept from the step of the first group after it, so that the block output needs no attention again.
-    keep = (MID,) if MID not in given and order.index(tap) > order.index(MID) else ()
-    values, kept = [], {name: [] for name in keep}
+    keep_mid = MID not in given and order.index(tap) > order.index(MID)
+    values, mids = [], []
     for b, (h, weights, _) in enumerate(chunks):
-      x, extra, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
-                                  modes=modes, tap=tap, keep=keep, mesh=batches.mesh)
+      x, mid, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
+                                modes=modes, tap=tap, keep_mid=keep_mid, mesh=batches.mesh)
       values.append(x)
-      for name in keep:
-        kept[name].append(extra[name])
-    given.update(kept)
+      mids.append(mid)
+    if keep_mid:
+      given[MID] = mids
     if g:
       given[tap] = values
     stats = _counted(stats, inputs)
