@@ -1,12 +1,14 @@
 """Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from jaxprune.models.config import ModelConfig
 
@@ -146,8 +148,47 @@ def positions_from_mask(attention_mask: jax.Array | None, batch: int, seq: int) 
   return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
 
 
+def windows_in_turn() -> bool:
+  """Whether :func:`per_window` takes the windows of a batch one at a time: on a single CPU device, where the large
+  per-window intermediates (attention scores, the MLP's hidden layer) then stay in cache between the matrix product
+  that writes them and the elementwise work that reads them. Accelerators and meshes take the whole batch at once
+  (a loop over a sharded batch axis would gather it)."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def per_window(fn, *xs):
+  """``fn(*xs)`` for arrays ``xs`` with a leading window (batch) axis, computed window by window where
+  :func:`windows_in_turn`, else on the whole batch. ``fn`` must treat windows independently. On XLA's CPU backend
+  both give the same bits (a batched product is a loop of the same per-window products; tested)."""
+  if not windows_in_turn() or xs[0].shape[0] == 1:
+    return fn(*xs)
+  return jax.lax.map(lambda one: fn(*(x[None] for x in one))[0], xs)
+
+
+class DenseWeights(nn.Module):
+  """The ``kernel`` ``(d_in, features)`` and ``bias`` of an ``nn.Dense`` (same names, shapes, initialisers),
+  returned instead of applied, for :func:`dense` inside a loop (Flax modules cannot be called inside one)."""
+
+  features: int
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, d_in: int):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
+    return kernel, bias
+
+
+def dense(x, kernel, bias=None):
+  """What ``nn.Dense`` computes: ``x @ kernel + bias`` in the promoted dtype."""
+  x, kernel, bias = promote_dtype(x, kernel, bias)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return y if bias is None else y + _lead(bias, y.ndim)
+
+
 def dot_attention(q, k, v, mask, *, chunk: int = 128):
-  """Scaled dot-product attention with grouped KV heads, softmax in float32.
+  """Scaled dot-product attention with grouped KV heads, softmax in float32, window by window where
+  :func:`windows_in_turn` (see :func:`per_window`).
 
   ``q``: ``(b, t, h, d)``; ``k, v``: ``(b, t, kv, d)`` with ``h % kv == 0``; ``mask``: ``(b, 1, t, t)`` bool, which
   must be causal (query ``i`` never sees a key ``j > i``: every mask of :func:`attention_mask` is).
@@ -158,6 +199,10 @@ def dot_attention(q, k, v, mask, *, chunk: int = 128):
   stacked into one matrix product per KV head. A fully masked query row (a padding position, whose output
   nothing reads) gets a finite average of values, never NaN.
   """
+  return per_window(functools.partial(_chunked_attention, chunk=chunk), q, k, v, mask)
+
+
+def _chunked_attention(q, k, v, mask, *, chunk: int):
   b, t, h, d = q.shape
   kv = k.shape[2]
   groups = h // kv

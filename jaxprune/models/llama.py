@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import MID, Context, lm_logits, RMSNorm, apply_rotary, dot_attention, sublayer, tap
+from jaxprune.models.layers import (MID, Context, DenseWeights, RMSNorm, apply_rotary, dense, dot_attention, lm_logits,
+                                    per_window, sublayer, tap)
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -46,9 +47,9 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     x = tap(self, "mlp_in", x)
-    gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
-    up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
-    hidden = jax.nn.silu(gate) * up
+    gate = DenseWeights(c.intermediate_size, c.mlp_bias, name="gate_proj")(x.shape[-1])
+    up = DenseWeights(c.intermediate_size, c.mlp_bias, name="up_proj")(x.shape[-1])
+    hidden = per_window(lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up), x)
     hidden = tap(self, "down_in", hidden)
     return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(hidden)
 

@@ -5,11 +5,14 @@ Parameter names equal the Hugging Face names; ``Dense`` kernels are ``(d_in, d_o
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import MID, Context, lm_logits, dot_attention, sublayer, tap
+from jaxprune.models.layers import (MID, Context, DenseWeights, dense, dot_attention, lm_logits, per_window, sublayer,
+                                    tap)
 
 POSITION_OFFSET = 2
 
@@ -68,8 +71,9 @@ class Block(nn.Module):
   def _mlp(self, x):
     c = self.config
     x = tap(self, "mlp_in", x)
-    hidden = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="fc1")(x)
-    hidden = jax.nn.relu(hidden) if c.activation == "relu" else jax.nn.gelu(hidden, approximate=False)
+    fc1 = DenseWeights(c.intermediate_size, c.mlp_bias, name="fc1")(x.shape[-1])
+    act = jax.nn.relu if c.activation == "relu" else functools.partial(jax.nn.gelu, approximate=False)
+    hidden = per_window(lambda x: act(dense(x, *fc1)), x)
     hidden = tap(self, "down_in", hidden)
     return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="fc2")(hidden)
 
