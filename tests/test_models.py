@@ -103,8 +103,9 @@ def _block_and_logits(config, params, ids, mask):
   ctx = M.context(config, *ids.shape, jnp.asarray(mask))
   h = M.embed(params, ids, config=config, mask=jnp.asarray(mask))
   out, taps = jax.jit(lambda p, h: M.block(p, h, ctx, config=config, taps=True))(params["layers"][0], h)
+  untapped = jax.jit(lambda p, h: M.block(p, h, ctx, config=config))(params["layers"][0], h)  # one loop per sublayer
   logits = jax.jit(lambda p, t, m: M.forward(p, t, config=config, mask=m))(params, ids, mask)
-  return [np.asarray(x) for x in (logits, out, *(taps[name] for name in sorted(taps)))]
+  return [np.asarray(x) for x in (logits, untapped, out, *(taps[name] for name in sorted(taps)))]
 
 
 def _in_turn_and_batched(monkeypatch, run):

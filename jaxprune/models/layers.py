@@ -74,6 +74,12 @@ def tap(module: nn.Module, name: str, x):
   return x
 
 
+def tapped(module: nn.Module, name: str) -> bool:
+  """Whether :func:`tap` ``name`` matters in this call: taps are being collected, or ``name`` is given. Where it
+  does not, a sublayer may compute through it without materialising the tapped value."""
+  return module.is_mutable_collection("taps") or module.has_variable("given", name)
+
+
 def lm_logits(h, embedding, vocab_size: int):
   """LM head logits ``(..., vocab)``: the tied token embedding ``(vocab, d)`` when given, else an ``lm_head``
   Dense (call from inside a compact module)."""

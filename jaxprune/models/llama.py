@@ -11,7 +11,7 @@ import jax
 
 from jaxprune.models.config import ModelConfig
 from jaxprune.models.layers import (MID, Context, DenseWeights, RMSNorm, apply_rotary, dense, dot_attention, lm_logits,
-                                    per_window, sublayer, tap)
+                                    per_window, sublayer, tap, tapped)
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -28,16 +28,20 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, ctx: Context):
     c = self.config
-    b, t, _ = x.shape
     x = tap(self, "attn_in", x)
-    q = nn.Dense(c.num_heads * c.head_dim, use_bias=c.qkv_bias, name="q_proj")(x)
-    k = nn.Dense(c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, name="k_proj")(x)
-    v = nn.Dense(c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, name="v_proj")(x)
-    q = apply_rotary(q.reshape(b, t, c.num_heads, c.head_dim), ctx.cos, ctx.sin)
-    k = apply_rotary(k.reshape(b, t, c.num_kv_heads, c.head_dim), ctx.cos, ctx.sin)
-    out = dot_attention(q, k, v.reshape(b, t, c.num_kv_heads, c.head_dim), ctx.mask)
-    out = tap(self, "o_in", out)
-    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(out)
+    q_w, k_w, v_w = (DenseWeights(n * c.head_dim, c.qkv_bias, name=f"{name}_proj")(x.shape[-1])
+                     for name, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)))
+    o_w = DenseWeights(c.hidden_size, c.o_bias, name="o_proj")(c.num_heads * c.head_dim)
+
+    def attend(x, cos, sin, mask):
+      b, t, _ = x.shape
+      q = apply_rotary(dense(x, *q_w).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+      k = apply_rotary(dense(x, *k_w).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+      return dot_attention(q, k, dense(x, *v_w).reshape(b, t, c.num_kv_heads, c.head_dim), mask)
+
+    if not tapped(self, "o_in"):
+      return per_window(lambda *a: dense(attend(*a), *o_w), x, ctx.cos, ctx.sin, ctx.mask)
+    return dense(tap(self, "o_in", per_window(attend, x, ctx.cos, ctx.sin, ctx.mask)), *o_w)
 
 
 class MLP(nn.Module):
@@ -49,9 +53,11 @@ class MLP(nn.Module):
     x = tap(self, "mlp_in", x)
     gate = DenseWeights(c.intermediate_size, c.mlp_bias, name="gate_proj")(x.shape[-1])
     up = DenseWeights(c.intermediate_size, c.mlp_bias, name="up_proj")(x.shape[-1])
-    hidden = per_window(lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up), x)
-    hidden = tap(self, "down_in", hidden)
-    return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(hidden)
+    down = DenseWeights(c.hidden_size, c.mlp_bias, name="down_proj")(c.intermediate_size)
+    hidden = lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up)  # noqa: E731
+    if not tapped(self, "down_in"):
+      return per_window(lambda x: dense(hidden(x), *down), x)
+    return dense(tap(self, "down_in", per_window(hidden, x)), *down)
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ import jax
 
 from jaxprune.models.config import ModelConfig
 from jaxprune.models.layers import (MID, Context, DenseWeights, dense, dot_attention, lm_logits, per_window, sublayer,
-                                    tap)
+                                    tap, tapped)
 
 POSITION_OFFSET = 2
 
@@ -35,15 +35,17 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, ctx: Context):
     c = self.config
-    b, t, _ = x.shape
     x = tap(self, "attn_in", x)
-    shape = (b, t, c.num_heads, c.head_dim)
-    q = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="q_proj")(x).reshape(shape)
-    k = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="k_proj")(x).reshape(shape)
-    v = nn.Dense(c.hidden_size, use_bias=c.qkv_bias, name="v_proj")(x).reshape(shape)
-    out = dot_attention(q, k, v, ctx.mask)
-    out = tap(self, "o_in", out)
-    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="out_proj")(out)
+    q_w, k_w, v_w = (DenseWeights(c.hidden_size, c.qkv_bias, name=f"{name}_proj")(x.shape[-1]) for name in "qkv")
+    o_w = DenseWeights(c.hidden_size, c.o_bias, name="out_proj")(c.hidden_size)
+
+    def attend(x, mask):
+      shape = (*x.shape[:2], c.num_heads, c.head_dim)
+      return dot_attention(*(dense(x, *w).reshape(shape) for w in (q_w, k_w, v_w)), mask)
+
+    if not tapped(self, "o_in"):
+      return per_window(lambda *a: dense(attend(*a), *o_w), x, ctx.mask)
+    return dense(tap(self, "o_in", per_window(attend, x, ctx.mask)), *o_w)
 
 
 class Block(nn.Module):
@@ -72,10 +74,12 @@ class Block(nn.Module):
     c = self.config
     x = tap(self, "mlp_in", x)
     fc1 = DenseWeights(c.intermediate_size, c.mlp_bias, name="fc1")(x.shape[-1])
+    fc2 = DenseWeights(c.hidden_size, c.mlp_bias, name="fc2")(c.intermediate_size)
     act = jax.nn.relu if c.activation == "relu" else functools.partial(jax.nn.gelu, approximate=False)
-    hidden = per_window(lambda x: act(dense(x, *fc1)), x)
-    hidden = tap(self, "down_in", hidden)
-    return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="fc2")(hidden)
+    hidden = lambda x: act(dense(x, *fc1))  # noqa: E731
+    if not tapped(self, "down_in"):
+      return per_window(lambda x: dense(hidden(x), *fc2), x)
+    return dense(tap(self, "down_in", per_window(hidden, x)), *fc2)
 
 
 class Embed(nn.Module):
