@@ -1,4 +1,5 @@
-"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters."""
+"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters, and the
+window-by-window execution of sublayers on one CPU device."""
 from __future__ import annotations
 
 import functools
