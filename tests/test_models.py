@@ -104,8 +104,11 @@ def _block_and_logits(config, params, ids, mask):
   h = M.embed(params, ids, config=config, mask=jnp.asarray(mask))
   out, taps = jax.jit(lambda p, h: M.block(p, h, ctx, config=config, taps=True))(params["layers"][0], h)
   untapped = jax.jit(lambda p, h: M.block(p, h, ctx, config=config))(params["layers"][0], h)  # one loop per sublayer
+  given = jax.jit(lambda p, h, g: M.block(p, h, ctx, config=config, taps=True, given=g))  # the true-sequential steps
+  o_in = given(params["layers"][0], h, {"attn_in": taps["attn_in"]})[1]["o_in"]
+  from_mid = given(params["layers"][0], h, {MID: taps[MID], "down_in": taps["down_in"]})[0]
   logits = jax.jit(lambda p, t, m: M.forward(p, t, config=config, mask=m))(params, ids, mask)
-  return [np.asarray(x) for x in (logits, untapped, out, *(taps[name] for name in sorted(taps)))]
+  return [np.asarray(x) for x in (logits, untapped, o_in, from_mid, out, *(taps[name] for name in sorted(taps)))]
 
 
 def _in_turn_and_batched(monkeypatch, run):
