@@ -75,12 +75,6 @@ def tap(module: nn.Module, name: str, x):
   return x
 
 
-def tapped(module: nn.Module, name: str) -> bool:
-  """Whether :func:`tap` ``name`` matters in this call: taps are being collected, or ``name`` is given. Where it
-  does not, a sublayer may compute through it without materialising the tapped value."""
-  return module.is_mutable_collection("taps") or module.has_variable("given", name)
-
-
 def lm_logits(h, embedding, vocab_size: int):
   """LM head logits ``(..., vocab)``: the tied token embedding ``(vocab, d)`` when given, else an ``lm_head``
   Dense (call from inside a compact module)."""
@@ -191,6 +185,16 @@ def dense(x, kernel, bias=None):
   x, kernel, bias = promote_dtype(x, kernel, bias)
   y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
   return y if bias is None else y + _lead(bias, y.ndim)
+
+
+def tapped_projection(module: nn.Module, name: str, inner, weights, *xs):
+  """``dense(tap(module, name, inner(*xs)), *weights)``: a sublayer's ``inner`` computation (window by window, see
+  :func:`per_window`) then its output projection, whose input is the tap ``name``. Where that tap matters neither
+  way (taps not collected, ``name`` not given), the projection joins the windows' loop, so nothing between the
+  sublayer's input and output leaves the cache."""
+  if not (module.is_mutable_collection("taps") or module.has_variable("given", name)):
+    return per_window(lambda *a: dense(inner(*a), *weights), *xs)
+  return dense(tap(module, name, per_window(inner, *xs)), *weights)
 
 
 def dot_attention(q, k, v, mask, *, chunk: int = 128):

@@ -11,7 +11,7 @@ import jax
 
 from jaxprune.models.config import ModelConfig
 from jaxprune.models.layers import (MID, Context, DenseWeights, RMSNorm, apply_rotary, dense, dot_attention, lm_logits,
-                                    per_window, sublayer, tap, tapped)
+                                    sublayer, tap, tapped_projection)
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -39,9 +39,7 @@ class Attention(nn.Module):
       k = apply_rotary(dense(x, *k_w).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
       return dot_attention(q, k, dense(x, *v_w).reshape(b, t, c.num_kv_heads, c.head_dim), mask)
 
-    if not tapped(self, "o_in"):
-      return per_window(lambda *a: dense(attend(*a), *o_w), x, ctx.cos, ctx.sin, ctx.mask)
-    return dense(tap(self, "o_in", per_window(attend, x, ctx.cos, ctx.sin, ctx.mask)), *o_w)
+    return tapped_projection(self, "o_in", attend, o_w, x, ctx.cos, ctx.sin, ctx.mask)
 
 
 class MLP(nn.Module):
@@ -54,10 +52,7 @@ class MLP(nn.Module):
     gate = DenseWeights(c.intermediate_size, c.mlp_bias, name="gate_proj")(x.shape[-1])
     up = DenseWeights(c.intermediate_size, c.mlp_bias, name="up_proj")(x.shape[-1])
     down = DenseWeights(c.hidden_size, c.mlp_bias, name="down_proj")(c.intermediate_size)
-    hidden = lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up)  # noqa: E731
-    if not tapped(self, "down_in"):
-      return per_window(lambda x: dense(hidden(x), *down), x)
-    return dense(tap(self, "down_in", per_window(hidden, x)), *down)
+    return tapped_projection(self, "down_in", lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up), down, x)
 
 
 class Block(nn.Module):

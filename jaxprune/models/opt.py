@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import (MID, Context, DenseWeights, dense, dot_attention, lm_logits, per_window, sublayer,
-                                    tap, tapped)
+from jaxprune.models.layers import (MID, Context, DenseWeights, dense, dot_attention, lm_logits, sublayer, tap,
+                                    tapped_projection)
 
 POSITION_OFFSET = 2
 
@@ -43,9 +43,7 @@ class Attention(nn.Module):
       shape = (*x.shape[:2], c.num_heads, c.head_dim)
       return dot_attention(*(dense(x, *w).reshape(shape) for w in (q_w, k_w, v_w)), mask)
 
-    if not tapped(self, "o_in"):
-      return per_window(lambda *a: dense(attend(*a), *o_w), x, ctx.mask)
-    return dense(tap(self, "o_in", per_window(attend, x, ctx.mask)), *o_w)
+    return tapped_projection(self, "o_in", attend, o_w, x, ctx.mask)
 
 
 class Block(nn.Module):
@@ -76,10 +74,7 @@ class Block(nn.Module):
     fc1 = DenseWeights(c.intermediate_size, c.mlp_bias, name="fc1")(x.shape[-1])
     fc2 = DenseWeights(c.hidden_size, c.mlp_bias, name="fc2")(c.intermediate_size)
     act = jax.nn.relu if c.activation == "relu" else functools.partial(jax.nn.gelu, approximate=False)
-    hidden = lambda x: act(dense(x, *fc1))  # noqa: E731
-    if not tapped(self, "down_in"):
-      return per_window(lambda x: dense(hidden(x), *fc2), x)
-    return dense(tap(self, "down_in", per_window(hidden, x)), *fc2)
+    return tapped_projection(self, "down_in", lambda x: act(dense(x, *fc1)), fc2, x)
 
 
 class Embed(nn.Module):
