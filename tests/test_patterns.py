@@ -1,6 +1,7 @@
 """Sparsity patterns (validation, N:M meaning, CLI parsing) and the exact mask selection of ``masks``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -160,3 +161,21 @@ def test_layer_mask_row_sharded_equals_unsharded(axis_type):
   with jax.set_mesh(mesh):
     got = jax.jit(lambda s: layer_mask(s, 77))(sharded)
   np.testing.assert_array_equal(np.asarray(got), ref.lowest_pruned(scores.ravel(), 77).reshape(scores.shape))
+
+
+@pytest.mark.parametrize("axis_type", [None, AxisType.Auto, AxisType.Explicit], ids=["one-device", "auto", "explicit"])
+def test_selection_that_needs_no_tie_break_equals_the_stable_rule(axis_type):
+  """Where no slice has more scores tied at its threshold than it still prunes (distinct scores, or every tie
+  pruned), the selection skips the cumulative tie rank; the masks stay those of the stable rule."""
+  scores = np.random.default_rng(6).permutation(192).reshape(16, 12).astype(np.float32)
+  scores[scores < 5] = 0.0  # five tied zeros, all pruned when k = 5
+  arr = jnp.asarray(scores)
+  if axis_type is not None:
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+    arr = jax.device_put(arr, NamedSharding(mesh, P("model", None)))
+  with jax.set_mesh(mesh) if axis_type is not None else contextlib.nullcontext():
+    for k in (5, 77):
+      got = np.asarray(jax.jit(lambda s: layer_mask(s, k))(arr))  # noqa: B023
+      np.testing.assert_array_equal(got, ref.lowest_pruned(scores.ravel(), k).reshape(scores.shape))
+    got = np.asarray(jax.jit(lambda s: keep_mask(s, 4))(arr))
+    np.testing.assert_array_equal(got, np.stack([ref.lowest_pruned(row, 4) for row in scores]))
