@@ -4,6 +4,15 @@ The tree follows the data flow: text -> tokens (:mod:`jaxprune.data`) -> model f
 (:mod:`jaxprune.models`) -> statistics -> per-layer solver (:mod:`jaxprune.prune`) -> pruned params -> Orbax
 checkpoint (:mod:`jaxprune.io`) -> perplexity (:mod:`jaxprune.evaluate`).
 """
+import os
+
+# OpenBLAS, the LAPACK behind XLA's CPU Cholesky factorisations and triangular solves, keeps its worker threads
+# spinning for about 2^28 cycles after each call; on a machine with few cores they take cores from the matrix
+# products that follow (SparseGPT's and ADMM's solvers: 12–22 % of ADMM's solver time on SmolLM2 on 2 cores). A
+# timeout of 2^4 cycles lets them sleep at once and changes no result. OpenBLAS reads it when it loads, at the
+# first LAPACK call of the process; a value already set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from jaxprune.data import TokenWindows, load_text, load_windows
 from jaxprune.errors import JaxpruneError
 from jaxprune.evaluate import EvalResult, data_mesh, perplexity
