@@ -2,7 +2,7 @@
 
 The tree follows the data flow: text -> tokens (:mod:`jaxprune.data`) -> model forward with taps
 (:mod:`jaxprune.models`) -> statistics -> per-layer solver (:mod:`jaxprune.prune`) -> pruned params -> Orbax
-checkpoint (:mod:`jaxprune.io`) -> perplexity (:mod:`jaxprune.evaluate`).
+checkpoint (:mod:`jaxprune.io`) -> perplexity (:mod:`jaxprune._evaluate`).
 """
 import os
 
@@ -15,16 +15,16 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from jaxprune.data import TokenWindows, load_text, load_windows
 from jaxprune.errors import JaxpruneError
-from jaxprune.evaluate import EvalResult, data_mesh, perplexity
-from jaxprune.io.checkpoint import load_checkpoint, save_checkpoint
-from jaxprune.io.hf import save_hf_dir
-from jaxprune.io.load import LoadedModel, load_model
-from jaxprune.models.config import ModelConfig, from_hf_config, to_hf_config
+from jaxprune._evaluate import EvalResult, data_mesh, perplexity
+from jaxprune.io._checkpoint import load_checkpoint, save_checkpoint
+from jaxprune.io._hf import save_hf_dir
+from jaxprune.io._load import LoadedModel, load_model
+from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.prune import (
     NM, SOLVERS, SolverResult, Stats, Unstructured, accumulate, accumulate_sharded, admm, admm_update, get_solver,
     init_stats, magnitude, sparsegpt, wanda)
-from jaxprune.prune.job import PruneOutcome, prune
-from jaxprune.prune.sequential import PruneSpec, run_pass
+from jaxprune.prune._job import PruneOutcome, prune
+from jaxprune.prune._sequential import PruneSpec, run_pass
 
 __all__ = [
     "EvalResult", "JaxpruneError", "LoadedModel", "ModelConfig", "NM", "PruneOutcome", "PruneSpec", "SOLVERS",

@@ -1,4 +1,4 @@
-"""The ``jaxprune`` command: parses arguments and hands over to ``jaxprune.commands``."""
+"""The ``jaxprune`` command: parses arguments and hands over to ``jaxprune._commands``."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for name in COMMANDS:
     try:
-      module = importlib.import_module(f"jaxprune.commands.{name}")
+      module = importlib.import_module(f"jaxprune._commands.{name}")
     except ModuleNotFoundError as err:
-      if err.name != f"jaxprune.commands.{name}":
+      if err.name != f"jaxprune._commands.{name}":
         raise
       continue
     module.add_parser(sub)

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   """A tiny random LLaMA in a Hugging Face directory, with the SmolLM2 tokenizer (vocab 49152)."""
-  from jaxprune.io.gguf_file import load_gguf_tokenizer
-  from jaxprune.io.load import embedded_path
+  from jaxprune.io._gguf import load_gguf_tokenizer
+  from jaxprune.io._load import embedded_path
 
   path = tmp_path_factory.mktemp("tiny-llama")
   torch.manual_seed(0)
@@ -181,7 +181,7 @@ def test_prune_killed_mid_way_resumes_to_the_same_checkpoint(tiny_dir, tmp_path,
   import sys
   import time
 
-  from jaxprune.io.checkpoint import load_checkpoint
+  from jaxprune.io._checkpoint import load_checkpoint
 
   args = ["prune", "--model", str(tiny_dir), "--method", "sparsegpt", "--sparsity", "0.6", "--nsamples", "4",
           "--seqlen", "32", "--batch-size", "2"]

@@ -14,7 +14,7 @@ import pytest
 
 from jaxprune.data import (BUNDLED, TokenWindows, calibration_starts, calibration_windows, eval_windows,
                            load_text, load_windows, tokenize, tokens_sha256)
-from jaxprune.data import cache, hub
+from jaxprune.data import _cache as cache, _hub as hub
 from jaxprune.errors import JaxpruneError
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"

@@ -11,13 +11,13 @@ import pytest
 
 from jaxprune import depth as D
 from jaxprune.cli import main
-from jaxprune.depth import stages as S
+from jaxprune.depth import _stages as S
 from jaxprune.errors import JaxpruneError
-from jaxprune.evaluate import data_mesh, window_losses
-from jaxprune.io.checkpoint import load_checkpoint, save_checkpoint
-from jaxprune.models import llama, model as M
-from jaxprune.models.config import ModelConfig
-from jaxprune.models.layers import RMSNorm
+from jaxprune._evaluate import data_mesh, window_losses
+from jaxprune.io._checkpoint import load_checkpoint, save_checkpoint
+from jaxprune.models import _llama, _model as M
+from jaxprune.models._config import ModelConfig
+from jaxprune.models._layers import RMSNorm
 
 CONFIG = ModelConfig(family="llama", vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=3, num_heads=4,
                      num_kv_heads=2, head_dim=6, max_position_embeddings=32, tie_word_embeddings=False,
@@ -227,8 +227,8 @@ def test_iterative_reports_original_layers(params, tokens):
 def _hf_model(**extra):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from jaxprune.models.config import from_hf_config
-  from jaxprune.models.convert import params_from_hf
+  from jaxprune.models._config import from_hf_config
+  from jaxprune.models._convert import params_from_hf
 
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
@@ -249,7 +249,7 @@ def _hf_logits(path, tokens):
 
 
 def test_export_of_pruned_models_loads_in_transformers(tokens, tmp_path):
-  from jaxprune.io.hf import save_hf_dir
+  from jaxprune.io._hf import save_hf_dir
 
   config, params = _hf_model()
   p, c = D.remove_blocks(params, config, [1])

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from jaxprune.evaluate import data_mesh, perplexity
-from jaxprune.io.hf import save_hf_dir
-from jaxprune.io.load import embedded_path, load_model
+from jaxprune._evaluate import data_mesh, perplexity
+from jaxprune.io._hf import save_hf_dir
+from jaxprune.io._load import embedded_path, load_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from jaxprune.errors import JaxpruneError
-from jaxprune.evaluate import data_mesh, perplexity
-from jaxprune.models import model as M
-from jaxprune.models.config import ModelConfig
+from jaxprune._evaluate import data_mesh, perplexity
+from jaxprune.models import _model as M
+from jaxprune.models._config import ModelConfig
 
 CONFIG = ModelConfig(family="llama", vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=3,
                      num_kv_heads=1, head_dim=8, max_position_embeddings=32, tie_word_embeddings=False)

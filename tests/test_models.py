@@ -8,10 +8,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxprune.errors import JaxpruneError  # noqa: E402
-from jaxprune.models import layers, model as M  # noqa: E402
-from jaxprune.models.config import from_hf_config  # noqa: E402
-from jaxprune.models.convert import params_from_hf, params_to_hf  # noqa: E402
-from jaxprune.models.layers import MID  # noqa: E402
+from jaxprune.models import _layers as layers, _model as M  # noqa: E402
+from jaxprune.models._config import from_hf_config  # noqa: E402
+from jaxprune.models._convert import params_from_hf, params_to_hf  # noqa: E402
+from jaxprune.models._layers import MID  # noqa: E402
 
 TOL = 1e-4  # max abs error, float32; never loosened
 
@@ -221,7 +221,7 @@ def _attention_f64(q, k, v, mask):
 @pytest.mark.parametrize("in_turn", [False, True], ids=["batch", "window-by-window"])
 @pytest.mark.parametrize("chunk", [1, 4, 7, 128])
 def test_chunked_attention_equals_float64_softmax(chunk, in_turn, monkeypatch):
-  from jaxprune.models.layers import attention_mask, dot_attention
+  from jaxprune.models._layers import attention_mask, dot_attention
 
   monkeypatch.setattr(layers, "windows_in_turn", lambda: in_turn)
 

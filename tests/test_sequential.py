@@ -5,11 +5,11 @@ import pytest
 from jax.sharding import Mesh
 
 from jaxprune.errors import JaxpruneError
-from jaxprune.models import model as M
-from jaxprune.models.config import ModelConfig
+from jaxprune.models import _model as M
+from jaxprune.models._config import ModelConfig
 from jaxprune.prune import NM, Unstructured
-from jaxprune.prune import job, sequential as S
-from jaxprune.prune.resume import ResumeStore
+from jaxprune.prune import _job, _sequential as S
+from jaxprune.prune._resume import ResumeStore
 
 CONFIG = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
@@ -102,7 +102,7 @@ def test_resume_after_crash_equals_uninterrupted(params, calib, tmp_path):
 
 
 def test_checkpoint_round_trip_with_masks(params, calib, tmp_path):
-  from jaxprune.io.checkpoint import load_checkpoint
+  from jaxprune.io._checkpoint import load_checkpoint
 
   spec = S.PruneSpec("magnitude", Unstructured(0.7))
   outcome = job.prune(params, CONFIG, spec, None, progress=False)

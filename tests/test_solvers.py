@@ -287,7 +287,7 @@ def test_sharded_rows_equal_unsharded(name, mode, pattern):
 def test_sparsegpt_transposed_column_loop_equals_the_column_form():
   """The OBS column loop runs on the transposed block; every entry must see the arithmetic of the plain column
   loop (one rank-1 update of the whole block per column), so the two agree bit for bit."""
-  obs_columns = importlib.import_module("jaxprune.prune.solvers.sparsegpt")._obs_columns  # module, not the function
+  obs_columns = importlib.import_module("jaxprune.prune.solvers._sparsegpt")._obs_columns  # module, not the function
   rng = np.random.default_rng(12)
   w1 = jnp.asarray(rng.normal(size=(300, 32)), jnp.float32)
   u1 = jnp.asarray(np.triu(rng.normal(size=(32, 32)) / 8) + 2 * np.eye(32), jnp.float32)

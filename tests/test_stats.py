@@ -9,7 +9,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune import accumulate, accumulate_sharded, init_stats
-from jaxprune.prune.solvers.sparsegpt import inverse_cholesky_upper
+from jaxprune.prune.solvers._sparsegpt import inverse_cholesky_upper
 
 
 def activations(shape, seed=0, dead=()):

@@ -29,8 +29,8 @@ class Context:
 
   def __init__(self, cfg: dict, out: Path):
     from jaxprune.data import load_windows
-    from jaxprune.evaluate import data_mesh
-    from jaxprune.io.load import load_model
+    from jaxprune._evaluate import data_mesh
+    from jaxprune.io._load import load_model
 
     self.cfg, self.out = cfg, out
     self.model = load_model(cfg["model"])
@@ -69,7 +69,7 @@ class Context:
     return self.result["cases"][key]
 
   def perplexity(self, params, config, *, warm: bool = False) -> dict:
-    from jaxprune.evaluate import perplexity
+    from jaxprune._evaluate import perplexity
 
     bs = self.cfg["batch_size"]
     if warm:  # compile on one batch first, so that the timed pass measures steady-state tokens/s

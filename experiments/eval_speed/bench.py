@@ -21,15 +21,15 @@ from experiments.common import machine, peak_rss_gb, run_worker, write_json  # n
 
 def _windows(n: int, seqlen: int):
   from jaxprune.data import load_windows
-  from jaxprune.io.load import load_model
+  from jaxprune.io._load import load_model
 
   model = load_model("smollm2-135m")
   return load_windows("austen", tokenizer=model.tokenizer, seqlen=seqlen, role="eval", max_windows=n).tokens
 
 
 def _jax(windows, batch: int, threads: int) -> dict:
-  from jaxprune.evaluate import perplexity
-  from jaxprune.io.load import load_model
+  from jaxprune._evaluate import perplexity
+  from jaxprune.io._load import load_model
 
   model = load_model("smollm2-135m")
   first = time.perf_counter()
@@ -44,7 +44,7 @@ def _torch(windows, batch: int, threads: int) -> dict:
   import torch
   import transformers
 
-  from jaxprune.io.load import embedded_path
+  from jaxprune.io._load import embedded_path
 
   torch.set_num_threads(threads)
   path = embedded_path("smollm2-135m")

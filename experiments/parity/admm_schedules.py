@@ -41,11 +41,11 @@ def worker(args) -> None:
   import numpy as np
 
   from jaxprune.data import load_windows
-  from jaxprune.evaluate import perplexity
-  from jaxprune.io.load import load_model
+  from jaxprune._evaluate import perplexity
+  from jaxprune.io._load import load_model
   from jaxprune.prune import Unstructured
-  from jaxprune.prune.job import prune
-  from jaxprune.prune.sequential import PruneSpec
+  from jaxprune.prune._job import prune
+  from jaxprune.prune._sequential import PruneSpec
 
   model = load_model("smollm2-135m")
   calib = np.load(args.reference / "calib_512x64.npy")

@@ -3,7 +3,7 @@
   python experiments/parity/breakdown.py --cases wanda:u50:ts sparsegpt:u50 --out experiments/parity/breakdown.json
 
 Each case (``METHOD:uNN`` or ``METHOD:N:M``, ``:ts`` for ``--true-sequential``) runs in a fresh process on the
-reference calibration tokens. Every step of ``jaxprune.prune.sequential`` that the pass calls (capturing the
+reference calibration tokens. Every step of ``jaxprune.prune._sequential`` that the pass calls (capturing the
 inputs of the linears and accumulating their statistics, pruning a group of linears, recomputing block
 outputs) is wrapped in a timer that waits for its result, so the parts add up to the pass; compilation seconds
 come from JAX's own monitoring events and are included in the steps that triggered them.
@@ -32,10 +32,10 @@ def worker(args) -> None:
   compile_seconds = collections.Counter()
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, duration, **_: compile_seconds.update({event: duration}) if "compile" in event else None)
-  from jaxprune.io.load import load_model
-  from jaxprune.prune.job import prune
+  from jaxprune.io._load import load_model
+  from jaxprune.prune._job import prune
 
-  sequential = importlib.import_module("jaxprune.prune.sequential")
+  sequential = importlib.import_module("jaxprune.prune._sequential")
   seconds, calls = collections.Counter(), collections.Counter()
 
   def timed(name, fn):

@@ -27,10 +27,10 @@ from experiments.common import (  # noqa: E402
 def worker(args) -> None:
   import numpy as np
 
-  from jaxprune.evaluate import perplexity
-  from jaxprune.io.load import load_model
-  from jaxprune.prune.job import prune
-  from jaxprune.prune.sequential import PruneSpec, kernel_at
+  from jaxprune._evaluate import perplexity
+  from jaxprune.io._load import load_model
+  from jaxprune.prune._job import prune
+  from jaxprune.prune._sequential import PruneSpec, kernel_at
 
   model = load_model("smollm2-135m")
   calib = reorder(np.load(args.reference / "calib_512x64.npy"), args.window_order)

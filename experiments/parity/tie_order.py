@@ -41,11 +41,11 @@ def main() -> None:
   import numpy as np
   import torch
 
-  from jaxprune.evaluate import perplexity
-  from jaxprune.io.load import load_model
-  from jaxprune.models.convert import from_hf_layout, to_hf_layout
+  from jaxprune._evaluate import perplexity
+  from jaxprune.io._load import load_model
+  from jaxprune.models._convert import from_hf_layout, to_hf_layout
   from jaxprune.prune import NM
-  from jaxprune.prune.sequential import _set_kernel, block_linears, kernel_at
+  from jaxprune.prune._sequential import _set_kernel, block_linears, kernel_at
   from jaxprune.prune.solvers import magnitude
 
   model = load_model("smollm2-135m")

@@ -101,7 +101,7 @@ def main() -> None:
   import torch
   import transformers
 
-  from jaxprune.io.load import embedded_path
+  from jaxprune.io._load import embedded_path
   from jaxprune.prune import NM
 
   method, pattern = parse_case(args.case)

@@ -22,10 +22,10 @@ from experiments.common import add_worker_args, heldout, parse_case, run_cases  
 
 def worker(args) -> None:
   from jaxprune.data import load_windows
-  from jaxprune.evaluate import perplexity
-  from jaxprune.io.load import load_model
-  from jaxprune.prune.job import prune
-  from jaxprune.prune.sequential import PruneSpec
+  from jaxprune._evaluate import perplexity
+  from jaxprune.io._load import load_model
+  from jaxprune.prune._job import prune
+  from jaxprune.prune._sequential import PruneSpec
 
   cfg = json.loads(args.config.read_text())
   model = load_model(cfg["model"])

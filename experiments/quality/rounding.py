@@ -1,6 +1,6 @@
 """How much a last-bit change in the attention moves a pruned perplexity: one quality case, pruned and evaluated
 with jaxprune's previous attention kernel (full score matrix, KV heads repeated, ``jax.nn.softmax``) in place of
-the chunked one (``jaxprune.models.layers.dot_attention``). Both compute the same function; the dense perplexity
+the chunked one (``jaxprune.models._layers.dot_attention``). Both compute the same function; the dense perplexity
 agrees to 7 digits.
 
   python experiments/quality/rounding.py --case sparsegpt:u60 --out experiments/quality/rounding.json
@@ -41,14 +41,14 @@ def main() -> None:
   p.add_argument("--config", type=Path, default=Path(__file__).with_name("config.json"))
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("rounding.json"))
   args = p.parse_args()
-  for name in ("jaxprune.models.llama", "jaxprune.models.opt"):
+  for name in ("jaxprune.models._llama", "jaxprune.models._opt"):
     importlib.import_module(name).dot_attention = full_attention
 
   from jaxprune.data import load_windows
-  from jaxprune.evaluate import perplexity
-  from jaxprune.io.load import load_model
-  from jaxprune.prune.job import prune
-  from jaxprune.prune.sequential import PruneSpec
+  from jaxprune._evaluate import perplexity
+  from jaxprune.io._load import load_model
+  from jaxprune.prune._job import prune
+  from jaxprune.prune._sequential import PruneSpec
 
   cfg = json.loads(args.config.read_text())
   model = load_model(cfg["model"])

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import machine, write_json  # noqa: E402
-from jaxprune.models import model as M  # noqa: E402
-from jaxprune.models.config import from_hf_config  # noqa: E402
+from jaxprune.models import _model as M  # noqa: E402
+from jaxprune.models._config import from_hf_config  # noqa: E402
 from jaxprune.prune import NM, Unstructured, init_stats  # noqa: E402
 from jaxprune.prune import sequential as S  # noqa: E402
 

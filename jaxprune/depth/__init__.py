@@ -2,16 +2,16 @@
 
 Siddiqui et al. 2024, "A deeper look at depth pruning of LLMs"; ShortGPT (Men et al. 2024). Scores are
 *higher = more important*; a unit is a whole block, an attention sublayer or an MLP sublayer
-(see :mod:`jaxprune.depth.stages`). Removed blocks leave the model; removed sublayers become ``skip``, ``bias``
+(see :mod:`jaxprune.depth._stages`). Removed blocks leave the model; removed sublayers become ``skip``, ``bias``
 or ``lowrank`` modes of ``ModelConfig.sublayers`` with their adapters in the params.
 """
-from jaxprune.depth.export import hf_compatible
-from jaxprune.depth.metrics import METRICS, Scores, leave_one_out, score, shapley, similarities
-from jaxprune.depth.pipeline import DepthResult, depth_prune, fit_adapters, removal_count
-from jaxprune.depth.recovery import (
+from jaxprune.depth._export import hf_compatible
+from jaxprune.depth._metrics import METRICS, Scores, leave_one_out, score, shapley, similarities
+from jaxprune.depth._pipeline import DepthResult, depth_prune, fit_adapters, removal_count
+from jaxprune.depth._recovery import (
     Moments, Recovery, apply_adapter, fit, fit_bias, fit_lowrank, moments, parse_recovery, residual)
-from jaxprune.depth.removal import param_count, remove_blocks, replace_units
-from jaxprune.depth.stages import UNITS, candidates, static_config
+from jaxprune.depth._removal import param_count, remove_blocks, replace_units
+from jaxprune.depth._stages import UNITS, candidates, static_config
 
 __all__ = [
     "METRICS", "UNITS", "DepthResult", "Moments", "Recovery", "Scores", "apply_adapter", "candidates",

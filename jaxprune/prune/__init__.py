@@ -2,14 +2,14 @@
 
 Everything here is a pure function over arrays; nothing knows about models. Conventions: weights
 ``(d_out, d_in)`` (HF layout), masks ``True`` = kept, statistics are raw sums over tokens (see
-:mod:`jaxprune.prune.stats`), ``NM(n, m)`` keeps ``n`` of every ``m`` (see :mod:`jaxprune.prune.patterns`).
+:mod:`jaxprune.prune._stats`), ``NM(n, m)`` keeps ``n`` of every ``m`` (see :mod:`jaxprune.prune._patterns`).
 """
-from jaxprune.prune.masks import keep_mask, layer_mask, nm_mask, num_pruned, pattern_mask, unstructured_mask
-from jaxprune.prune.patterns import NM, Pattern, Unstructured, parse_pattern
+from jaxprune.prune._masks import keep_mask, layer_mask, nm_mask, num_pruned, pattern_mask, unstructured_mask
+from jaxprune.prune._patterns import NM, Pattern, Unstructured, parse_pattern
 from jaxprune.prune.solvers import (
     SOLVERS, SolverResult, SolverSpec, admm, admm_update, get_solver, magnitude, reconstruction_error, sparsegpt,
     wanda)
-from jaxprune.prune.stats import Stats, accumulate, accumulate_sharded, init_stats
+from jaxprune.prune._stats import Stats, accumulate, accumulate_sharded, init_stats
 
 __all__ = [
     "NM", "Pattern", "SOLVERS", "SolverResult", "SolverSpec", "Stats", "Unstructured", "accumulate",

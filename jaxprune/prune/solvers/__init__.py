@@ -14,11 +14,11 @@ import types
 from typing import Callable, Mapping, NamedTuple
 
 from jaxprune.errors import JaxpruneError
-from jaxprune.prune.solvers.admm import admm, admm_update
-from jaxprune.prune.solvers.base import SolverResult, reconstruction_error
-from jaxprune.prune.solvers.magnitude import magnitude
-from jaxprune.prune.solvers.sparsegpt import sparsegpt
-from jaxprune.prune.solvers.wanda import wanda
+from jaxprune.prune.solvers._admm import admm, admm_update
+from jaxprune.prune.solvers._base import SolverResult, reconstruction_error
+from jaxprune.prune.solvers._magnitude import magnitude
+from jaxprune.prune.solvers._sparsegpt import sparsegpt
+from jaxprune.prune.solvers._wanda import wanda
 
 
 class SolverSpec(NamedTuple):

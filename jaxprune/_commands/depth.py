@@ -1,0 +1,74 @@
+"""``jaxprune depth``: score blocks or sublayers, remove the least important, recover, save (and evaluate)."""
+from __future__ import annotations
+
+from jaxprune._commands import common
+
+
+def add_parser(sub) -> None:
+  p = sub.add_parser("depth", help="remove whole blocks, or attention/MLP sublayers, by importance "
+                                   "(cosine, angular, loss, shapley), with optional bias/low-rank recovery")
+  common.add_model_arg(p)
+  p.add_argument("--metric", default="cosine",
+                 help="importance: cosine (block influence), angular, loss (leave-one-out) or shapley "
+                      "[default: %(default)s]")
+  p.add_argument("--unit", default="block", help="what to remove: block, attention or mlp [default: %(default)s]")
+  howmany = p.add_mutually_exclusive_group(required=True)
+  howmany.add_argument("--remove", type=int, default=None, help="number of units to remove")
+  howmany.add_argument("--fraction", type=float, default=None, help="fraction of the units to remove, in [0, 1]")
+  p.add_argument("--iterative", action="store_true", help="remove one unit at a time and re-score in between")
+  p.add_argument("--recover", default="none",
+                 help="replacement of each removed unit: none, bias, or lowrank:R [default: %(default)s]")
+  p.add_argument("--damp", type=float, default=1e-2,
+                 help="ridge damping of lowrank:R, relative to the mean input variance [default: %(default)s]")
+  common.add_calib_args(p, nsamples=16)
+  p.add_argument("--seed", type=int, default=0, help="calibration and permutation seed [default: %(default)s]")
+  p.add_argument("--samples", type=int, default=8, help="shapley: sampled permutations [default: %(default)s]")
+  common.add_output_args(p)
+  p.set_defaults(run=run)
+
+
+def run(args) -> dict:
+  from jaxprune.depth import depth_prune, parse_recovery, removal_count
+  from jaxprune.depth._metrics import check_metric
+  from jaxprune.depth._stages import check_unit
+  from jaxprune.errors import JaxpruneError
+  from jaxprune._evaluate import data_mesh, perplexity
+  from jaxprune.io._checkpoint import save_checkpoint
+  from jaxprune.prune._job import check_out
+
+  check_metric(args.metric)  # every check that needs no model comes before loading one
+  check_unit(args.unit)
+  parse_recovery(args.recover, damp=args.damp)
+  if args.samples < 1:
+    raise JaxpruneError(f"--samples must be at least 1, got {args.samples}")
+  check_out(args.out, args.overwrite)
+  model = common.load(args.model)
+  config = model.config
+  recovery = parse_recovery(args.recover, width=config.hidden_size, damp=args.damp)
+  k = removal_count(config, args.unit, remove=args.remove, fraction=args.fraction)
+  calib = common.windows(model, args.calib, seqlen=args.seqlen, role="calib", nsamples=args.nsamples,
+                         seed=args.seed)
+  mesh = data_mesh()
+  common.log(f"depth: removing {k} {args.unit} units by {args.metric}"
+             f"{' (iterative)' if args.iterative else ''}, recovery {recovery}")
+  res = depth_prune(model.params, config, calib.tokens, metric=args.metric, unit=args.unit, remove=k,
+                    iterative=args.iterative, recovery=recovery, samples=args.samples, seed=args.seed,
+                    batch_size=args.batch_size, mesh=mesh)
+  record = {**res.to_json(), "model": args.model, "iterative": args.iterative, "calib": calib.source,
+            "calib_sha256": calib.sha256, "nsamples": int(calib.tokens.shape[0]), "seqlen": args.seqlen,
+            "seed": args.seed, "sublayers": [list(m) for m in res.config.sublayers]}
+  result = {**record, "out": str(args.out)}
+  if args.eval:
+    data = common.windows(model, args.eval, seqlen=args.seqlen, role="eval",
+                          max_windows=args.max_eval_windows or None)
+    ev = perplexity(res.params, data.tokens, config=res.config, mesh=mesh)
+    result.update(perplexity=ev.perplexity, eval_data=data.source, eval=ev.to_json())
+    record["eval"] = {"data": data.source, "sha256": data.sha256, **ev.to_json()}
+  metadata = dict(model.metadata)
+  metadata["depth"] = metadata.get("depth", []) + [record] if isinstance(metadata.get("depth"), list) else [record]
+  tokenizer = model.tokenizer if model.tokenizer_path is not None else None
+  save_checkpoint(args.out, res.config, res.params, metadata=metadata, tokenizer=tokenizer,
+                  overwrite=args.overwrite)
+  common.log(f"wrote checkpoint {args.out} ({res.params_before} -> {res.params_after} params)")
+  common.write_json(args.json, result)
+  return result

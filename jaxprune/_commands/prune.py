@@ -1,0 +1,110 @@
+"""``jaxprune prune``: one-shot pruning of every linear of every block, then a checkpoint (and a perplexity)."""
+from __future__ import annotations
+
+import inspect
+
+from jaxprune._commands import common
+
+METHOD_OPTIONS = {  # CLI flag -> solver keyword
+    "blocksize": "blocksize", "percdamp": "percdamp", "rho": "rho", "iterations": "iterations",
+    "mask_iterations": "mask_iterations", "schedule": "schedule", "ties": "ties",
+}
+
+
+def add_parser(sub) -> None:
+  p = sub.add_parser("prune", help="prune a model layer by layer (magnitude, wanda, sparsegpt, admm)")
+  common.add_model_arg(p)
+  p.add_argument("--method", default="wanda", help="magnitude, wanda, sparsegpt or admm [default: %(default)s]")
+  shape = p.add_mutually_exclusive_group()
+  shape.add_argument("--sparsity", type=float, default=None,
+                     help="unstructured: fraction of weights pruned, in [0, 1) [default: 0.5]")
+  shape.add_argument("--nm", default=None, help="N:M: keep N weights in every M consecutive inputs, e.g. 2:4")
+  p.add_argument("--scope", choices=("layer", "row"), default=None,
+                 help="unstructured ranking scope [default: magnitude per layer, wanda and admm per row; "
+                      "sparsegpt ranks per column block and takes no scope]")
+  common.add_calib_args(p, nsamples=64)
+  p.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: %(default)s]")
+  p.add_argument("--true-sequential", action="store_true",
+                 help="prune the linears of a block group by group (q/k/v, o, gate/up, down), each from inputs "
+                      "computed with the groups before it pruned: one forward per block instead of two "
+                      "[default: all groups from the dense block's inputs, as the reference codes]")
+  common.add_output_args(p)
+  g = p.add_argument_group("method options (defaults: each reference implementation's)")
+  g.add_argument("--blocksize", type=int, help="SparseGPT column block [128]")
+  g.add_argument("--percdamp", type=float, help="relative damping [SparseGPT 0.01, ADMM 0.1]")
+  g.add_argument("--rho", type=float, help="ADMM penalty [1.0]")
+  g.add_argument("--iterations", type=int, help="ADMM iterations [20]")
+  g.add_argument("--mask-iterations", type=int, help="ADMM iterations that re-select the mask [15]")
+  g.add_argument("--schedule", choices=("cubic", "final"),
+                 help="ADMM mask schedule: the paper's cubic one, or 'final' (the reference code's) [cubic]")
+  g.add_argument("--ties", choices=("count", "threshold"),
+                 help="magnitude/SparseGPT unstructured: prune exactly floor(s*n) ('count'), or every score up to "
+                      "the next one as the reference codes do ('threshold') [count]")
+  p.set_defaults(run=run)
+
+
+def spec_from_args(args):
+  from jaxprune.errors import JaxpruneError
+  from jaxprune.prune import get_solver, parse_pattern
+  from jaxprune.prune._sequential import PruneSpec
+
+  solver = get_solver(args.method)
+  sparsity = 0.5 if args.sparsity is None and args.nm is None else args.sparsity
+  pattern = parse_pattern(sparsity, args.nm, scope=args.scope)
+  accepted = inspect.signature(solver.solve).parameters
+  hparams = {}
+  for flag, name in METHOD_OPTIONS.items():
+    value = getattr(args, flag)
+    if value is None:
+      continue
+    if name not in accepted:
+      raise JaxpruneError(f"--{flag.replace('_', '-')} does not apply to {args.method}")
+    hparams[name] = value
+  if args.true_sequential and args.method == "magnitude":
+    raise JaxpruneError("--true-sequential needs calibration; magnitude uses none")
+  return PruneSpec(args.method, pattern, tuple(sorted(hparams.items())), true_sequential=args.true_sequential)
+
+
+def run(args) -> dict:
+  from jaxprune._evaluate import data_mesh, perplexity
+  from jaxprune.prune import _job as job
+  from jaxprune.prune._sequential import check_spec
+
+  spec = spec_from_args(args)
+  job.check_out(args.out, args.overwrite)
+  model = common.load(args.model)
+  check_spec(spec, model.config, model.params)  # a pattern or option the solver cannot take fails before any work
+  calib = None
+  identity = {"model": args.model, "seqlen": args.seqlen}
+  if spec.method != "magnitude":
+    calib = common.windows(model, args.calib, seqlen=args.seqlen, role="calib", nsamples=args.nsamples,
+                           seed=args.seed)
+    identity.update(calib=calib.source, calib_sha256=calib.sha256, nsamples=int(calib.tokens.shape[0]),
+                    seed=args.seed)
+  mesh = data_mesh()
+  outcome = job.prune(model.params, model.config, spec, None if calib is None else calib.tokens, out=args.out,
+                      identity=identity, batch_size=args.batch_size, mesh=mesh)
+  result = {**{k: v for k, v in outcome.metadata.items() if k not in ("layers", "versions")},
+            "pattern": _pattern_str(spec.pattern), "prune_seconds": round(outcome.seconds, 2), "out": str(args.out)}
+  tokenizer = model.tokenizer if model.tokenizer_path is not None and calib is not None else None
+  if args.eval:
+    data = common.windows(model, args.eval, seqlen=args.seqlen, role="eval",
+                          max_windows=args.max_eval_windows or None)
+    ev = perplexity(outcome.params, data.tokens, config=model.config, mesh=mesh)
+    result.update(perplexity=ev.perplexity, eval_data=data.source, eval_windows=ev.windows,
+                  eval_seconds=round(ev.seconds, 2))
+    outcome.metadata["eval"] = {"data": data.source, "sha256": data.sha256, **ev.to_json()}
+  if tokenizer is None and model.tokenizer_path is not None:
+    tokenizer = model.tokenizer
+  job.save(outcome, args.out, model.config, tokenizer=tokenizer, overwrite=args.overwrite)
+  common.log(f"wrote checkpoint {args.out}")
+  common.write_json(args.json, result)
+  return result
+
+
+def _pattern_str(pattern) -> str:
+  from jaxprune.prune import NM
+
+  if isinstance(pattern, NM):
+    return f"{pattern.n}:{pattern.m}"
+  return f"unstructured:{pattern.sparsity:g}" + (f":{pattern.scope}" if pattern.scope else "")

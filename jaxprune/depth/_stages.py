@@ -1,0 +1,186 @@
+"""A decoder seen as a chain of residual stages, the common ground of every depth-pruning computation.
+
+Each layer ``i`` is two stages: its attention half (stage ``2i``) and its MLP half (stage ``2i + 1``). A half is
+the layer's ``Block`` with the other sublayer in mode ``"skip"``, so running the two halves one after the other
+is exactly the layer (pre-norm and post-norm alike), and the residual stream between them, ``h_mid``, is
+available to the metrics (Siddiqui et al. 2024, "A deeper look at depth pruning of LLMs", Sec. 3: attention and
+MLP sublayers are scored and removed separately).
+
+A *unit* is what a metric scores and removal takes out: a whole block (stages ``2i, 2i + 1``), an attention
+sublayer (stage ``2i``) or an MLP sublayer (stage ``2i + 1``). Absent stages are the identity.
+
+The jitted functions here take a *static* config with the structure edits stripped (:func:`static_config`),
+so blocks of the same shape and half-modes share one compilation whatever was removed elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxprune import _batching as batching
+from jaxprune.errors import JaxpruneError
+from jaxprune.models import _model as M
+from jaxprune.models._config import ModelConfig
+
+UNITS = ("block", "attention", "mlp")
+
+
+class Stage(NamedTuple):
+  """One residual half-layer. ``modes``: the half's ``(attention, mlp)`` modes; ``params``: its block params."""
+
+  layer: int
+  sub: int  # 0 = attention, 1 = mlp
+  modes: tuple[str, str]
+  params: dict
+
+  @property
+  def identity(self) -> bool:
+    return self.modes == ("skip", "skip")
+
+
+def check_unit(unit: str) -> str:
+  if unit not in UNITS:
+    raise JaxpruneError(f"unknown unit {unit!r}; choose one of: {', '.join(UNITS)}")
+  return unit
+
+
+def half_modes(modes: tuple[str, str], sub: int) -> tuple[str, str]:
+  """The modes of half ``sub`` (0 attention, 1 mlp) of a layer with sublayer ``modes``."""
+  return (modes[0], "skip") if sub == 0 else ("skip", modes[1])
+
+
+def static_config(config: ModelConfig) -> ModelConfig:
+  """``config`` without its structure edits: what a single block, embedding or head depends on."""
+  return config.replace(sublayers=(), num_layers=1)
+
+
+def half_keys(config: ModelConfig, modes: tuple[str, str]) -> frozenset[str]:
+  """Top-level param names (``self_attn``, ``input_layernorm``, ``mlp_adapter``, ...) of a half-block."""
+  if modes == ("skip", "skip"):
+    return frozenset()
+  module = M.block_module(config, modes)
+  h = jnp.zeros((1, 2, config.hidden_size), jnp.float32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), h, M.context(config, 1, 2)))
+  return frozenset(shapes["params"])
+
+
+def stages(params, config: ModelConfig) -> list[Stage]:
+  """The ``2 * num_layers`` stages of ``params``, in order."""
+  if len(params["layers"]) != config.num_layers:
+    raise JaxpruneError(f"params have {len(params['layers'])} layers, config {config.num_layers}")
+  keys = functools.cache(functools.partial(half_keys, config))
+  out = []
+  for i, block_params in enumerate(params["layers"]):
+    for sub in (0, 1):
+      modes = half_modes(config.sublayer_modes(i), sub)
+      out.append(Stage(i, sub, modes, {k: v for k, v in block_params.items() if k in keys(modes)}))
+  return out
+
+
+def unit_stages(unit: str, layer: int) -> tuple[int, ...]:
+  """Stage indices of a unit."""
+  return {"block": (2 * layer, 2 * layer + 1), "attention": (2 * layer,), "mlp": (2 * layer + 1,)}[unit]
+
+
+def candidates(config: ModelConfig, unit: str) -> tuple[int, ...]:
+  """Layers whose ``unit`` can still be removed: sublayers in mode ``"full"``; blocks with a full sublayer."""
+  check_unit(unit)
+  if unit == "block":
+    return tuple(i for i in range(config.num_layers) if "full" in config.sublayer_modes(i))
+  sub = 0 if unit == "attention" else 1
+  return tuple(i for i in range(config.num_layers) if config.sublayer_modes(i)[sub] == "full")
+
+
+# ---- jitted pieces (static config: see static_config) ----
+
+apply_stage = jax.jit(M.block, static_argnames=("config", "modes", "taps"))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed(params, tokens, *, config):
+  """Token ids ``(b, t)`` -> residual stream ``(b, t, d)``."""
+  return M.embed(params, tokens, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def weighted_loss(params, h, tokens, weights, *, config):
+  """``Σ_b weights_b · mean_t NLL_bt`` for the stream ``h`` ``(b, t, d)`` leaving the last block (a scalar)."""
+  logits = M.head(params, h[:, :-1], config=config).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(jnp.mean(nll, axis=-1) * weights)
+
+
+@jax.jit
+def similarity(a, b, weights):
+  """``(Σ w·cos(a_t, b_t), Σ w·arccos(cos)/π)`` over all tokens of ``a, b`` ``(b, t, d)``; f32."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  dot = jnp.sum(a * b, axis=-1)
+  norms = jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
+  cos = jnp.clip(dot / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny), -1.0, 1.0)
+  w = weights[:, None]
+  return jnp.sum(cos * w), jnp.sum(jnp.arccos(cos) / jnp.pi * w)
+
+
+class Batches(batching.Batches):
+  """Calibration token windows ``(n, t)`` held with their :class:`jaxprune._batching.Batches` (padding windows
+  weigh 0); iterating yields ``(tokens (batch, t) int32, weights (batch,) float32)`` on device."""
+
+  def __init__(self, tokens: np.ndarray, *, config: ModelConfig, batch_size: int, mesh: Mesh | None):
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+      raise JaxpruneError(f"calibration windows must be a non-empty (n, seqlen >= 2) array, got {tokens.shape}")
+    super().__init__(*tokens.shape, config=config, batch_size=batch_size, mesh=mesh)
+    self.tokens = tokens
+
+  def __iter__(self):
+    for tokens, weights, _ in self.chunks(self.tokens):
+      yield tokens, weights
+
+
+class Runner:
+  """Runs stages of one model on one :class:`Batches`: the stream, the loss, the sub-network suffixes."""
+
+  def __init__(self, params, config: ModelConfig, batches: Batches):
+    self.config = config
+    self.static = static_config(config)
+    self.batches = batches
+    self.params = batches.replicate(params)
+    self.stages = stages(self.params, config)
+
+  def embed(self, tokens):
+    return embed(self.params, tokens, config=self.static)
+
+  def run(self, s: int, h):
+    """Stage ``s`` applied to the stream ``h`` ``(b, t, d)``."""
+    stage = self.stages[s]
+    if stage.identity:
+      return h
+    return apply_stage(stage.params, h, self.batches.ctx, config=self.static, modes=stage.modes)
+
+  def loss(self, h, tokens, weights):
+    return weighted_loss(self.params, h, tokens, weights, config=self.static)
+
+  def streams(self, h, present=None, start: int = 0, out: list | None = None) -> list:
+    """Inputs of stages ``start..`` and the final stream: ``out[s]`` for ``s >= start``, ``out[-1]`` the output.
+
+    ``present[s]`` False makes stage ``s`` the identity; ``out`` (length ``2L + 1``) is updated in place.
+    """
+    n = len(self.stages)
+    out = [None] * (n + 1) if out is None else out
+    out[start] = h
+    for s in range(start, n):
+      out[s + 1] = h = self.run(s, h) if present is None or present[s] else h
+    return out
+
+  def suffix(self, h, start: int, present=None):
+    """The stream leaving the last stage when ``h`` enters stage ``start``."""
+    for s in range(start, len(self.stages)):
+      if present is None or present[s]:
+        h = self.run(s, h)
+    return h

@@ -1,0 +1,110 @@
+"""jaxprune checkpoints: Orbax param (and mask) trees plus one JSON file of config and metadata.
+
+Layout of a checkpoint directory::
+
+  jaxprune.json   format version, model config, metadata (method, calibration hash, per-layer results, ...)
+  params/         Orbax tree of the params
+  masks/          Orbax tree of the pruning masks (optional)
+  tokenizer/      the tokenizer, saved with ``save_pretrained`` (optional)
+
+Everything is written into a temporary sibling directory and renamed into place, so a crash never leaves a
+half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.models._config import ModelConfig
+from jaxprune.models._model import Params, abstract_params
+
+FORMAT = "jaxprune-checkpoint/1"
+META_FILE = "jaxprune.json"
+
+
+def is_checkpoint(path: Path) -> bool:
+  return (Path(path) / META_FILE).is_file()
+
+
+def _save_tree(path: Path, tree) -> None:
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path.absolute(), jax.tree.map(np.asarray, tree))
+    ckptr.wait_until_finished()
+
+
+def _restore_tree(path: Path, abstract) -> Any:
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path.absolute(), abstract)
+
+
+def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=None, metadata: dict | None = None,
+                    tokenizer=None, overwrite: bool = False) -> Path:
+  """Writes a checkpoint atomically. ``out`` must not exist, unless it is a jaxprune checkpoint and ``overwrite``."""
+  out = Path(out)
+  if out.exists():
+    if not is_checkpoint(out):
+      raise JaxpruneError(f"output directory {out} exists and is not a jaxprune checkpoint")
+    if not overwrite:
+      raise JaxpruneError(f"checkpoint {out} exists; pass --overwrite to replace it")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    _save_tree(tmp / "params", params)
+    if masks is not None:
+      _save_tree(tmp / "masks", masks)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    meta = {"format": FORMAT, "config": json.loads(config.to_json()), "has_masks": masks is not None,
+            "metadata": metadata or {}}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    tmp.chmod(0o755)
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def read_meta(path: Path) -> dict:
+  path = Path(path)
+  try:
+    meta = json.loads((path / META_FILE).read_text())
+  except (OSError, json.JSONDecodeError) as err:
+    raise JaxpruneError(f"{path} is not a readable jaxprune checkpoint: {err}") from None
+  if meta.get("format") != FORMAT:
+    raise JaxpruneError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+  return meta
+
+
+def load_checkpoint(path: Path, *, with_masks: bool = False):
+  """Returns ``(config, params, masks or None, metadata)``; a damaged checkpoint gives a one-line error."""
+  path = Path(path)
+  meta = read_meta(path)
+  try:
+    config = ModelConfig.from_json(json.dumps(meta["config"]))
+  except (KeyError, TypeError) as err:
+    raise JaxpruneError(f"{path}: checkpoint config is damaged: {err}") from None
+  abstract = abstract_params(config)
+  try:
+    params = _restore_tree(path / "params", abstract)
+    masks = _restore_tree(path / "masks", None) if with_masks and meta.get("has_masks") else None
+  except JaxpruneError:
+    raise
+  except Exception as err:  # Orbax raises many types for missing or truncated files
+    raise JaxpruneError(f"{path}: checkpoint is corrupt or incomplete ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+  return config, params, masks, meta.get("metadata", {})
+

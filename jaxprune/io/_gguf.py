@@ -1,0 +1,142 @@
+"""GGUF files (llama.cpp) in: dequantized with the ``gguf`` package, no torch needed.
+
+llama.cpp's converter permutes the rows of ``q`` and ``k`` for its rotary layout; :func:`unpermute` undoes it so
+the weights equal the Hugging Face ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.models._config import ModelConfig, from_hf_config
+from jaxprune.models._convert import params_from_hf
+from jaxprune.models._model import Params
+
+SUPPORTED_ARCHS = ("llama",)
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverse of llama.cpp's rotary row permutation of a ``q``/``k`` weight ``(n_head * head_dim, d_in)``."""
+  return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _reader(path: Path):
+  import gguf
+
+  try:
+    return gguf.GGUFReader(str(path))
+  except Exception as err:  # corrupt or truncated file
+    raise JaxpruneError(f"{path} is not a readable GGUF file: {err}") from None
+
+
+def _field(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def gguf_hf_config(reader, path: Path) -> dict:
+  """The Hugging Face config dict equivalent to a GGUF file's metadata."""
+  arch = _field(reader, "general.architecture")
+  if arch not in SUPPORTED_ARCHS:
+    raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+  names = {t.name for t in reader.tensors}
+  heads = int(_field(reader, f"{arch}.attention.head_count"))
+  hidden = int(_field(reader, f"{arch}.embedding_length"))
+  vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+  hf = {
+      "model_type": "llama", "vocab_size": int(vocab), "hidden_size": hidden,
+      "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+      "num_hidden_layers": int(_field(reader, f"{arch}.block_count")), "num_attention_heads": heads,
+      "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+      "head_dim": int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
+      "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+      "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+      "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
+      "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+      "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+      "architectures": ["LlamaForCausalLM"],
+  }
+  scaling = _field(reader, f"{arch}.rope.scaling.type")
+  if scaling not in (None, "none"):
+    if scaling != "linear":
+      raise JaxpruneError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+  return hf
+
+
+def _hf_tensor_name(gguf_name: str) -> str:
+  stem, kind = gguf_name.rsplit(".", 1)
+  if stem.startswith("blk."):
+    _, layer, part = stem.split(".", 2)
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+  return f"{_GLOBAL_NAMES[stem]}.{kind}"
+
+
+def load_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
+  """Config and dequantized params of a GGUF file (q/k row permutation undone)."""
+  import gguf
+
+  reader = _reader(path)
+  config = from_hf_config(gguf_hf_config(reader, path))
+  tensors = {}
+  for t in reader.tensors:
+    try:
+      tensors[_hf_tensor_name(t.name)] = t
+    except KeyError:
+      raise JaxpruneError(f"{path}: unexpected GGUF tensor {t.name!r}") from None
+
+  def get(name: str) -> np.ndarray:
+    t = tensors[name]
+    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    w = w.reshape([int(n) for n in reversed(t.shape)])
+    if name.endswith("q_proj.weight"):
+      w = unpermute(w, config.num_heads)
+    elif name.endswith("k_proj.weight"):
+      w = unpermute(w, config.num_kv_heads)
+    return w
+
+  return config, params_from_hf(get, set(tensors), config, dtype)
+
+
+def load_gguf_tokenizer(path: Path):
+  """The tokenizer stored in a GGUF file's metadata, as a Hugging Face fast tokenizer.
+
+  Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``, as in SmolLM, GPT-2, LLaMA-3 and Qwen2 files)
+  are rebuilt here with the ``tokenizers`` library, without torch; other kinds go through transformers' own GGUF
+  reader (which needs torch).
+  """
+  reader = _reader(path)
+  kind = _field(reader, "tokenizer.ggml.model")
+  if kind != "gpt2":
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  tokens = _field(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+  types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+  tok = Tokenizer(bpe)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  special = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind in (3, 4)]
+  tok.add_special_tokens(special)
+  names = {}
+  for role in ("bos", "eos", "unknown", "padding"):
+    token_id = _field(reader, f"tokenizer.ggml.{role}_token_id")
+    if token_id is not None:
+      names[{"unknown": "unk_token", "padding": "pad_token"}.get(role, f"{role}_token")] = tokens[int(token_id)]
+  return PreTrainedTokenizerFast(tokenizer_object=tok, **names)

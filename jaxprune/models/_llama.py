@@ -1,0 +1,93 @@
+"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2, SmolLM) in Flax.
+
+Parameter names equal the Hugging Face names; ``Dense`` kernels are ``(d_in, d_out)`` (see ``jaxprune.models._convert``
+for the one place where the layout changes). A block can ``sow`` the inputs of its linears into the ``taps``
+collection, keyed by the group of linears that read them.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from jaxprune.models._config import ModelConfig
+from jaxprune.models._layers import (MID, Context, DenseWeights, RMSNorm, apply_rotary, dense, dot_attention, lm_logits,
+                                    sublayer, tap, tapped_projection)
+
+# Input tap -> the linears (paths inside a block) that read it.
+LINEAR_GROUPS = {
+    "attn_in": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    "o_in": ("self_attn/o_proj",),
+    "mlp_in": ("mlp/gate_proj", "mlp/up_proj"),
+    "down_in": ("mlp/down_proj",),
+}
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, ctx: Context):
+    c = self.config
+    x = tap(self, "attn_in", x)
+    q_w, k_w, v_w = (DenseWeights(n * c.head_dim, c.qkv_bias, name=f"{name}_proj")(x.shape[-1])
+                     for name, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)))
+    o_w = DenseWeights(c.hidden_size, c.o_bias, name="o_proj")(c.num_heads * c.head_dim)
+
+    def attend(x, cos, sin, mask):
+      b, t, _ = x.shape
+      q = apply_rotary(dense(x, *q_w).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+      k = apply_rotary(dense(x, *k_w).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+      return dot_attention(q, k, dense(x, *v_w).reshape(b, t, c.num_kv_heads, c.head_dim), mask)
+
+    return tapped_projection(self, "o_in", attend, o_w, x, ctx.cos, ctx.sin, ctx.mask)
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    x = tap(self, "mlp_in", x)
+    gate = DenseWeights(c.intermediate_size, c.mlp_bias, name="gate_proj")(x.shape[-1])
+    up = DenseWeights(c.intermediate_size, c.mlp_bias, name="up_proj")(x.shape[-1])
+    down = DenseWeights(c.hidden_size, c.mlp_bias, name="down_proj")(c.intermediate_size)
+    return tapped_projection(self, "down_in", lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up), down, x)
+
+
+class Block(nn.Module):
+  """One decoder layer. ``h``: ``(batch, seq, hidden)``; ``modes``: (attention, mlp) sublayer modes."""
+
+  config: ModelConfig
+  modes: tuple[str, str] = ("full", "full")
+
+  @nn.compact
+  def __call__(self, h, ctx: Context):
+    c = self.config
+    attn_norm = RMSNorm(c.norm_eps, name="input_layernorm")
+    h = h + sublayer(self.modes[0], c.adapter_rank, "self_attn",
+                     lambda x: Attention(c, name="self_attn")(attn_norm(x), ctx), h)
+    h = tap(self, MID, h)
+    mlp_norm = RMSNorm(c.norm_eps, name="post_attention_layernorm")
+    return h + sublayer(self.modes[1], c.adapter_rank, "mlp", lambda x: MLP(c, name="mlp")(mlp_norm(x)), h)
+
+
+class Embed(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    return nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")(tokens)
+
+
+class Head(nn.Module):
+  """Final norm and LM head; with tied embeddings the head is the embedding matrix."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, embedding=None):
+    c = self.config
+    h = RMSNorm(c.norm_eps, name="norm")(h)
+    return lm_logits(h, embedding if c.tie_word_embeddings else None, c.vocab_size)

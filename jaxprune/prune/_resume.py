@@ -1,0 +1,111 @@
+"""Crash-safe progress of a pruning pass: after every block, what is needed to go on from the next one.
+
+A pass writing checkpoint ``OUT`` keeps its progress in the sibling directory ``OUT.partial/``:
+
+  progress.json      the run's identity (method, pattern, hyper-parameters, calibration hash, model) and
+                     the number of finished blocks
+  block_NNN.npz      pruned params and masks of block NNN, and its per-linear report
+  inputs.npy         calibration activations entering the next block
+
+Each file is written to a temporary name and renamed, and ``progress.json`` last, so a kill at any moment leaves
+a consistent state. A rerun with the same identity resumes from the last finished block; a different identity
+refuses to mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.prune._sequential import BlockState
+
+
+def partial_dir(out: Path) -> Path:
+  return Path(out).with_name(Path(out).name + ".partial")
+
+
+def _atomic(path: Path, write) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _write(path, save, *args, **kwargs) -> None:
+  with open(path, "wb") as f:
+    save(f, *args, **kwargs)
+
+
+def _flatten(tree) -> dict[str, np.ndarray]:
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.asarray(leaf)
+  return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, last = key.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return tree
+
+
+class ResumeStore:
+  """Saves a :class:`BlockState` after each block and restores it. ``identity``: JSON-able run description."""
+
+  def __init__(self, out: Path, identity: dict):
+    self.dir = partial_dir(out)
+    self.identity = json.loads(json.dumps(identity, default=str))
+
+  def save(self, state: BlockState) -> None:
+    self.dir.mkdir(parents=True, exist_ok=True)
+    i = state.done - 1
+    arrays = {f"params/{k}": v for k, v in _flatten(state.params["layers"][i]).items()}
+    arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
+    arrays["report"] = np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)
+    _atomic(self.dir / f"block_{i:03d}.npz", lambda tmp: _write(tmp, np.savez, **arrays))
+    if state.inputs is not None:
+      _atomic(self.dir / "inputs.npy", lambda tmp: _write(tmp, np.save, state.inputs))
+    progress = {"identity": self.identity, "done": state.done}
+    _atomic(self.dir / "progress.json", lambda tmp: Path(tmp).write_text(json.dumps(progress)))
+
+  def load(self, params: dict) -> BlockState | None:
+    """The saved state on top of the original ``params``, or None if there is nothing to resume."""
+    progress_file = self.dir / "progress.json"
+    if not progress_file.is_file():
+      return None
+    try:
+      progress = json.loads(progress_file.read_text())
+      if progress["identity"] != self.identity:
+        raise JaxpruneError(f"{self.dir} holds progress of a different run; remove it or use another --out")
+      layers, masks, reports = list(params["layers"]), [], []
+      for i in range(progress["done"]):
+        with np.load(self.dir / f"block_{i:03d}.npz") as z:
+          flat = {k: z[k] for k in z.files}
+        layers[i] = _unflatten({k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")})
+        masks.append({k[len("masks/"):]: v for k, v in flat.items() if k.startswith("masks/")})
+        reports.append(json.loads(flat["report"].tobytes()))
+      inputs_file = self.dir / "inputs.npy"
+      inputs = np.load(inputs_file) if inputs_file.is_file() else None
+    except JaxpruneError:
+      raise
+    except (OSError, ValueError, KeyError) as err:
+      raise JaxpruneError(f"{self.dir}: resume state is damaged ({err}); remove it to start over") from None
+    return BlockState(progress["done"], {**params, "layers": layers}, masks, reports, inputs)
+
+  def clear(self) -> None:
+    shutil.rmtree(self.dir, ignore_errors=True)

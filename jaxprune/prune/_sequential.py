@@ -1,0 +1,285 @@
+"""The layer-by-layer pruning pass (SparseGPT/Wanda/ADMM), in exactly one place.
+
+For each decoder block in order: run the calibration activations through the block, capturing the input of
+every group of linears; accumulate their statistics; prune every linear of the block with the solver; re-run the
+block **with pruned weights** to produce the next block's inputs. All linears of a block are pruned from the same
+(dense-block) inputs, as the reference implementations do.
+
+With ``PruneSpec(true_sequential=True)`` the groups of a block are pruned in order instead (LLaMA: q/k/v, o,
+gate/up, down), each from inputs computed with the groups before it already pruned (GPTQ's and SparseGPT's
+"true sequential" order). Each group's inputs are computed once, from the inputs kept of the groups before
+it, and the block output from the kept residual stream entering the MLP (``layers.MID``) and the inputs of its
+last linear, so a block costs one forward with pruned weights instead of a dense and a pruned one; the price is
+memory: the inputs of every group of the current block stay on the devices.
+
+Compilation: the block forward, the statistics step and each solver are jitted with the block's shape as the only
+static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
+one block ``(n, seqlen, hidden)`` plus one block's statistics, whatever the depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxprune._batching import Batches
+from jaxprune.errors import JaxpruneError
+from jaxprune.models import _model as M
+from jaxprune.models._config import ModelConfig
+from jaxprune.models._convert import from_hf_layout, to_hf_layout
+from jaxprune.models._layers import MID
+from jaxprune.prune._patterns import Pattern
+from jaxprune.prune.solvers import get_solver
+from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+  """What to do to every linear: ``method`` (a key of ``SOLVERS``), ``pattern``, solver hyper-parameters."""
+
+  method: str
+  pattern: Pattern
+  hparams: tuple[tuple[str, Any], ...] = ()
+  true_sequential: bool = False
+
+  def to_json(self) -> dict:
+    return {"method": self.method, "pattern": repr(self.pattern), "hparams": dict(self.hparams),
+            "true_sequential": self.true_sequential}
+
+
+@dataclasses.dataclass
+class BlockState:
+  """Where the pass stands after ``done`` blocks: params so far, masks, reports, inputs of block ``done``."""
+
+  done: int
+  params: dict
+  masks: list  # per finished block: {path: kernel-layout bool mask}
+  reports: list  # per finished block: list of per-linear dicts
+  inputs: np.ndarray | None  # (n, seqlen, hidden) float32; None for methods without calibration
+
+
+def kernel_at(block_params: dict, path: str) -> jax.Array:
+  """The kernel ``(d_in, d_out)`` of the linear at ``path`` (e.g. ``"mlp/down_proj"``) in a block."""
+  node = block_params
+  for part in path.split("/"):
+    node = node[part]
+  return node["kernel"]
+
+
+def _set_kernel(block_params: dict, path: str, value) -> dict:
+  *parents, last = path.split("/")
+  new = dict(block_params)
+  node = new
+  for part in parents:
+    node[part] = dict(node[part])
+    node = node[part]
+  node[last] = {**node[last], "kernel": value}
+  return new
+
+
+def block_linears(config: ModelConfig, block_params: dict) -> dict[str, tuple[str, ...]]:
+  """Tap name -> paths of the linears present in this block (removed sublayers have none)."""
+  groups = {}
+  for tap, paths in M.linear_groups(config).items():
+    present = tuple(p for p in paths if p.split("/")[0] in block_params)
+    if present:
+      groups[tap] = present
+  return groups
+
+
+@functools.partial(jax.jit, static_argnames=("config", "modes"))
+def _forward(block_params, h, ctx, given=None, *, config, modes):
+  return M.block(block_params, h, ctx, config=config, modes=modes, given=given)
+
+
+def _accumulate(stats, x, weights, mesh):
+  x = x * weights.astype(x.dtype)[:, None, None]  # padding rows -> 0
+  return accumulate(stats, x) if mesh is None else accumulate_sharded(stats, x, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "keep_mid", "mesh"), donate_argnames=("stats",))
+def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, keep_mid, mesh):
+  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups), its statistics, and, with
+  ``keep_mid``, the residual stream entering the MLP (else None)."""
+  _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
+  return taps[tap], taps[MID] if keep_mid else None, _accumulate(stats, taps[tap], weights, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
+def _stats_step(block_params, h, ctx, stats, weights, *, config, modes, mesh):
+  _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True)
+  return {name: _accumulate(s, taps[name], weights, mesh) for name, s in stats.items()}
+
+
+def jitted_solver(spec: PruneSpec):
+  """The solver of ``spec`` with its pattern and hyper-parameters bound, jitted once (one compile per shape)."""
+  return _jitted_solver(spec.method, spec.pattern, spec.hparams)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_solver(method: str, pattern: Pattern, hparams: tuple):
+  return jax.jit(functools.partial(get_solver(method).solve, pattern=pattern, **dict(hparams)))
+
+
+def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
+  """Traces the solver of ``spec`` abstractly (no computation) on every distinct linear shape of the model, so
+  that a pattern or hyper-parameter it cannot take raises its one-line :class:`JaxpruneError` before any work."""
+  solver = jitted_solver(spec)
+  needs_gram = get_solver(spec.method).needs_gram
+  shapes = {kernel_at(block, path).shape for block in params["layers"]
+            for paths in block_linears(config, block).values() for path in paths}
+  for d_in, d_out in sorted(shapes):
+    stats = None if spec.method == "magnitude" else jax.eval_shape(functools.partial(init_stats, d_in, gram=needs_gram))
+    jax.eval_shape(solver, jax.ShapeDtypeStruct((d_out, d_in), jnp.float32), stats)
+
+
+def _statistics(block_params, inputs, batches: Batches, groups, *, config, modes, needs_gram: bool):
+  widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
+  stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
+  for h, weights, _ in batches.chunks(inputs):
+    stats = _stats_step(block_params, h, batches.ctx, stats, weights, config=config, modes=modes,
+                        mesh=batches.mesh)
+  return {tap: _counted(s, inputs) for tap, s in stats.items()}
+
+
+def _counted(stats, inputs: np.ndarray):
+  """``stats`` with ``count`` = the real (unpadded) tokens of ``inputs`` ``(n, seq, ...)``."""
+  return stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
+
+
+def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
+  w = to_hf_layout(kernel)
+  if row_mesh is not None:
+    w = jax.device_put(w, NamedSharding(row_mesh, P("model", None)))
+  result = jitted_solver(spec)(w, stats)
+  return from_hf_layout(result.w), from_hf_layout(result.mask), result
+
+
+def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
+  """Prunes the linears ``paths`` (one input group) from ``stats``; adds to ``masks``/``reports``."""
+  for path in paths:
+    kernel, mask, result = _solve(spec, kernel_at(block_params, path), stats, row_mesh)
+    block_params = _set_kernel(block_params, path, kernel)
+    masks[path] = np.asarray(mask)
+    reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": float(result.error)})
+  return block_params
+
+
+def _row_mesh(mesh):
+  return mesh if mesh is not None and "model" in mesh.shape else None
+
+
+def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, *, config: ModelConfig,
+                modes, mesh: Mesh | None = None) -> tuple[dict, dict, list]:
+  """Prunes every linear of one block from the dense block's inputs. Returns ``(new block params, {path: mask},
+  reports)``."""
+  solver = get_solver(spec.method)
+  groups = block_linears(config, block_params)
+  stats = {tap: None for tap in groups}
+  if batches is not None:
+    stats = _statistics(block_params, inputs, batches, groups, config=config, modes=modes,
+                        needs_gram=solver.needs_gram)
+  masks, reports = {}, []
+  for tap, paths in groups.items():
+    block_params = _prune_group(block_params, paths, stats[tap], spec, _row_mesh(mesh), masks, reports)
+  return block_params, masks, reports
+
+
+def _batch(given: dict[str, list], b: int) -> dict:
+  return {name: per_batch[b] for name, per_batch in given.items()}
+
+
+def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSpec, *, config: ModelConfig,
+                           modes, mesh: Mesh | None = None) -> tuple[dict, dict, list, np.ndarray]:
+  """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
+
+  The inputs of every group but the first (which depends on the block input alone) and the residual stream
+  entering the MLP stay on the devices, batch by batch, until the block is done: about
+  ``(3·hidden + intermediate) / hidden`` times the block's input activations. Returns ``(new block params,
+  {path: mask}, reports, block outputs (n, seq, hidden))``.
+  """
+  needs_gram = get_solver(spec.method).needs_gram
+  order = M.tap_order(config, modes)
+  chunks = list(batches.chunks(inputs))
+  given: dict[str, list] = {}  # tap -> its inputs, one device array per batch
+  masks, reports = {}, []
+  for g, (tap, paths) in enumerate(block_linears(config, block_params).items()):
+    stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
+    # The residual stream entering the MLP is final once every group the block computes before it is pruned: it
+    # is kept from the step of the first group after it, so that the block output needs no attention again.
+    keep_mid = MID not in given and order.index(tap) > order.index(MID)
+    values, mids = [], []
+    for b, (h, weights, _) in enumerate(chunks):
+      x, mid, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
+                                modes=modes, tap=tap, keep_mid=keep_mid, mesh=batches.mesh)
+      values.append(x)
+      mids.append(mid)
+    if keep_mid:
+      given[MID] = mids
+    if g:
+      given[tap] = values
+    stats = _counted(stats, inputs)
+    block_params = _prune_group(block_params, paths, stats, spec, _row_mesh(mesh), masks, reports)
+  outputs = []
+  for b, (h, _, real) in enumerate(chunks):
+    outputs.append(np.asarray(_forward(block_params, h, batches.ctx, _batch(given, b), config=config, modes=modes),
+                              np.float32)[:real])
+  return block_params, masks, reports, np.concatenate(outputs)
+
+
+def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
+             mesh: Mesh | None = None, state: BlockState | None = None,
+             on_block: Callable[[BlockState], None] | None = None, progress: bool = True) -> BlockState:
+  """Prunes all blocks of ``params``; ``calib`` ``(n, seqlen)`` int32 token windows (None for magnitude).
+
+  ``state`` resumes a pass from a finished block; ``on_block(state)`` is called after every block (the
+  checkpointing hook of :mod:`jaxprune.prune.run`). Returns the final :class:`BlockState`.
+  """
+  needs_calib = spec.method != "magnitude"
+  if needs_calib and calib is None:
+    raise JaxpruneError(f"{spec.method} needs calibration data")
+  check_spec(spec, config, params)
+  batches = Batches(*calib.shape, config=config, batch_size=batch_size, mesh=mesh) if needs_calib else None
+  if state is None:
+    inputs = None
+    if needs_calib:
+      embed = jax.jit(M.embed, static_argnames=("config",))
+      inputs = batches.map(lambda tokens: embed(params, tokens, config=config), calib)
+    state = BlockState(0, params, [], [], inputs)
+  bar = tqdm(total=config.num_layers, initial=state.done, desc=f"prune {spec.method}", unit="block",
+             disable=not progress)
+  for i in range(state.done, config.num_layers):
+    start = time.perf_counter()
+    modes = config.sublayer_modes(i)
+    block_params = state.params["layers"][i]
+    if needs_calib and spec.true_sequential:
+      new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, batches, spec,
+                                                                 config=config, modes=modes, mesh=mesh)
+    else:
+      new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes,
+                                              mesh=mesh)
+      inputs = state.inputs
+      if needs_calib:
+        inputs = batches.map(lambda h: _forward(new_block, h, batches.ctx, config=config, modes=modes),
+                             state.inputs)
+    layers = list(state.params["layers"])
+    layers[i] = new_block
+    for r in reports:
+      r["layer"] = i
+    state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],
+                       state.reports + [reports], inputs)
+    bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}",
+                    error=f"{sum(r['error'] for r in reports):.3g}")
+    bar.update()
+    if on_block is not None:
+      on_block(state)
+  bar.close()
+  return state

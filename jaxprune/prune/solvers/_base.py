@@ -1,0 +1,86 @@
+"""What every solver shares: its result type, input checks, compute dtype, reconstruction error."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.prune._masks import TIES
+from jaxprune.prune._patterns import NM, Unstructured
+from jaxprune.prune._stats import Stats
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class SolverResult(NamedTuple):
+  """Output of a solver (a pytree).
+
+  Attributes:
+    w: ``(d_out, d_in)`` pruned (and possibly updated) weights, in the input dtype; zero wherever ``mask`` is
+      ``False`` (it may hold further zeros: weights already zero, or inputs SparseGPT finds dead).
+    mask: ``(d_out, d_in)`` bool, ``True`` = kept; it prunes exactly the count the pattern asks for.
+    error: ``()`` float32 reconstruction error ``tr((W - Ŵ) G (W - Ŵ)ᵀ)`` of the returned weights, with
+      ``G = stats.gram``; with the diagonal ``stats.sq_norms`` only when there is no Gram, and ``G = I``
+      (squared Frobenius norm) when ``stats`` is ``None``.
+  """
+
+  w: jax.Array
+  mask: jax.Array
+  error: jax.Array
+
+
+def compute_dtype(w: jax.Array):
+  """float32 for every input dtype, float64 for float64 inputs (exact checks under ``jax.enable_x64``)."""
+  return jnp.float64 if w.dtype == jnp.float64 else jnp.float32
+
+
+def check_inputs(name: str, w: jax.Array, stats: Stats | None, pattern, *, needs: str | None) -> None:
+  """Raises :class:`JaxpruneError` on inputs ``name`` cannot use: shapes, missing statistics, bad pattern.
+
+  ``needs``: ``None`` (statistics optional), ``"stats"`` (squared norms) or ``"gram"`` (the full Gram).
+  """
+  if not isinstance(pattern, (Unstructured, NM)):
+    raise JaxpruneError(f"{name}: pattern must be Unstructured or NM, got {pattern!r}")
+  if w.ndim != 2:
+    raise JaxpruneError(f"{name}: weights must be (d_out, d_in), got shape {w.shape}")
+  d_in = w.shape[1]
+  pattern.check_width(d_in)
+  if stats is None:
+    if needs is not None:
+      raise JaxpruneError(f"{name} needs calibration statistics")
+    return
+  if stats.sq_norms.shape != (d_in,):
+    raise JaxpruneError(f"{name}: statistics of width {stats.sq_norms.shape[0]} do not fit weights {w.shape}")
+  if needs == "gram" and stats.gram is None:
+    raise JaxpruneError(f"{name} needs the full Gram matrix; accumulate statistics with gram=True")
+
+
+def check_ties(name: str, ties: str, pattern) -> None:
+  """Raises :class:`JaxpruneError` unless ``ties`` is a tie rule of :mod:`jaxprune.prune._masks` that fits
+  ``pattern`` (``"threshold"`` is a threshold rule: unstructured sparsity only)."""
+  if ties not in TIES:
+    raise JaxpruneError(f"{name}: ties must be one of {', '.join(TIES)}, got {ties!r}")
+  if ties == "threshold" and isinstance(pattern, NM):
+    raise JaxpruneError(f"{name}: ties='threshold' applies to unstructured sparsity; N:M prunes exactly m - n "
+                        "per group")
+
+
+def reconstruction_error(w: jax.Array, w_hat: jax.Array, stats: Stats | None) -> jax.Array:
+  """``tr((W - Ŵ) G (W - Ŵ)ᵀ)`` as a float32 scalar (see :class:`SolverResult` for ``G``)."""
+  dtype = compute_dtype(w)
+  delta = w.astype(dtype) - w_hat.astype(dtype)
+  if stats is None:
+    err = jnp.sum(delta * delta)
+  elif stats.gram is None:
+    err = jnp.sum(delta * delta * stats.sq_norms.astype(dtype)[None, :])
+  else:
+    err = jnp.sum(delta * jnp.matmul(delta, stats.gram.astype(dtype), precision=HIGHEST))
+  return err.astype(jnp.float32)
+
+
+def finish(w_in: jax.Array, w_new: jax.Array, mask: jax.Array, stats: Stats | None) -> SolverResult:
+  """Casts ``w_new`` back to the input dtype (zeroing pruned entries) and adds the error of what is returned."""
+  w_out = jnp.where(mask, w_new, 0).astype(w_in.dtype)
+  return SolverResult(w=w_out, mask=mask, error=reconstruction_error(w_in, w_out, stats))

@@ -1,0 +1,182 @@
+"""SparseGPT: one-shot pruning with approximate OBS updates (Frantar & Alistarh 2023, arXiv:2301.00774).
+
+A port of the reference ``SparseGPT.fasterprune`` (IST-DASLab/sparsegpt), in float32 with ``HIGHEST``
+precision:
+
+1. Dead inputs (``H_jj = 0``): ``H_jj = 1`` and ``W[:, j] = 0``.
+2. Damping ``H += percdamp · mean(diag H) · I``; ``U`` = upper Cholesky factor of ``H⁻¹``. Should a Cholesky
+   factorisation fail (NaN in float32), the damping is multiplied by 10 and the factorisation retried, up to
+   ``max_retries`` times inside the compiled program; if all fail, ``U = diag(H)^(-1/2)`` (no cross-column
+   update) so the output is never NaN.
+3. Columns in blocks of ``blocksize`` (the last block may be narrower: the weights are padded with zero columns
+   whose ``U`` rows are those of the identity). Unstructured: at the start of each block the scores
+   ``W² / diag(U)²`` of the block are ranked **jointly over all rows** and exactly ``floor(s · rows · width)``
+   lowest are pruned (stable tie rule of :mod:`jaxprune.prune._masks`); ``ties="threshold"`` prunes, as the
+   reference does, every score ``<=`` the one at position ``floor(s·n)`` of the sorted block (0-based): one or
+   more weights beyond the count. N:M: at the start of every group of
+   ``m`` columns, per row, the ``m - n`` lowest scores of the group (from the weights updated so far).
+4. Column by column: ``q = w`` with pruned entries zeroed, ``e = (w - q) / U_ii``, ``W[:, i:] -= e ⊗ U[i, i:]``
+   within the block; after the block, ``W -= E · U[block, :]`` on the later columns (one matmul).
+
+The whole pass is two nested ``lax.fori_loop`` s over dynamic slices, so tracing does not grow with the width,
+and the work is dominated by the lazy block matmuls (``2 · d_out · d_in²`` flops).
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.errors import JaxpruneError
+from jaxprune.prune._masks import layer_mask, nm_mask, num_pruned
+from jaxprune.prune._patterns import NM, Unstructured
+from jaxprune.prune.solvers._base import HIGHEST, SolverResult, check_inputs, check_ties, compute_dtype, finish
+from jaxprune.prune._stats import Stats
+
+
+def inverse_cholesky_upper(h: jax.Array, *, percdamp: float, max_retries: int = 6) -> jax.Array:
+  """Upper Cholesky factor ``U`` of ``(H + δI)⁻¹`` (``UᵀU = (H + δI)⁻¹``), ``δ = percdamp · mean(diag H)``.
+
+  Args:
+    h: ``(d, d)`` symmetric positive semi-definite matrix with a positive diagonal.
+    percdamp: relative damping.
+    max_retries: how many times ``δ`` is multiplied by 10 (or set to ``0.01 · mean(diag H)`` if it was 0)
+      while a factorisation has non-finite entries.
+
+  Returns:
+    ``(d, d)`` upper-triangular ``U``, finite (``diag(H)^(-1/2)`` when every attempt failed).
+  """
+  eye = jnp.eye(h.shape[0], dtype=h.dtype)
+  mean_diag = jnp.mean(jnp.diag(h))
+
+  def attempt(damp):
+    lower = jnp.linalg.cholesky(h + damp * eye)
+    h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
+    return jnp.triu(jnp.linalg.cholesky(h_inv).T)
+
+  def failed(u):
+    return ~jnp.all(jnp.isfinite(u))
+
+  def retry(state):
+    tries, damp, _ = state
+    damp = jnp.where(damp > 0, 10 * damp, 0.01 * mean_diag)
+    return tries + 1, damp, attempt(damp)
+
+  damp0 = percdamp * mean_diag
+  _, _, u = jax.lax.while_loop(
+      lambda s: (s[0] < max_retries) & failed(s[2]), retry, (jnp.int32(0), damp0, attempt(damp0)))
+  fallback = jnp.diag(jax.lax.rsqrt(jnp.diag(h)))
+  return jnp.where(failed(u), fallback, u)
+
+
+def _obs_columns(wt, errt, u1, maskt, start, count):
+  """OBS update of block columns ``start .. start+count-1`` in order (SparseGPT Algorithm 1, inner loop).
+
+  The block is held transposed, one weight column per row, so that every step reads and writes contiguous
+  memory: ``wt``, ``errt``, ``maskt``: ``(B, d_out)``; ``u1``: ``(B, B)`` upper triangular. Column ``i``
+  becomes its pruned value ``q``; later columns absorb ``e ⊗ U[i, :]``; ``errt[i] = e``. (The arithmetic of
+  every entry is that of the untransposed loop, bit for bit; this layout runs it about 3x faster on a CPU.)
+  """
+
+  def column(i, carry):
+    wt, errt = carry
+    wi = jax.lax.dynamic_index_in_dim(wt, i, axis=0, keepdims=False)
+    keep = jax.lax.dynamic_index_in_dim(maskt, i, axis=0, keepdims=False)
+    u_row = jax.lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)
+    q = jnp.where(keep, wi, 0)
+    e = (wi - q) / jax.lax.dynamic_index_in_dim(u_row, i, keepdims=False)
+    wt = wt - u_row[:, None] * e[None, :]
+    wt = jax.lax.dynamic_update_index_in_dim(wt, q, i, axis=0)
+    return wt, jax.lax.dynamic_update_index_in_dim(errt, e, i, axis=0)
+
+  return jax.lax.fori_loop(start, start + count, column, (wt, errt))
+
+
+def _prune_block(w1, u1, count, d_valid, pattern, ties):
+  """Selects the mask of one block and runs its column updates. Returns ``(q1, err1, mask1)``, ``(d_out, B)``.
+
+  ``count``: number to prune jointly over the block (unstructured); ``d_valid``: real (unpadded) columns.
+  """
+  width = w1.shape[1]
+  inv_d2 = 1.0 / jnp.square(jnp.diag(u1))
+  errt = jnp.zeros_like(w1.T)
+  if isinstance(pattern, Unstructured):
+    scores = jnp.where(jnp.arange(width)[None, :] < d_valid, jnp.square(w1) * inv_d2[None, :], jnp.inf)
+    mask1 = layer_mask(scores, count, ties=ties)
+    wt, errt = _obs_columns(w1.T, errt, u1, mask1.T, 0, width)
+    return wt.T, errt.T, mask1
+  m = pattern.m
+
+  def group(g, carry):
+    wt, errt, maskt = carry
+    wg = jax.lax.dynamic_slice_in_dim(wt, g * m, m, axis=0)
+    scores = jnp.square(wg) * jax.lax.dynamic_slice_in_dim(inv_d2, g * m, m)[:, None]
+    maskt = jax.lax.dynamic_update_slice_in_dim(maskt, nm_mask(scores.T, n=pattern.n, m=m).T, g * m, axis=0)
+    wt, errt = _obs_columns(wt, errt, u1, maskt, g * m, m)
+    return wt, errt, maskt
+
+  maskt = jnp.ones_like(w1.T, dtype=bool)
+  wt, errt, maskt = jax.lax.fori_loop(0, width // m, group, (w1.T, errt, maskt))
+  return wt.T, errt.T, maskt.T
+
+
+def _check_hparams(pattern, blocksize, percdamp, max_retries):
+  if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+    raise JaxpruneError(f"sparsegpt: blocksize must be a positive integer, got {blocksize!r}")
+  if not isinstance(percdamp, numbers.Real) or not 0 <= percdamp < float("inf"):
+    raise JaxpruneError(f"sparsegpt: percdamp must be a finite number >= 0, got {percdamp!r}")
+  if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+    raise JaxpruneError(f"sparsegpt: max_retries must be an integer >= 0, got {max_retries!r}")
+  if isinstance(pattern, NM) and blocksize % pattern.m:
+    raise JaxpruneError(f"sparsegpt: blocksize {blocksize} must be a multiple of the N:M group {pattern.m}")
+  if isinstance(pattern, Unstructured) and pattern.scope is not None:
+    raise JaxpruneError(f"sparsegpt selects its mask per column block; scope={pattern.scope!r} is not supported")
+
+
+def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksize: int = 128,
+              percdamp: float = 0.01, max_retries: int = 6, ties: str = "count") -> SolverResult:
+  """Prunes ``w`` ``(d_out, d_in)`` with SparseGPT on ``stats.gram`` ``(d_in, d_in)`` (any positive scale).
+
+  Args:
+    w: weights, any float dtype (computed in float32; float64 under x64).
+    stats: calibration statistics with a Gram matrix.
+    pattern: ``Unstructured`` (scope ``None``: per column block, jointly over rows) or ``NM``.
+    blocksize: columns per block (a multiple of ``m`` for N:M); ``d_in`` need not be a multiple.
+    percdamp: damping relative to ``mean(diag H)``.
+    max_retries: Cholesky retries with 10x damping.
+    ties: ``"count"`` (exactly ``floor(s·n)`` per block) or ``"threshold"`` (the reference's rule); unstructured.
+  """
+  check_inputs("sparsegpt", w, stats, pattern, needs="gram")
+  check_ties("sparsegpt", ties, pattern)
+  _check_hparams(pattern, blocksize, percdamp, max_retries)
+  dtype = compute_dtype(w)
+  d_out, d_in = w.shape
+  h = stats.gram.astype(dtype)
+  dead = jnp.diag(h) == 0
+  h = h + jnp.diag(dead.astype(dtype))
+  w0 = jnp.where(dead[None, :], 0, w.astype(dtype))
+  u = inverse_cholesky_upper(h, percdamp=percdamp, max_retries=max_retries)
+
+  n_blocks = -(-d_in // blocksize)
+  pad = n_blocks * blocksize - d_in
+  w0 = jnp.pad(w0, ((0, 0), (0, pad)))
+  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(d_in + pad) >= d_in).astype(dtype)
+  sparsity = pattern.sparsity if isinstance(pattern, Unstructured) else 0.0
+  counts = jnp.asarray(
+      [num_pruned(d_out * min(blocksize, d_in - b * blocksize), sparsity) for b in range(n_blocks)], jnp.int32)
+
+  def block(b, carry):
+    w0, mask = carry
+    i1 = b * blocksize
+    u_rows = jax.lax.dynamic_slice_in_dim(u, i1, blocksize, axis=0)
+    w1 = jax.lax.dynamic_slice_in_dim(w0, i1, blocksize, axis=1)
+    u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, blocksize, axis=1)
+    q1, err1, mask1 = _prune_block(w1, u1, counts[b], d_in - i1, pattern, ties)
+    w0 = w0 - jnp.matmul(err1, u_rows, precision=HIGHEST)  # U is upper: only columns >= i1 change
+    w0 = jax.lax.dynamic_update_slice_in_dim(w0, q1, i1, axis=1)
+    return w0, jax.lax.dynamic_update_slice_in_dim(mask, mask1, i1, axis=1)
+
+  mask = jnp.ones_like(w0, dtype=bool)
+  w0, mask = jax.lax.fori_loop(0, n_blocks, block, (w0, mask))
+  return finish(w, w0[:, :d_in], mask[:, :d_in], stats)
