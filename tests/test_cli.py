@@ -1,5 +1,7 @@
 """The command line on a tiny model: it runs end to end, and bad input gets a one-line error (exit 2)."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -56,6 +58,10 @@ def test_eval_convert_export_end_to_end(tiny_dir, tmp_path, capsys):
   assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
   assert run(capsys, "export", "--model", tmp_path / "ck", "--out", tmp_path / "hf")[0] == 0
   assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+  umask = os.umask(0o022)
+  os.umask(umask)
+  for f in (tmp_path / "hf").iterdir():  # not the 0600 of a temporary file
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
 
 
 def test_missing_path(capsys):

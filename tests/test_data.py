@@ -240,8 +240,8 @@ def test_hub_dataset_offline_fails_fast(name, monkeypatch):
 
 
 def test_hub_unreachable_fails_fast(monkeypatch):
-  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-  monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+    monkeypatch.delenv(var, raising=False)
   probes = []
 
   def refuse(address, timeout=None):

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._atomic import atomic_write
 from jaxprune.io._load import DEFAULT_MODEL, LoadedModel, load_model
 
 DEFAULT_EVAL = "austen"
@@ -77,9 +76,4 @@ def write_json(path: Path | None, result: dict) -> None:
   print(text)
   if path is None:
     return
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  with os.fdopen(fd, "w") as f:
-    f.write(text + "\n")
-  os.replace(tmp, path)
+  atomic_write(path, text + "\n")

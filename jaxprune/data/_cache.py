@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from jaxprune.io._atomic import atomic_write
 
 FORMAT = "v1"  # bump when the tokenization convention changes
 
@@ -61,13 +62,6 @@ def load_cached(path: Path) -> np.ndarray | None:
 def store(path: Path, tokens: np.ndarray) -> None:
   """Writes ``tokens`` to ``path`` atomically; a cache that cannot be written is silently skipped."""
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False))
   except OSError:
-    return
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
-    os.replace(tmp, path)
-  except OSError:
-    Path(tmp).unlink(missing_ok=True)
+    pass

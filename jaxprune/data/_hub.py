@@ -8,45 +8,29 @@
   ``" "`` and cut to ``256 * seqlen`` tokens; calibration = per sample, a random train-shard-0 document longer
   than ``seqlen`` tokens and a random window of it (see :func:`c4_calibration`).
 
-These need the network: offline (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or ``huggingface.co:443``
-unreachable within a few seconds) they fail at once with a :class:`~jaxprune.errors.JaxpruneError`.
+These need the network: offline (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or the ``HF_ENDPOINT`` host
+unreachable within a few seconds, see :mod:`jaxprune.io._hub`) they fail at once with a
+:class:`~jaxprune.errors.JaxpruneError`.
 """
 from __future__ import annotations
 
-import os
 import random
-import socket
-from urllib.parse import urlparse
 
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._hub import PROBE_TIMEOUT_S, require_hub
 
 C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
 C4_EVAL_DOCS = 1100
 C4_EVAL_WINDOWS = 256
-PROBE_TIMEOUT_S = 3.0
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _hub_host() -> tuple[str, int]:
-  endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-  return endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
 
 
 def ensure_online(name: str, *, timeout: float = PROBE_TIMEOUT_S) -> None:
   """Raises a one-line :class:`JaxpruneError` unless the hub is allowed and reachable (checked in ``timeout`` s)."""
-  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-    if os.environ.get(var, "").strip().lower() in _TRUE:
-      raise JaxpruneError(f"dataset {name!r} needs the Hugging Face hub but {var} is set; "
-                          f"use a bundled corpus (wiki, austen), a text file or a .npy token file")
-  host, port = _hub_host()
-  try:
-    socket.create_connection((host, port), timeout=timeout).close()
-  except OSError as err:
-    raise JaxpruneError(f"dataset {name!r} needs the Hugging Face hub but {host}:{port} is unreachable "
-                        f"({err.strerror or type(err).__name__}); use a bundled corpus, a text or .npy file") from None
+  require_hub(f"dataset {name!r}", "use a bundled corpus (wiki, austen), a text file or a .npy token file",
+              "HF_DATASETS_OFFLINE", timeout=timeout)
 
 
 def _load(name: str, *args, **kwargs):

@@ -13,8 +13,6 @@ half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._atomic import atomic_dir
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 
@@ -57,9 +56,7 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
       raise JaxpruneError(f"output directory {out} exists and is not a jaxprune checkpoint")
     if not overwrite:
       raise JaxpruneError(f"checkpoint {out} exists; pass --overwrite to replace it")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
+  with atomic_dir(out, replace=True) as tmp:
     _save_tree(tmp / "params", params)
     if masks is not None:
       _save_tree(tmp / "masks", masks)
@@ -68,13 +65,6 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
     meta = {"format": FORMAT, "config": json.loads(config.to_json()), "has_masks": masks is not None,
             "metadata": metadata or {}}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-    tmp.chmod(0o755)
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 

@@ -2,21 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._atomic import atomic_dir
+from jaxprune.io._hub import hub_unavailable
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.models._convert import params_from_hf, params_to_hf
 from jaxprune.models._model import Params
-
-HUB_HOST = ("huggingface.co", 443)
-
 
 def is_hf_dir(path: Path) -> bool:
   return (path / "config.json").is_file()
@@ -60,30 +55,44 @@ def load_hf_dir(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
   return config, params_from_hf(get, names, config, dtype)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-  """False when offline (``HF_HUB_OFFLINE`` set or the hub host unreachable within ``timeout`` seconds)."""
-  if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-    return False
+HUB_PATTERNS = ("*.json", "*.model", "*.txt")
+
+
+def _has_weights(path: Path) -> bool:
+  return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
+def cached_hub_model(name: str) -> Path | None:
+  """The snapshot of hub model ``name`` in the local Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``), if one with
+  a config and weights is there; no network access."""
+  from huggingface_hub import snapshot_download
+
   try:
-    with socket.create_connection(HUB_HOST, timeout=timeout):
-      return True
-  except OSError:
-    return False
+    path = Path(snapshot_download(name, local_files_only=True))
+  except Exception:  # noqa: BLE001 - not cached, incomplete, or an invalid name: all mean "not usable"
+    return None
+  return path if is_hf_dir(path) and _has_weights(path) else None
 
 
 def download_hub_model(name: str) -> Path:
-  """Downloads config, weights and tokenizer of hub model ``name``; fails fast offline."""
-  if not hub_reachable():
-    raise JaxpruneError(f"cannot reach the Hugging Face hub to fetch {name!r} (offline?); "
-                        "pass a local model directory, a .gguf file, or smollm2-135m")
+  """Config, weights and tokenizer of hub model ``name``: from the Hugging Face cache when the hub cannot be used
+  (``HF_HUB_OFFLINE``, unreachable ``HF_ENDPOINT``), else downloaded (into the same cache)."""
+  reason = hub_unavailable()
+  if reason is not None:
+    cached = cached_hub_model(name)
+    if cached is None:
+      raise JaxpruneError(f"model {name!r} needs the Hugging Face hub but {reason}, and it is not in the local "
+                          "Hugging Face cache; pass a local model directory, a .gguf file, or smollm2-135m")
+    return cached
   from huggingface_hub import list_repo_files, snapshot_download
 
   try:
     files = list_repo_files(name)
     weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin"
-    return Path(snapshot_download(name, allow_patterns=["*.json", weights, "*.model", "*.txt"]))
+    return Path(snapshot_download(name, allow_patterns=[*HUB_PATTERNS, weights]))
   except Exception as err:  # hub errors come in many types; the user needs one line
-    raise JaxpruneError(f"could not download {name!r} from the Hugging Face hub: {err}") from None
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise JaxpruneError(f"could not download {name!r} from the Hugging Face hub: {first}") from None
 
 
 def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None) -> Path:
@@ -93,9 +102,7 @@ def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None) 
   out = Path(out)
   if out.exists() and any(out.iterdir()):
     raise JaxpruneError(f"output directory {out} exists and is not empty")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-  try:
+  with atomic_dir(out) as tmp:
     hf_config = to_hf_config(config)
     state = params_to_hf(params, config)
     if config.tie_word_embeddings:
@@ -105,11 +112,4 @@ def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None) 
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
-    tmp.chmod(0o755)
-    if out.exists():
-      out.rmdir()
-    tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out

@@ -14,36 +14,19 @@ refuses to mix.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._atomic import atomic_write
 from jaxprune.prune._sequential import BlockState
 
 
 def partial_dir(out: Path) -> Path:
   return Path(out).with_name(Path(out).name + ".partial")
-
-
-def _atomic(path: Path, write) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def _write(path, save, *args, **kwargs) -> None:
-  with open(path, "wb") as f:
-    save(f, *args, **kwargs)
 
 
 def _flatten(tree) -> dict[str, np.ndarray]:
@@ -77,11 +60,11 @@ class ResumeStore:
     arrays = {f"params/{k}": v for k, v in _flatten(state.params["layers"][i]).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
     arrays["report"] = np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)
-    _atomic(self.dir / f"block_{i:03d}.npz", lambda tmp: _write(tmp, np.savez, **arrays))
+    atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
     if state.inputs is not None:
-      _atomic(self.dir / "inputs.npy", lambda tmp: _write(tmp, np.save, state.inputs))
+      atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, state.inputs))
     progress = {"identity": self.identity, "done": state.done}
-    _atomic(self.dir / "progress.json", lambda tmp: Path(tmp).write_text(json.dumps(progress)))
+    atomic_write(self.dir / "progress.json", json.dumps(progress))
 
   def load(self, params: dict) -> BlockState | None:
     """The saved state on top of the original ``params``, or None if there is nothing to resume."""
