@@ -70,6 +70,18 @@ def windows(model: LoadedModel, source: str, *, seqlen: int, role: str, nsamples
                       nsamples=nsamples, max_windows=max_windows, seed=seed, vocab_size=model.config.vocab_size)
 
 
+def check_json_out(path: Path | None) -> None:
+  """Refuses a ``--json`` path that cannot be written (a directory, a parent that is a file), before any work."""
+  if path is None or str(path) == "-":
+    return
+  path = Path(path)
+  if path.is_dir():
+    raise JaxpruneError(f"--json {path} is a directory; give a file name (or - for stdout)")
+  parent = next((p for p in path.parents if p.exists()), None)
+  if parent is not None and not parent.is_dir():
+    raise JaxpruneError(f"--json {path}: {parent} is not a directory")
+
+
 def write_json(path: Path | None, result: dict) -> None:
   """Prints ``result`` and, with ``path``, writes it atomically."""
   text = json.dumps(result, indent=1, sort_keys=True, default=str)

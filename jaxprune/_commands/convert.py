@@ -11,16 +11,22 @@ def add_parser(sub) -> None:
   common.add_model_arg(p)
   p.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
   p.add_argument("--overwrite", action="store_true", help="replace an existing jaxprune checkpoint")
+  common.add_json_arg(p)
   p.set_defaults(run=run)
 
 
 def run(args) -> dict:
   from jaxprune.io._checkpoint import save_checkpoint
+  from jaxprune.prune._job import check_out
 
+  check_out(args.out, args.overwrite)  # before loading the model
+  common.check_json_out(args.json)
   model = common.load(args.model)
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
-  meta = {**model.metadata, "converted_from": args.model}
-  save_checkpoint(args.out, model.config, model.params, masks=model.masks, metadata=meta, tokenizer=tokenizer,
-                  overwrite=args.overwrite)
+  save_checkpoint(args.out, model.config, model.params, masks=model.masks, metadata=dict(model.metadata),
+                  tokenizer=tokenizer, overwrite=args.overwrite)
   common.log(f"wrote checkpoint {args.out}")
-  return {"out": str(args.out)}
+  result = {"model": args.model, "out": str(args.out), **model.provenance}
+  result.pop("generation_config", None)
+  common.write_json(args.json, result)
+  return result

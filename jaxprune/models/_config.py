@@ -24,8 +24,17 @@ _IRRELEVANT = frozenset({
     "tokenizer_class", "prefix", "task_specific_params", "_remove_final_layer_norm", "is_decoder",
     "add_cross_attention", "tie_encoder_decoder", "use_bfloat16", "pruned_heads", "torchscript",
     "finetuning_task", "max_window_layers", "bad_words_ids", "quantization_config", "_attn_implementation",
-    "_commit_hash", "transformers.js_config",
+    "_commit_hash", "transformers.js_config", "_model_name_or_path", "unk_token_id", "keys_to_ignore_at_inference",
+    "_attn_implementation_autoset", "classifier_dropout", "embd_pdrop", "resid_pdrop", "hidden_dropout",
+    "tf_legacy_loss", "use_return_dict", "gradient_checkpointing", "base_model_tp_plan", "base_model_pp_plan",
 })
+# What a model's layer_types may name (Qwen2, Mistral and LLaMA in transformers 5 write it).
+_LAYER_KINDS = ("full_attention", "sliding_attention")
+# Keys without which a config cannot be built, per family.
+_REQUIRED = {
+    "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "opt": ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads"),
+}
 _LLAMA_KEYS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -102,6 +111,37 @@ def _check_allowlist(hf: dict, allowed: frozenset, model_type: str) -> None:
     raise JaxpruneError(f"unsupported {model_type} config attributes: {', '.join(unknown)}")
 
 
+def _check_required(hf: dict, family: str, model_type: str) -> None:
+  missing = [k for k in _REQUIRED[family] if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
+  if missing:
+    raise JaxpruneError(f"{model_type} config lacks integer {', '.join(missing)}")
+
+
+def _attention_window(hf: dict, model_type: str) -> int | None:
+  """The sliding window of every layer, or None for full attention, as transformers computes it: Mistral uses
+  ``sliding_window`` everywhere; Qwen2 per layer (``layer_types``, else sliding from ``max_window_layers`` on, when
+  ``use_sliding_window``); LLaMA has none. Mixed or unknown layer kinds are refused."""
+  if model_type == "mistral":
+    return hf.get("sliding_window")
+  if model_type != "qwen2":
+    return None
+  window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+  kinds = hf.get("layer_types")
+  if kinds is None:
+    first = hf.get("max_window_layers", hf["num_hidden_layers"])
+    kinds = ["sliding_attention" if window is not None and i >= first else "full_attention"
+             for i in range(hf["num_hidden_layers"])]
+  unknown = sorted(set(map(str, kinds)) - set(_LAYER_KINDS))
+  if unknown:
+    raise JaxpruneError(f"unsupported config: layer_types {', '.join(unknown)} (supported: full attention, or one "
+                        "sliding window in every layer)")
+  if set(kinds) == {"full_attention"}:
+    return None
+  if len(set(kinds)) > 1 or window is None:
+    raise JaxpruneError("unsupported config: mixed full and sliding-window attention layers (layer_types)")
+  return window
+
+
 def _rope(hf: dict) -> tuple[float, tuple[tuple[str, Any], ...]]:
   params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -120,16 +160,14 @@ def from_hf_config(hf: dict) -> ModelConfig:
   raw = json.dumps(hf, sort_keys=True, default=str)
   if model_type in LLAMA_TYPES:
     _check_allowlist(hf, _LLAMA_KEYS, model_type)
+    _check_required(hf, "llama", model_type)
     if hf.get("pretraining_tp", 1) not in (1, None):
       raise JaxpruneError("unsupported llama config attribute: pretraining_tp != 1")
     if hf.get("hidden_act", "silu") != "silu":
       raise JaxpruneError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
     heads = hf["num_attention_heads"]
     theta, scaling = _rope(hf)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
-    kinds = set(hf.get("layer_types") or ())
-    if window is not None and len(kinds) > 1:
-      raise JaxpruneError("unsupported config: mixed full and sliding-window attention layers (layer_types)")
+    window = _attention_window(hf, model_type)
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
     return ModelConfig(
         family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -143,6 +181,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window, hf_config_json=raw)
   if model_type == "opt":
     _check_allowlist(hf, _OPT_KEYS, model_type)
+    _check_required(hf, "opt", model_type)
     act = hf.get("activation_function", "relu")
     if act not in ("relu", "gelu"):
       raise JaxpruneError(f"unsupported OPT activation_function {act!r} (relu or gelu)")
@@ -174,10 +213,12 @@ def to_hf_config(config: ModelConfig) -> dict:
   if config.family == "llama":
     hf.update(intermediate_size=config.intermediate_size, num_key_value_heads=config.num_kv_heads,
               head_dim=config.head_dim, rms_norm_eps=config.norm_eps)
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta, **dict(config.rope_scaling)}
-    hf.pop("rope_scaling", None)
-    hf.pop("rope_theta", None)
-    hf["rope_parameters"] = rope
+    # transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling (whose validation warns about any key
+    # its rope type does not take, rope_theta included): both are written.
+    scaling = {"rope_type": "default", **dict(config.rope_scaling)}
+    hf["rope_parameters"] = {**scaling, "rope_theta": config.rope_theta}
+    hf["rope_theta"] = config.rope_theta
+    hf["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
     if hf["model_type"] == "llama":
       hf["attention_bias"] = config.qkv_bias
       hf["mlp_bias"] = config.mlp_bias

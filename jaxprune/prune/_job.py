@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _checkpoint as checkpoint
 from jaxprune.models._config import ModelConfig
+from jaxprune.prune._patterns import pattern_name
 from jaxprune.prune._resume import ResumeStore
 from jaxprune.prune._sequential import BlockState, PruneSpec, kernel_at, run_pass
 
@@ -76,8 +77,8 @@ def prune(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None
   params = jax.tree.map(np.asarray, state.params)
   seconds = time.perf_counter() - start
   layers = [dict(r) for block in state.reports for r in block]
-  meta = {**spec.to_json(), "layers": layers, "sparsity": linear_sparsity(state.reports, config, params),
-          "versions": versions(), **(identity or {})}
+  meta = {**spec.to_json(), "pattern": pattern_name(spec.pattern), "layers": layers,
+          "sparsity": linear_sparsity(state.reports, config, params), "versions": versions(), **(identity or {})}
   return PruneOutcome(params, mask_tree(state.masks), meta, seconds)
 
 

@@ -16,6 +16,8 @@ conventions agree only at 2:4 and 4:8. ``NM(1, 4)`` keeps one weight in four (75
 True
 >>> parse_pattern(None, "2:4")
 NM(n=2, m=4)
+>>> pattern_name(NM(2, 4)), pattern_name(Unstructured(0.5, scope="row"))
+('2:4', 'unstructured:0.5:row')
 """
 from __future__ import annotations
 
@@ -110,3 +112,10 @@ def parse_pattern(sparsity: float | None, nm: str | None, *, scope: str | None =
   if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
     raise JaxpruneError(f"N:M pattern must look like 2:4 (N kept of every M), got {nm!r}")
   return NM(int(parts[0]), int(parts[1]))
+
+
+def pattern_name(pattern: Pattern) -> str:
+  """The command-line spelling of a pattern: ``"2:4"`` (N kept of every M), ``"unstructured:0.5[:scope]"``."""
+  if isinstance(pattern, NM):
+    return f"{pattern.n}:{pattern.m}"
+  return f"unstructured:{pattern.sparsity:g}" + (f":{pattern.scope}" if pattern.scope else "")
