@@ -1,0 +1,24 @@
+"""Retraining after pruning: PERP's parameter-efficient subsets and adapters, and masked full fine-tuning.
+
+Zimmer et al. 2024, "PERP: Rethinking the Prune-Retrain Paradigm in the Era of LLMs" (arXiv:2312.15230, github
+ZIB-IOL/PERP); Gholami & Omar 2023 (magnitude pruning + fine-tuning with the mask held fixed). Building blocks only,
+pure functions for someone else's jitted training loop: which leaves train (:func:`parse_train_spec`,
+:func:`trainable_mask`, :func:`partition`), adapters (:func:`lora_init`, :func:`apply`, :func:`merge`), the
+optimizer (:func:`make_optimizer`), the zero-keeping projection (:func:`project_masked`) and a generic step
+(:func:`train_step`). Masks: ``True`` = kept, kernel layout ``(d_in, d_out)``, one ``{linear path: mask}`` dict per
+block.
+"""
+from jaxprune.retrain._adapters import (
+    ADAPTER_PARAMS, SPARSE_FRACTION, Masks, apply, effective_kernel, lora_init, merge, target_paths)
+from jaxprune.retrain._optim import (
+    TrainState, init_state, lr_schedule, make_optimizer, project_masked, train_step)
+from jaxprune.retrain._subsets import (
+    ADAPTER_KINDS, DEFAULT_ALPHA, DEFAULT_RANK, DEFAULT_TARGETS, SUBSETS, TrainSpec, combine, count, linear_paths,
+    measured_masks, parse_train_spec, partition, trainable_mask, with_biases)
+
+__all__ = [
+    "ADAPTER_KINDS", "ADAPTER_PARAMS", "DEFAULT_ALPHA", "DEFAULT_RANK", "DEFAULT_TARGETS", "Masks",
+    "SPARSE_FRACTION", "SUBSETS", "TrainSpec", "TrainState", "apply", "combine", "count", "effective_kernel",
+    "init_state", "linear_paths", "lora_init", "lr_schedule", "make_optimizer", "measured_masks", "merge",
+    "parse_train_spec", "partition", "project_masked", "train_step", "trainable_mask", "with_biases",
+]
