@@ -1,7 +1,15 @@
 """GGUF files (llama.cpp) in: dequantized with the ``gguf`` package, no torch needed.
 
-llama.cpp's converter permutes the rows of ``q`` and ``k`` for its rotary layout; :func:`unpermute` undoes it so
-the weights equal the Hugging Face ones.
+Architectures, read as transformers' GGUF loader reads them:
+
+- ``llama`` (LLaMA 1/2/3, SmolLM; Mistral, which llama.cpp writes as ``llama`` with "mistral" in ``general.name``
+  and which is read as a Hugging Face ``mistral`` model):
+  llama.cpp's converter permutes the rows of ``q`` and ``k`` for its rotary layout; :func:`unpermute` undoes it
+  so the weights equal the Hugging Face ones. GGUF stores no sliding window: attention is full, as llama.cpp
+  computes it.
+- ``qwen2``: attention biases on ``q``, ``k``, ``v``; untied heads (``output.weight``); no permutation.
+- ``qwen3`` is refused: its per-head RMSNorm of queries and keys (``attn_q_norm``/``attn_k_norm``) is not part
+  of jaxprune's LLaMA-family model.
 """
 from __future__ import annotations
 
@@ -14,7 +22,12 @@ from jaxprune.models._config import ModelConfig, from_hf_config
 from jaxprune.models._convert import params_from_hf
 from jaxprune.models._model import Params
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")
+_PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp permutes
+_REFUSED = {"qwen3": "its q/k norms (RMSNorm of each head's queries and keys) are not computed by jaxprune's "
+                     "LLaMA-family model"}
+_HF_NAMES = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
+             "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -43,35 +56,60 @@ def _field(reader, key, default=None):
   return default if field is None else field.contents()
 
 
-def gguf_hf_config(reader, path: Path) -> dict:
-  """The Hugging Face config dict equivalent to a GGUF file's metadata."""
+def _number(reader, path: Path, key: str, kind=int, default=None):
+  """Field ``key`` as ``kind``; a missing field without ``default``, or a value of the wrong type, is one line."""
+  value = _field(reader, key, default)
+  try:
+    return kind(value)
+  except (TypeError, ValueError):
+    what = "lacks" if value is None else f"has a non-numeric {value!r} in"
+    raise JaxpruneError(f"{path}: GGUF file {what} field {key}") from None
+
+
+def _architecture(reader, path: Path) -> str:
   arch = _field(reader, "general.architecture")
+  if arch in _REFUSED:
+    raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported: {_REFUSED[arch]}")
   if arch not in SUPPORTED_ARCHS:
     raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+  return arch
+
+
+def gguf_hf_config(reader, path: Path) -> dict:
+  """The Hugging Face config dict equivalent to a GGUF file's metadata."""
+  arch = _architecture(reader, path)
+  model_type = arch
+  if arch == "llama" and "mistral" in str(_field(reader, "general.name", "")).lower():
+    model_type = "mistral"
   names = {t.name for t in reader.tensors}
-  heads = int(_field(reader, f"{arch}.attention.head_count"))
-  hidden = int(_field(reader, f"{arch}.embedding_length"))
-  vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+  heads = _number(reader, path, f"{arch}.attention.head_count")
+  hidden = _number(reader, path, f"{arch}.embedding_length")
+  vocab = _field(reader, f"{arch}.vocab_size")
+  if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
   hf = {
-      "model_type": "llama", "vocab_size": int(vocab), "hidden_size": hidden,
-      "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-      "num_hidden_layers": int(_field(reader, f"{arch}.block_count")), "num_attention_heads": heads,
-      "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-      "head_dim": int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
-      "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-      "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-      "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+      "model_type": _HF_NAMES[model_type][0], "vocab_size": _number(reader, path, f"{arch}.vocab_size", int, vocab),
+      "hidden_size": hidden, "intermediate_size": _number(reader, path, f"{arch}.feed_forward_length"),
+      "num_hidden_layers": _number(reader, path, f"{arch}.block_count"), "num_attention_heads": heads,
+      "num_key_value_heads": _number(reader, path, f"{arch}.attention.head_count_kv", int, heads),
+      "head_dim": _number(reader, path, f"{arch}.rope.dimension_count", int, hidden // heads),
+      "max_position_embeddings": _number(reader, path, f"{arch}.context_length", int, 2048),
+      "rms_norm_eps": _number(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-6),
+      "rope_theta": _number(reader, path, f"{arch}.rope.freq_base", float, 10000.0),
       "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-      "architectures": ["LlamaForCausalLM"],
+      "architectures": [_HF_NAMES[model_type][1]],
   }
+  if model_type == "mistral":
+    hf["sliding_window"] = None
   scaling = _field(reader, f"{arch}.rope.scaling.type")
   if scaling not in (None, "none"):
     if scaling != "linear":
       raise JaxpruneError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
-    hf["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    hf["rope_scaling"] = {"rope_type": "linear",
+                          "factor": _number(reader, path, f"{arch}.rope.scaling.factor", float)}
   return hf
 
 
@@ -104,20 +142,24 @@ def read_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params, dict]:
 
   reader = _reader(path)
   config = from_hf_config(gguf_hf_config(reader, path))
+  permuted = _field(reader, "general.architecture") in _PERMUTED
   tensors = {}
   for t in reader.tensors:
+    if t.name == "rope_freqs.weight":
+      raise JaxpruneError(f"{path}: GGUF per-frequency rope factors (rope_freqs, as in LLaMA 3.1 files) are not "
+                          "supported")
     try:
       tensors[_hf_tensor_name(t.name)] = t
-    except KeyError:
+    except (KeyError, ValueError):
       raise JaxpruneError(f"{path}: unexpected GGUF tensor {t.name!r}") from None
 
   def get(name: str) -> np.ndarray:
     t = tensors[name]
     w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
     w = w.reshape([int(n) for n in reversed(t.shape)])
-    if name.endswith("q_proj.weight"):
+    if permuted and name.endswith("q_proj.weight"):
       w = unpermute(w, config.num_heads)
-    elif name.endswith("k_proj.weight"):
+    elif permuted and name.endswith("k_proj.weight"):
       w = unpermute(w, config.num_kv_heads)
     return w
 

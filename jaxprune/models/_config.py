@@ -47,6 +47,9 @@ _OPT_KEYS = frozenset({
     "enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings",
 })
 _ROPE_TYPES = ("default", "linear", "llama3")
+# Relatives of the LLaMA family that jaxprune's model does not compute, and why.
+_REFUSED_TYPES = {"qwen3": "its q/k norms (RMSNorm of each head's queries and keys) are not computed by jaxprune's "
+                           "LLaMA-family model"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +200,8 @@ def from_hf_config(hf: dict) -> ModelConfig:
         norm_affine=bool(hf.get("layer_norm_elementwise_affine", True)), activation=act,
         qkv_bias=bool(hf.get("enable_bias", True)), o_bias=bool(hf.get("enable_bias", True)),
         mlp_bias=bool(hf.get("enable_bias", True)), hf_config_json=raw)
+  if model_type in _REFUSED_TYPES:
+    raise JaxpruneError(f"unsupported model type {model_type!r}: {_REFUSED_TYPES[model_type]}")
   raise JaxpruneError(
       f"unsupported model type {model_type!r}; supported: {', '.join(LLAMA_TYPES + ('opt',))}")
 
