@@ -1,25 +1,24 @@
 """Perplexity, by the protocol of SparseGPT/Wanda (see ALGORITHMS.md).
 
 Per window of ``seqlen`` tokens: the mean cross-entropy of the ``seqlen - 1`` shifted next-token predictions;
-``ppl = exp(mean over windows)``. Windows are batched, and batches are split over the ``data`` axis of a mesh
-(data parallel; params replicated), which gives the same number on 1 or 8 devices.
+``ppl = exp(mean over windows)``. Windows are batched by the :class:`~jaxprune.runner.Runner`, and batches are
+split over the ``data`` axis of a mesh (data parallel; params replicated), which gives the same number on 1 or 8
+devices.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxprune._batching import Batches
 from jaxprune.errors import JaxpruneError
-from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
+from jaxprune.runner import Runner, data_mesh
+
+__all__ = ["EvalResult", "check_windows", "data_mesh", "perplexity"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,45 +50,6 @@ def check_windows(windows: np.ndarray, config: ModelConfig) -> None:
     raise JaxpruneError(f"token ids must lie in [0, {config.vocab_size}); found ids in [{lo}, {hi}]")
 
 
-def window_losses(params, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
-  """Mean next-token cross-entropy per window: tokens ``(b, seqlen)`` -> ``(b,)`` float32."""
-  ctx = M.context(config, *tokens.shape)
-  h = _embed(params, tokens, config=config)
-  for i, layer_params in enumerate(params["layers"]):
-    h = _block(layer_params, h, ctx, config=config, modes=config.sublayer_modes(i))
-  return _head_loss(params, h, tokens, config=config)
-
-
-_block = jax.jit(M.block, static_argnames=("config", "modes", "taps"))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _embed(params, tokens, *, config):
-  return M.embed(params, tokens, config=config)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "chunk"))
-def _head_loss(params, h, tokens, *, config, chunk: int = 128):
-  """Mean shifted cross-entropy per window ``(b,)``.
-
-  The logits are computed ``chunk`` positions at a time (a ``lax.map`` over the unsharded sequence axis), so
-  ``(b, chunk, vocab)`` rather than ``(b, seqlen, vocab)`` floats are alive at once.
-  """
-  b, t, d = h.shape
-  n = t - 1
-  pad = -n % chunk
-  hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
-  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
-
-  def nll(args):
-    h1, t1 = args
-    logits = M.head(params, h1, config=config).astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t1[..., None], axis=-1)[..., 0]
-
-  losses = jax.lax.map(nll, (hs, targets)).swapaxes(0, 1).reshape(b, -1)[:, :n]
-  return jnp.mean(losses, axis=-1)
-
-
 def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 8, mesh: Mesh | None = None,
                progress: bool = True, desc: str = "eval") -> EvalResult:
   """Perplexity of ``params`` on token ``windows`` ``(n, seqlen)`` int32.
@@ -100,21 +60,16 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   windows = np.asarray(windows)
   check_windows(windows, config)
   n, seqlen = windows.shape
-  batches = Batches(n, seqlen, config=config, batch_size=batch_size, mesh=mesh)
-  params = batches.replicate(params)  # once, not per batch
+  runner = Runner(config, mesh=mesh, batch_size=batch_size)
+  batches = runner.batches(n, seqlen)
+  params = runner.replicate(params)  # once, not per batch
   losses = []
   start = time.perf_counter()
   bar = tqdm(batches.chunks(windows.astype(np.int32)), total=len(batches), desc=desc, unit="batch",
              disable=not progress, leave=False)
   for tokens, _, real in bar:
-    losses.append(np.asarray(window_losses(params, tokens, config=config))[:real])
+    losses.append(np.asarray(runner.window_losses(params, tokens))[:real])
   per_window = np.concatenate(losses).astype(np.float32)
   seconds = time.perf_counter() - start
   mean = float(np.mean(per_window, dtype=np.float64))
   return EvalResult(float(np.exp(mean)), mean, per_window, n, seqlen, n * seqlen, seconds)
-
-
-def data_mesh(devices=None) -> Mesh:
-  """A 1-D ``("data",)`` mesh over ``devices`` (default: all)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ("data",))

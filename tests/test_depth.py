@@ -13,9 +13,9 @@ from jaxprune import depth as D
 from jaxprune.cli import main
 from jaxprune.depth import _stages as S
 from jaxprune.errors import JaxpruneError
-from jaxprune._evaluate import data_mesh, window_losses
 from jaxprune.io._checkpoint import load_checkpoint, save_checkpoint
-from jaxprune.models import _llama, _model as M
+from jaxprune.models import _llama as llama, _model as M
+from jaxprune.runner import Runner, _forward as F, data_mesh
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._layers import RMSNorm
 
@@ -43,7 +43,7 @@ def tokens():
 
 
 def _loss(params, config, tokens):
-  return float(np.mean(np.asarray(window_losses(params, jnp.asarray(tokens), config=config), np.float64)))
+  return float(np.mean(np.asarray(Runner(config).window_losses(params, jnp.asarray(tokens)), np.float64)))
 
 
 def _streams(params, tokens):
@@ -93,13 +93,12 @@ def test_leave_one_out_equals_models_built_without_the_unit(params, tokens, unit
 
 @pytest.mark.parametrize("unit", D.UNITS)
 def test_skipped_stage_equals_forward_of_smaller_model(params, tokens, unit):
-  batches = S.Batches(tokens, config=CONFIG, batch_size=5, mesh=None)
-  runner = S.Runner(params, CONFIG, batches)
+  chain = S.Chain(params, CONFIG, tokens, batch_size=5, mesh=None)
   present = [True] * 6
   for s in S.unit_stages(unit, 1):
     present[s] = False
-  toks, _ = next(iter(batches))
-  h = runner.streams(runner.embed(toks), present)[-1]
+  toks, _ = next(iter(chain))
+  h = chain.streams(chain.embed(toks), present)[-1]
   p, c = _without(params, unit, [1])
   ref = M.forward(p, jnp.asarray(tokens), config=c)
   np.testing.assert_allclose(M.head(params, h, config=CONFIG), ref, atol=1e-4)
@@ -190,13 +189,13 @@ def test_sharded_equals_unsharded(params, tokens):
 def test_one_compilation_per_half_block_shape(params, tokens):
   config = CONFIG.replace(hidden_size=36, num_heads=6)  # a shape no other test compiles
   p = M.init_params(config, jax.random.key(2))
-  S.apply_stage.clear_cache()
+  F.block.clear_cache()
   D.similarities(p, tokens, config=config, batch_size=5)
-  assert S.apply_stage._cache_size() == 2  # 3 layers: one attention half, one MLP half
+  assert F.block._cache_size() == 2  # 3 layers: one attention half, one MLP half
   p2, c2 = D.remove_blocks(p, config, [1])
   p2, c2 = D.replace_units(p2, c2, unit="attention", adapters={0: {}}, recovery=D.Recovery())
   D.leave_one_out(p2, tokens, config=c2, unit="mlp", batch_size=5)
-  assert S.apply_stage._cache_size() == 2  # removals elsewhere do not recompile
+  assert F.block._cache_size() == 2  # removals elsewhere do not recompile
 
 
 def test_pipeline_checkpoint_round_trip(params, tokens, tmp_path):

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxprune.errors import JaxpruneError  # noqa: E402
-from jaxprune.models import _layers as layers, _model as M  # noqa: E402
+from jaxprune.models import _model as M  # noqa: E402
 from jaxprune.models._config import from_hf_config  # noqa: E402
 from jaxprune.models._convert import params_from_hf, params_to_hf  # noqa: E402
 from jaxprune.models._layers import MID  # noqa: E402
@@ -99,58 +99,6 @@ def test_batched_padded_equals_one_at_a_time(case):
   assert np.abs(out[1, 5:] - alone_b).max() <= TOL
 
 
-def _block_and_logits(config, params, ids, mask):
-  ctx = M.context(config, *ids.shape, jnp.asarray(mask))
-  h = M.embed(params, ids, config=config, mask=jnp.asarray(mask))
-  out, taps = jax.jit(lambda p, h: M.block(p, h, ctx, config=config, taps=True))(params["layers"][0], h)
-  untapped = jax.jit(lambda p, h: M.block(p, h, ctx, config=config))(params["layers"][0], h)  # one loop per sublayer
-  given = jax.jit(lambda p, h, g: M.block(p, h, ctx, config=config, taps=True, given=g))  # the true-sequential steps
-  o_in = given(params["layers"][0], h, {"attn_in": taps["attn_in"]})[1]["o_in"]
-  from_mid = given(params["layers"][0], h, {MID: taps[MID], "down_in": taps["down_in"]})[0]
-  logits = jax.jit(lambda p, t, m: M.forward(p, t, config=config, mask=m))(params, ids, mask)
-  return [np.asarray(x) for x in (logits, untapped, o_in, from_mid, out, *(taps[name] for name in sorted(taps)))]
-
-
-def _in_turn_and_batched(monkeypatch, run):
-  monkeypatch.setattr(layers, "windows_in_turn", lambda: False)
-  batched = run()
-  monkeypatch.setattr(layers, "windows_in_turn", lambda: True)
-  assert "while" in jax.jit(lambda *a: layers.dot_attention(*a)).lower(
-      *(jnp.zeros((2, 4, 2, 8)),) * 3, jnp.ones((2, 1, 4, 4), bool)).as_text()  # the loop is really taken
-  return batched, run()
-
-
-@pytest.mark.parametrize("case", ["llama-attention-bias", "llama-gqa-tied", "opt-pre-ln", "opt-post-ln"])
-def test_window_by_window_equals_whole_batch(case, monkeypatch):
-  """On one CPU device the attention and the MLP's hidden layer go window by window (layers.per_window): the
-  same function, with padding, taps and all. (At these tiny widths XLA may pick another kernel for the smaller
-  product, so equal to float32 rounding; at real widths bit for bit, below.)"""
-  config, params = convert(build_hf(case))
-  ids = tokens(3, 17, 4)
-  mask = np.ones(ids.shape, np.int32)
-  mask[1, :6] = 0  # left padding
-  batched, in_turn = _in_turn_and_batched(monkeypatch, lambda: _block_and_logits(config, params, ids, mask))
-  for a, b in zip(batched, in_turn, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_window_by_window_is_bit_identical_at_smollm2_widths(monkeypatch):
-  """The pruning pass and the perplexity loop jit one block at a time. At SmolLM2-135M's widths (hidden 576, 9
-  heads over 3 KV heads, MLP 1536, 512 tokens, batch 8) such a block computes window by window exactly the whole
-  batch's bits, taps included, on this CPU backend. (Inside one jit of the whole model XLA fuses the norms
-  differently around the loop: the logits agree to rounding.)"""
-  config = from_hf_config(dict(model_type="llama", vocab_size=101, hidden_size=576, intermediate_size=1536,
-                               num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
-                               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True))
-  params = M.init_params(config, jax.random.key(0))
-  ids = tokens(8, 512, 5)
-  batched, in_turn = _in_turn_and_batched(monkeypatch, lambda: _block_and_logits(config, params, ids,
-                                                                                 np.ones(ids.shape, np.int32)))
-  np.testing.assert_allclose(batched[0], in_turn[0], rtol=1e-5, atol=1e-5)
-  for a, b in zip(batched[1:], in_turn[1:], strict=True):
-    np.testing.assert_array_equal(a, b)
-
-
 def test_taps_are_the_inputs_of_the_linears():
   config, params = convert(build_hf("llama-gqa-tied"))
   ids = tokens()
@@ -218,12 +166,9 @@ def _attention_f64(q, k, v, mask):
   return np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(q.shape[0], q.shape[1], -1)
 
 
-@pytest.mark.parametrize("in_turn", [False, True], ids=["batch", "window-by-window"])
 @pytest.mark.parametrize("chunk", [1, 4, 7, 128])
-def test_chunked_attention_equals_float64_softmax(chunk, in_turn, monkeypatch):
+def test_chunked_attention_equals_float64_softmax(chunk):
   from jaxprune.models._layers import attention_mask, dot_attention
-
-  monkeypatch.setattr(layers, "windows_in_turn", lambda: in_turn)
 
   rng = np.random.default_rng(chunk)
   b, t, h, kv, d = 2, 19, 6, 2, 8

@@ -6,9 +6,10 @@ from jax.sharding import Mesh
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import _model as M
+from jaxprune.runner import _forward as F
 from jaxprune.models._config import ModelConfig
 from jaxprune.prune import NM, Unstructured
-from jaxprune.prune import _job, _sequential as S
+from jaxprune.prune import _job as job, _sequential as S
 from jaxprune.prune._resume import ResumeStore
 
 CONFIG = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
@@ -48,12 +49,12 @@ def test_pass_prunes_every_linear_exactly(params, calib, method):
 
 def test_one_compilation_serves_all_blocks(params, calib):
   spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
-  S._forward.clear_cache() if hasattr(S._forward, "clear_cache") else None
-  S._stats_step.clear_cache() if hasattr(S._stats_step, "clear_cache") else None
+  F.block.clear_cache()
+  F.taps.clear_cache()
   S._jitted_solver.cache_clear()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
-  assert S._forward._cache_size() == 1  # 4 blocks, one compilation
-  assert S._stats_step._cache_size() == 1
+  assert F.block._cache_size() == 1  # 4 blocks, one compilation
+  assert F.taps._cache_size() == 1
   # Distinct linear shapes: q/o (32x32), k/v (16x32), gate/up (48x32), down (32x48).
   assert S.jitted_solver(spec)._cache_size() == 4
 
@@ -196,8 +197,8 @@ def test_true_sequential_with_removed_sublayers(calib, family):
 
 def test_true_sequential_compiles_once_per_group(params, calib):
   spec = S.PruneSpec("wanda", Unstructured(0.5), true_sequential=True)
-  S._tap_step.clear_cache()
-  S._forward.clear_cache()
+  F.taps.clear_cache()
+  F.block.clear_cache()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
-  assert S._tap_step._cache_size() == len(M.linear_groups(CONFIG))  # 4 blocks, one compilation per group
-  assert S._forward._cache_size() == 1
+  assert F.taps._cache_size() == len(M.linear_groups(CONFIG))  # 4 blocks, one compilation per group
+  assert F.block._cache_size() == 1

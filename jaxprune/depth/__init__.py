@@ -11,11 +11,11 @@ from jaxprune.depth._pipeline import DepthResult, depth_prune, fit_adapters, rem
 from jaxprune.depth._recovery import (
     Moments, Recovery, apply_adapter, fit, fit_bias, fit_lowrank, moments, parse_recovery, residual)
 from jaxprune.depth._removal import param_count, remove_blocks, replace_units
-from jaxprune.depth._stages import UNITS, candidates, static_config
+from jaxprune.depth._stages import UNITS, candidates
 
 __all__ = [
     "METRICS", "UNITS", "DepthResult", "Moments", "Recovery", "Scores", "apply_adapter", "candidates",
     "depth_prune", "fit", "fit_adapters", "fit_bias", "fit_lowrank", "hf_compatible", "leave_one_out",
     "moments", "param_count", "parse_recovery", "remove_blocks", "removal_count", "replace_units", "residual",
-    "score", "shapley", "similarities", "static_config",
+    "score", "shapley", "similarities",
 ]

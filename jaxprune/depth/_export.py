@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 
+from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
-
-ADAPTERS = ("self_attn_adapter", "mlp_adapter")
-
+from jaxprune.models._layers import ADAPTER_NAMES
 
 def _bias_config(config: ModelConfig, needs_attn: bool, needs_mlp: bool) -> ModelConfig:
   """``config`` with the output-projection biases that ``bias`` adapters need turned on (refused if impossible)."""
@@ -45,15 +43,12 @@ def _bias_config(config: ModelConfig, needs_attn: bool, needs_mlp: bool) -> Mode
 def _fill(abstract, block: dict) -> dict:
   """A full block of ``abstract``'s structure: values from ``block`` where present, else zeros (norm scales 1)."""
   def leaf(path, like):
-    node = block
-    for key in path:
-      node = node.get(key.key) if isinstance(node, dict) else None
+    node = tree.get(block, tree.SEP.join(path))
     if node is not None:
       return np.asarray(node, np.float32)
-    fill = 1.0 if path[-1].key == "scale" else 0.0
-    return np.full(like.shape, fill, np.float32)
+    return np.full(like.shape, 1.0 if path[-1] == "scale" else 0.0, np.float32)
 
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
+  return tree.unflatten({tree.SEP.join(path): leaf(path, like) for path, like in tree.items(abstract)})
 
 
 def hf_compatible(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
@@ -73,16 +68,13 @@ def hf_compatible(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
   new = _bias_config(config, any(m[0] == "bias" for m in modes), any(m[1] == "bias" for m in modes))
   new = new.replace(sublayers=(), adapter_rank=0)
   groups = M.linear_groups(config)
-  outputs = (groups["o_in"][0].split("/"), groups["down_in"][0].split("/"))
+  outputs = (groups["o_in"][0], groups["down_in"][0])
   abstract = M.abstract_params(new)["layers"]
   layers = []
   for i, (block, mode) in enumerate(zip(params["layers"], modes)):
-    full = _fill(abstract[i], {k: v for k, v in block.items() if k not in ADAPTERS})
+    full = _fill(abstract[i], {k: v for k, v in block.items() if k not in ADAPTER_NAMES})
     for sub in (0, 1):
       if mode[sub] == "bias":
-        node = full
-        for key in outputs[sub]:
-          node = node[key]
-        node["bias"] = np.asarray(block[ADAPTERS[sub]]["bias"], np.float32)
+        full = tree.set_at(full, f"{outputs[sub]}/bias", np.asarray(block[ADAPTER_NAMES[sub]]["bias"], np.float32))
     layers.append(full)
   return new, {**params, "layers": layers}

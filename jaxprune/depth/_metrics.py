@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxprune.depth._stages import Batches, Runner, candidates, check_unit, similarity, unit_stages
+from jaxprune.depth._stages import Chain, candidates, check_unit, similarity, unit_stages
 from jaxprune.errors import JaxpruneError
 from jaxprune.models._config import ModelConfig
 
@@ -77,22 +77,21 @@ def similarities(params, tokens, *, config: ModelConfig, batch_size: int = 8,
   block ``i`` compares the stream entering layer ``i`` with the one leaving it, attention ``i`` the stream
   entering with ``h_mid`` (after the attention residual), mlp ``i`` ``h_mid`` with the stream leaving.
   """
-  batches = Batches(tokens, config=config, batch_size=batch_size, mesh=mesh)
-  runner = Runner(params, config, batches)
+  chain = Chain(params, config, tokens, batch_size=batch_size, mesh=mesh)
   layers = config.num_layers
   sums = {u: np.zeros((2, layers), np.float64) for u in ("block", "attention", "mlp")}
-  for toks, w in batches:
-    h = runner.embed(toks)
+  for toks, w in chain:
+    h = chain.embed(toks)
     pending = []
     for i in range(layers):
-      mid = runner.run(2 * i, h)
-      out = runner.run(2 * i + 1, mid)
+      mid = chain.run(2 * i, h)
+      out = chain.run(2 * i + 1, mid)
       pending.append([similarity(a, b, w) for a, b in ((h, out), (h, mid), (mid, out))])
       h = out
     values = np.asarray(jax.device_get(pending), np.float64)  # (layers, 3 units, 2)
     for k, unit in enumerate(("block", "attention", "mlp")):
       sums[unit] += values[:, k, :].T
-  count = batches.n * batches.seq
+  count = chain.batches.n * chain.batches.seq
   return {u: (s[0] / count, s[1] / count) for u, s in sums.items()}
 
 
@@ -105,17 +104,16 @@ def leave_one_out(params, tokens, *, config: ModelConfig, unit: str, layers=None
   """
   check_unit(unit)
   layers = candidates(config, unit) if layers is None else tuple(layers)
-  batches = Batches(tokens, config=config, batch_size=batch_size, mesh=mesh)
-  runner = Runner(params, config, batches)
+  chain = Chain(params, config, tokens, batch_size=batch_size, mesh=mesh)
   sums = np.zeros(len(layers) + 1, np.float64)
-  for toks, w in batches:
-    streams = runner.streams(runner.embed(toks))
-    losses = [runner.loss(streams[-1], toks, w)]
+  for toks, w in chain:
+    streams = chain.streams(chain.embed(toks))
+    losses = [chain.loss(streams[-1], toks, w)]
     for layer in layers:
       st = unit_stages(unit, layer)
-      losses.append(runner.loss(runner.suffix(streams[st[0]], st[-1] + 1), toks, w))
+      losses.append(chain.loss(chain.suffix(streams[st[0]], st[-1] + 1), toks, w))
     sums += np.asarray(jax.device_get(losses), np.float64)
-  means = sums / batches.n
+  means = sums / chain.batches.n
   return means[1:] - means[0]
 
 
@@ -133,35 +131,34 @@ def shapley(params, tokens, *, config: ModelConfig, unit: str, samples: int, see
     raise JaxpruneError(f"shapley needs at least 1 permutation sample, got {samples}")
   layers = candidates(config, unit) if layers is None else tuple(layers)
   perms = [np.random.default_rng([seed, k]).permutation(len(layers)) for k in range(samples)]
-  batches = Batches(tokens, config=config, batch_size=batch_size, mesh=mesh)
-  runner = Runner(params, config, batches)
-  chain = np.zeros((samples, len(layers) + 1), np.float64)  # loss after adding the first k units of perm
-  for toks, w in batches:
-    h0 = runner.embed(toks)
+  chain = Chain(params, config, tokens, batch_size=batch_size, mesh=mesh)
+  totals = np.zeros((samples, len(layers) + 1), np.float64)  # loss after adding the first k units of perm
+  for toks, w in chain:
+    h0 = chain.embed(toks)
     for k, perm in enumerate(perms):
-      chain[k] += _permutation_losses(runner, h0, toks, w, unit, [layers[j] for j in perm])
-  chain /= batches.n
+      totals[k] += _permutation_losses(chain, h0, toks, w, unit, [layers[j] for j in perm])
+  totals /= chain.batches.n
   marginals = np.zeros((samples, len(layers)), np.float64)
   for k, perm in enumerate(perms):
-    marginals[k, perm] = chain[k, :-1] - chain[k, 1:]
+    marginals[k, perm] = totals[k, :-1] - totals[k, 1:]
   stderr = marginals.std(axis=0, ddof=1) / np.sqrt(samples) if samples > 1 else np.full(len(layers), np.nan)
   return marginals.mean(axis=0), stderr
 
 
-def _permutation_losses(runner: Runner, h0, toks, w, unit: str, order: list[int]) -> np.ndarray:
+def _permutation_losses(chain: Chain, h0, toks, w, unit: str, order: list[int]) -> np.ndarray:
   """Losses ``(len(order) + 1,)`` of the coalitions ∅, {order[0]}, {order[0], order[1]}, ... on one batch."""
-  present = [True] * len(runner.stages)
+  present = [True] * len(chain.stages)
   for layer in order:
     for s in unit_stages(unit, layer):
       present[s] = False
-  streams = runner.streams(h0, present)
-  losses = [runner.loss(streams[-1], toks, w)]
+  streams = chain.streams(h0, present)
+  losses = [chain.loss(streams[-1], toks, w)]
   for layer in order:
     st = unit_stages(unit, layer)
     for s in st:
       present[s] = True
-    runner.streams(streams[st[0]], present, start=st[0], out=streams)
-    losses.append(runner.loss(streams[-1], toks, w))
+    chain.streams(streams[st[0]], present, start=st[0], out=streams)
+    losses.append(chain.loss(streams[-1], toks, w))
   return np.asarray(jax.device_get(losses), np.float64)
 
 

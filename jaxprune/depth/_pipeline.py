@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxprune.depth import _recovery as R
 from jaxprune.depth._metrics import Scores, check_metric, score
 from jaxprune.depth._removal import param_count, replace_units
-from jaxprune.depth._stages import Batches, Runner, candidates, check_unit, unit_stages
+from jaxprune.depth._stages import Chain, candidates, check_unit, unit_stages
 from jaxprune.errors import JaxpruneError
 from jaxprune.models._config import ModelConfig
 
@@ -93,16 +93,15 @@ def fit_adapters(params, config: ModelConfig, tokens, *, unit: str, layers, reco
   """
   if recovery.kind == "none":
     return {int(i): {} for i in layers}, {}
-  batches = Batches(tokens, config=config, batch_size=batch_size, mesh=mesh)
-  runner = Runner(params, config, batches)
-  ws = [w for _, w in batches]
-  hs = [runner.embed(t) for t, _ in batches]
+  chain = Chain(params, config, tokens, batch_size=batch_size, mesh=mesh)
+  ws = [w for _, w in chain]
+  hs = [chain.embed(t) for t, _ in chain]
   starts = {unit_stages(unit, int(i))[0]: int(i) for i in layers}
   adapters, errors = {}, {}
   s = 0
-  while s < len(runner.stages):
+  while s < len(chain.stages):
     if s not in starts:
-      hs = [runner.run(s, h) for h in hs]
+      hs = [chain.run(s, h) for h in hs]
       s += 1
       continue
     layer = starts[s]
@@ -111,7 +110,7 @@ def fit_adapters(params, config: ModelConfig, tokens, *, unit: str, layers, reco
     for h in hs:
       out = h
       for t in st:
-        out = runner.run(t, out)
+        out = chain.run(t, out)
       ys.append(out - h)
     m = R.moments(hs, ys, ws)
     adapter = R.fit(m, recovery)

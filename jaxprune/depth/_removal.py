@@ -18,9 +18,7 @@ from jaxprune.depth._recovery import Recovery
 from jaxprune.depth._stages import check_unit, half_keys, half_modes
 from jaxprune.errors import JaxpruneError
 from jaxprune.models._config import ModelConfig
-
-ADAPTER_NAMES = ("self_attn_adapter", "mlp_adapter")
-
+from jaxprune.models._layers import ADAPTER_NAMES
 
 def param_count(params) -> int:
   """Number of scalars in ``params``."""

@@ -9,8 +9,9 @@ MLP sublayers are scored and removed separately).
 A *unit* is what a metric scores and removal takes out: a whole block (stages ``2i, 2i + 1``), an attention
 sublayer (stage ``2i``) or an MLP sublayer (stage ``2i + 1``). Absent stages are the identity.
 
-The jitted functions here take a *static* config with the structure edits stripped (:func:`static_config`),
-so blocks of the same shape and half-modes share one compilation whatever was removed elsewhere.
+Stages run through the :class:`~jaxprune.runner.Runner`, whose blocks compile against the config with the
+structure edits stripped, so blocks of the same shape and half-modes share one compilation whatever was removed
+elsewhere.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxprune import _batching as batching
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
+from jaxprune.runner import Runner
 
 UNITS = ("block", "attention", "mlp")
 
@@ -52,11 +53,6 @@ def check_unit(unit: str) -> str:
 def half_modes(modes: tuple[str, str], sub: int) -> tuple[str, str]:
   """The modes of half ``sub`` (0 attention, 1 mlp) of a layer with sublayer ``modes``."""
   return (modes[0], "skip") if sub == 0 else ("skip", modes[1])
-
-
-def static_config(config: ModelConfig) -> ModelConfig:
-  """``config`` without its structure edits: what a single block, embedding or head depends on."""
-  return config.replace(sublayers=(), num_layers=1)
 
 
 def half_keys(config: ModelConfig, modes: tuple[str, str]) -> frozenset[str]:
@@ -96,26 +92,6 @@ def candidates(config: ModelConfig, unit: str) -> tuple[int, ...]:
   return tuple(i for i in range(config.num_layers) if config.sublayer_modes(i)[sub] == "full")
 
 
-# ---- jitted pieces (static config: see static_config) ----
-
-apply_stage = jax.jit(M.block, static_argnames=("config", "modes", "taps"))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def embed(params, tokens, *, config):
-  """Token ids ``(b, t)`` -> residual stream ``(b, t, d)``."""
-  return M.embed(params, tokens, config=config)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def weighted_loss(params, h, tokens, weights, *, config):
-  """``Σ_b weights_b · mean_t NLL_bt`` for the stream ``h`` ``(b, t, d)`` leaving the last block (a scalar)."""
-  logits = M.head(params, h[:, :-1], config=config).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.mean(nll, axis=-1) * weights)
-
-
 @jax.jit
 def similarity(a, b, weights):
   """``(Σ w·cos(a_t, b_t), Σ w·arccos(cos)/π)`` over all tokens of ``a, b`` ``(b, t, d)``; f32."""
@@ -127,44 +103,48 @@ def similarity(a, b, weights):
   return jnp.sum(cos * w), jnp.sum(jnp.arccos(cos) / jnp.pi * w)
 
 
-class Batches(batching.Batches):
-  """Calibration token windows ``(n, t)`` held with their :class:`jaxprune._batching.Batches` (padding windows
-  weigh 0); iterating yields ``(tokens (batch, t) int32, weights (batch,) float32)`` on device."""
-
-  def __init__(self, tokens: np.ndarray, *, config: ModelConfig, batch_size: int, mesh: Mesh | None):
-    tokens = np.asarray(tokens, dtype=np.int32)
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-      raise JaxpruneError(f"calibration windows must be a non-empty (n, seqlen >= 2) array, got {tokens.shape}")
-    super().__init__(*tokens.shape, config=config, batch_size=batch_size, mesh=mesh)
-    self.tokens = tokens
-
-  def __iter__(self):
-    for tokens, weights, _ in self.chunks(self.tokens):
-      yield tokens, weights
+@jax.jit
+def _weighted_sum(losses, weights):
+  return jnp.sum(losses * weights)
 
 
-class Runner:
-  """Runs stages of one model on one :class:`Batches`: the stream, the loss, the sub-network suffixes."""
+def check_tokens(tokens) -> np.ndarray:
+  """Calibration windows as an ``(n, t)`` int32 array; a one-line error for anything else."""
+  tokens = np.asarray(tokens, dtype=np.int32)
+  if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+    raise JaxpruneError(f"calibration windows must be a non-empty (n, seqlen >= 2) array, got {tokens.shape}")
+  return tokens
 
-  def __init__(self, params, config: ModelConfig, batches: Batches):
-    self.config = config
-    self.static = static_config(config)
-    self.batches = batches
-    self.params = batches.replicate(params)
+
+class Chain:
+  """The stages of one model run by a :class:`~jaxprune.runner.Runner` on calibration windows ``tokens``
+  ``(n, t)``: the stream, the loss, the sub-network suffixes. Iterating yields ``(tokens (batch, t) int32,
+  weights (batch,) float32)`` on the devices (padding windows weigh 0)."""
+
+  def __init__(self, params, config: ModelConfig, tokens, *, batch_size: int, mesh: Mesh | None):
+    self.tokens = check_tokens(tokens)
+    self.runner = Runner(config, mesh=mesh, batch_size=batch_size)
+    self.batches = self.runner.batches(*self.tokens.shape)
+    self.params = self.runner.replicate(params)
     self.stages = stages(self.params, config)
 
+  def __iter__(self):
+    for tokens, weights, _ in self.batches.chunks(self.tokens):
+      yield tokens, weights
+
   def embed(self, tokens):
-    return embed(self.params, tokens, config=self.static)
+    return self.runner.embed(self.params, tokens)
 
   def run(self, s: int, h):
     """Stage ``s`` applied to the stream ``h`` ``(b, t, d)``."""
     stage = self.stages[s]
     if stage.identity:
       return h
-    return apply_stage(stage.params, h, self.batches.ctx, config=self.static, modes=stage.modes)
+    return self.runner.block(stage.params, h, modes=stage.modes)
 
   def loss(self, h, tokens, weights):
-    return weighted_loss(self.params, h, tokens, weights, config=self.static)
+    """``Σ_b weights_b · mean_t NLL_bt`` for the stream ``h`` ``(b, t, d)`` leaving the last block (a scalar)."""
+    return _weighted_sum(self.runner.head_losses(self.params, h, tokens), weights)
 
   def streams(self, h, present=None, start: int = 0, out: list | None = None) -> list:
     """Inputs of stages ``start..`` and the final stream: ``out[s]`` for ``s >= start``, ``out[-1]`` the output.

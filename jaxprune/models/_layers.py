@@ -1,8 +1,6 @@
-"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters, and the
-window-by-window execution of sublayers on one CPU device."""
+"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters, taps."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -24,16 +22,21 @@ class Context(NamedTuple):
 
 
 class RMSNorm(nn.Module):
-  """LLaMA RMSNorm, computed in float32 as transformers does. ``x``: ``(..., d)``."""
+  """LLaMA RMSNorm, computed in float32 (or wider) as transformers does. ``x``: ``(..., d)``."""
 
   eps: float
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(compute_dtype(x.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (_lead(scale, x.ndim) * x32.astype(x.dtype)).astype(x.dtype)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for narrower floats, the dtype itself for wider ones: norms, softmax and losses run in it."""
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _lead(v: jax.Array, ndim: int) -> jax.Array:
@@ -83,19 +86,24 @@ def lm_logits(h, embedding, vocab_size: int):
   return nn.Dense(vocab_size, use_bias=False, name="lm_head")(h)
 
 
+SUBLAYERS = ("self_attn", "mlp")  # the residual sublayers of a block, in order
+ADAPTER_NAMES = tuple(f"{name}_adapter" for name in SUBLAYERS)  # the params of their replacements
+
+
 def sublayer(mode: str, rank: int, name: str, compute, x):
   """Applies a residual sublayer according to its ``mode``: returns the update added to ``x``."""
   if mode == "full":
     return compute(x)
   if mode == "skip":
     return jnp.zeros_like(x)
-  return Adapter(rank=rank if mode == "lowrank" else 0, name=f"{name}_adapter")(x)
+  return Adapter(rank=rank if mode == "lowrank" else 0, name=ADAPTER_NAMES[SUBLAYERS.index(name)])(x)
 
 
 def rope_inv_freq(config: ModelConfig) -> jax.Array:
   """Inverse frequencies ``(head_dim // 2,)`` with LLaMA-3 or linear ``rope_scaling`` applied."""
   d = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless float64 is enabled
+  inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))
   scaling = dict(config.rope_scaling)
   kind = scaling.get("rope_type", "default")
   if kind == "linear":
@@ -114,7 +122,8 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
 
 def rotary(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``cos, sin`` of shape ``(batch, seq, head_dim)`` for integer ``positions`` ``(batch, seq)``."""
-  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)[None, None, :]
+  inv = rope_inv_freq(config)
+  freqs = positions.astype(inv.dtype)[..., None] * inv[None, None, :]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -149,35 +158,26 @@ def positions_from_mask(attention_mask: jax.Array | None, batch: int, seq: int) 
   return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
 
 
-def windows_in_turn() -> bool:
-  """Whether :func:`per_window` takes the windows of a batch one at a time: on a single CPU device, where the large
-  per-window intermediates (attention scores, the MLP's hidden layer) then stay in cache between the matrix product
-  that writes them and the elementwise work that reads them. Accelerators and meshes take the whole batch at once
-  (a loop over a sharded batch axis would gather it)."""
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
+# The collection whose entry ``out`` in a linear's scope is added to that linear's output: zeros there make the
+# gradient with respect to them the gradient with respect to the outputs (the curvature of LLM Surgeon).
+DELTAS = "deltas"
 
 
-def per_window(fn, *xs):
-  """``fn(*xs)`` for arrays ``xs`` with a leading window (batch) axis, computed window by window where
-  :func:`windows_in_turn`, else on the whole batch. ``fn`` must treat windows independently. On XLA's CPU backend
-  both give the same bits (a batched product is a loop of the same per-window products; tested)."""
-  if not windows_in_turn() or xs[0].shape[0] == 1:
-    return fn(*xs)
-  return jax.lax.map(lambda one: fn(*(x[None] for x in one))[0], xs)
-
-
-class DenseWeights(nn.Module):
-  """The ``kernel`` ``(d_in, features)`` and ``bias`` of an ``nn.Dense`` (same names, shapes, initialisers),
-  returned instead of applied, for :func:`dense` inside a loop (Flax modules cannot be called inside one)."""
+class Linear(nn.Module):
+  """``nn.Dense`` with the same parameter names, shapes and initialisers (``kernel`` ``(d_in, features)``,
+  ``bias``), whose output also takes ``deltas/<scope>/out`` when that variable is given."""
 
   features: int
   use_bias: bool
 
   @nn.compact
-  def __call__(self, d_in: int):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), jnp.float32)
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
-    return kernel, bias
+    y = dense(x, kernel, bias)
+    if self.has_variable(DELTAS, "out"):
+      y = y + self.get_variable(DELTAS, "out").astype(y.dtype)
+    return y
 
 
 def dense(x, kernel, bias=None):
@@ -187,19 +187,14 @@ def dense(x, kernel, bias=None):
   return y if bias is None else y + _lead(bias, y.ndim)
 
 
-def tapped_projection(module: nn.Module, name: str, inner, weights, *xs):
-  """``dense(tap(module, name, inner(*xs)), *weights)``: a sublayer's ``inner`` computation (window by window, see
-  :func:`per_window`) then its output projection, whose input is the tap ``name``. Where that tap matters neither
-  way (taps not collected, ``name`` not given), the projection joins the windows' loop, so nothing between the
-  sublayer's input and output leaves the cache."""
-  if not (module.is_mutable_collection("taps") or module.has_variable("given", name)):
-    return per_window(lambda *a: dense(inner(*a), *weights), *xs)
-  return dense(tap(module, name, per_window(inner, *xs)), *weights)
+def tapped_projection(module: nn.Module, name: str, inner, linear: Linear, *xs):
+  """``linear(tap(module, name, inner(*xs)))``: a sublayer's ``inner`` computation, then its output projection,
+  whose input is the tap ``name``."""
+  return linear(tap(module, name, inner(*xs)))
 
 
 def dot_attention(q, k, v, mask, *, chunk: int = 128):
-  """Scaled dot-product attention with grouped KV heads, softmax in float32, window by window where
-  :func:`windows_in_turn` (see :func:`per_window`).
+  """Scaled dot-product attention with grouped KV heads, softmax in float32.
 
   ``q``: ``(b, t, h, d)``; ``k, v``: ``(b, t, kv, d)`` with ``h % kv == 0``; ``mask``: ``(b, 1, t, t)`` bool, which
   must be causal (query ``i`` never sees a key ``j > i``: every mask of :func:`attention_mask` is).
@@ -210,23 +205,20 @@ def dot_attention(q, k, v, mask, *, chunk: int = 128):
   stacked into one matrix product per KV head. A fully masked query row (a padding position, whose output
   nothing reads) gets a finite average of values, never NaN.
   """
-  return per_window(functools.partial(_chunked_attention, chunk=chunk), q, k, v, mask)
-
-
-def _chunked_attention(q, k, v, mask, *, chunk: int):
   b, t, h, d = q.shape
   kv = k.shape[2]
   groups = h // kv
-  q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)
+  wide = compute_dtype(q.dtype)
+  q = (q.astype(wide) / math.sqrt(d)).astype(q.dtype)
   q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 1, 3, 4)  # (b, kv, t, groups, d)
   k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv, d, t), (b, kv, t, d)
   outs = []
   for lo in range(0, t, chunk):
     hi = min(lo + chunk, t)
     rows = q[:, :, lo:hi].reshape(b, kv, (hi - lo) * groups, d)
-    scores = jnp.matmul(rows, k[..., :hi]).astype(jnp.float32).reshape(b, kv, hi - lo, groups, hi)
+    scores = jnp.matmul(rows, k[..., :hi]).astype(wide).reshape(b, kv, hi - lo, groups, hi)
     allowed = mask[:, :, lo:hi, None, :hi]  # (b, 1, rows, 1, keys)
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed, scores, jnp.finfo(wide).min)
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.matmul(weights.astype(v.dtype).reshape(b, kv, (hi - lo) * groups, hi), v[:, :, :hi])

@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models._config import ModelConfig
-from jaxprune.models._layers import (MID, Context, DenseWeights, RMSNorm, apply_rotary, dense, dot_attention, lm_logits,
-                                    sublayer, tap, tapped_projection)
+from jaxprune.models._layers import (MID, Context, Linear, RMSNorm, apply_rotary, dot_attention, lm_logits, sublayer,
+                                    tap, tapped_projection)
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -29,17 +29,17 @@ class Attention(nn.Module):
   def __call__(self, x, ctx: Context):
     c = self.config
     x = tap(self, "attn_in", x)
-    q_w, k_w, v_w = (DenseWeights(n * c.head_dim, c.qkv_bias, name=f"{name}_proj")(x.shape[-1])
-                     for name, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)))
-    o_w = DenseWeights(c.hidden_size, c.o_bias, name="o_proj")(c.num_heads * c.head_dim)
+    q_proj, k_proj, v_proj = (Linear(n * c.head_dim, c.qkv_bias, name=f"{name}_proj")
+                              for name, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)))
+    o_proj = Linear(c.hidden_size, c.o_bias, name="o_proj")
 
     def attend(x, cos, sin, mask):
       b, t, _ = x.shape
-      q = apply_rotary(dense(x, *q_w).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
-      k = apply_rotary(dense(x, *k_w).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
-      return dot_attention(q, k, dense(x, *v_w).reshape(b, t, c.num_kv_heads, c.head_dim), mask)
+      q = apply_rotary(q_proj(x).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+      k = apply_rotary(k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+      return dot_attention(q, k, v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), mask)
 
-    return tapped_projection(self, "o_in", attend, o_w, x, ctx.cos, ctx.sin, ctx.mask)
+    return tapped_projection(self, "o_in", attend, o_proj, x, ctx.cos, ctx.sin, ctx.mask)
 
 
 class MLP(nn.Module):
@@ -49,10 +49,10 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     x = tap(self, "mlp_in", x)
-    gate = DenseWeights(c.intermediate_size, c.mlp_bias, name="gate_proj")(x.shape[-1])
-    up = DenseWeights(c.intermediate_size, c.mlp_bias, name="up_proj")(x.shape[-1])
-    down = DenseWeights(c.hidden_size, c.mlp_bias, name="down_proj")(c.intermediate_size)
-    return tapped_projection(self, "down_in", lambda x: jax.nn.silu(dense(x, *gate)) * dense(x, *up), down, x)
+    gate = Linear(c.intermediate_size, c.mlp_bias, name="gate_proj")
+    up = Linear(c.intermediate_size, c.mlp_bias, name="up_proj")
+    down = Linear(c.hidden_size, c.mlp_bias, name="down_proj")
+    return tapped_projection(self, "down_in", lambda x: jax.nn.silu(gate(x)) * up(x), down, x)
 
 
 class Block(nn.Module):

@@ -12,9 +12,10 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
+from jaxprune import _tree as tree
 from jaxprune.models import _llama as llama, _opt as opt
 from jaxprune.models._config import ModelConfig
-from jaxprune.models._layers import MID, Context, attention_mask, positions_from_mask, rotary
+from jaxprune.models._layers import DELTAS, MID, Context, attention_mask, positions_from_mask, rotary
 
 Params = dict
 
@@ -27,6 +28,16 @@ def family(config: ModelConfig) -> ModuleType:
 def linear_groups(config: ModelConfig) -> dict[str, tuple[str, ...]]:
   """Input tap name -> paths (``"self_attn/q_proj"``) of the linears of a block that read that input."""
   return family(config).LINEAR_GROUPS
+
+
+def present_linears(config: ModelConfig, block_params: Params) -> dict[str, tuple[str, ...]]:
+  """Tap name -> paths of the linears present in this block (a removed sublayer has none)."""
+  groups = {}
+  for name, paths in linear_groups(config).items():
+    present = tuple(p for p in paths if p.split("/")[0] in block_params)
+    if present:
+      groups[name] = present
+  return groups
 
 
 def block_module(config: ModelConfig, modes: tuple[str, str] = ("full", "full")):
@@ -52,7 +63,8 @@ def embed(params: Params, tokens: jax.Array, *, config: ModelConfig, mask: jax.A
 
 
 def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConfig,
-          modes: tuple[str, str] = ("full", "full"), taps: bool = False, given: dict | None = None):
+          modes: tuple[str, str] = ("full", "full"), taps: bool = False, given: dict | None = None,
+          deltas: dict | None = None):
   """One decoder layer: ``(batch, seq, hidden) -> (batch, seq, hidden)``.
 
   ``modes`` = ``config.sublayer_modes(layer)``; passing the modes rather than the layer index lets every block of
@@ -60,12 +72,15 @@ def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConf
   With ``taps=True`` also returns ``{tap name: input of those linears}`` (see :func:`linear_groups`), and under
   :data:`MID` the residual stream entering the MLP sublayer.
   ``given`` = ``{tap name: value}`` replaces those inputs by the values given (same shapes); whatever only fed
-  them is not computed.
+  them is not computed. ``deltas`` = ``{linear path: (batch, seq, d_out)}`` is added to those linears' outputs
+  (zeros give, by differentiation, the gradient with respect to the outputs).
   """
   module = block_module(config, modes)
   variables = {"params": block_params}
   if given:
     variables["given"] = _scoped(config, given)
+  if deltas:
+    variables[DELTAS] = tree.unflatten({f"{path}/out": value for path, value in deltas.items()})
   if not taps:
     return module.apply(variables, h, ctx)
   out, state = module.apply(variables, h, ctx, mutable=["taps"])

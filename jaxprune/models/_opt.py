@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models._config import ModelConfig
-from jaxprune.models._layers import (MID, Context, DenseWeights, dense, dot_attention, lm_logits, sublayer, tap,
+from jaxprune.models._layers import (MID, Context, Linear, dot_attention, lm_logits, sublayer, tap,
                                     tapped_projection)
 
 POSITION_OFFSET = 2
@@ -36,14 +36,14 @@ class Attention(nn.Module):
   def __call__(self, x, ctx: Context):
     c = self.config
     x = tap(self, "attn_in", x)
-    q_w, k_w, v_w = (DenseWeights(c.hidden_size, c.qkv_bias, name=f"{name}_proj")(x.shape[-1]) for name in "qkv")
-    o_w = DenseWeights(c.hidden_size, c.o_bias, name="out_proj")(c.hidden_size)
+    projections = [Linear(c.hidden_size, c.qkv_bias, name=f"{name}_proj") for name in "qkv"]
+    out_proj = Linear(c.hidden_size, c.o_bias, name="out_proj")
 
     def attend(x, mask):
       shape = (*x.shape[:2], c.num_heads, c.head_dim)
-      return dot_attention(*(dense(x, *w).reshape(shape) for w in (q_w, k_w, v_w)), mask)
+      return dot_attention(*(proj(x).reshape(shape) for proj in projections), mask)
 
-    return tapped_projection(self, "o_in", attend, o_w, x, ctx.mask)
+    return tapped_projection(self, "o_in", attend, out_proj, x, ctx.mask)
 
 
 class Block(nn.Module):
@@ -71,10 +71,10 @@ class Block(nn.Module):
   def _mlp(self, x):
     c = self.config
     x = tap(self, "mlp_in", x)
-    fc1 = DenseWeights(c.intermediate_size, c.mlp_bias, name="fc1")(x.shape[-1])
-    fc2 = DenseWeights(c.hidden_size, c.mlp_bias, name="fc2")(c.intermediate_size)
+    fc1 = Linear(c.intermediate_size, c.mlp_bias, name="fc1")
+    fc2 = Linear(c.hidden_size, c.mlp_bias, name="fc2")
     act = jax.nn.relu if c.activation == "relu" else functools.partial(jax.nn.gelu, approximate=False)
-    return tapped_projection(self, "down_in", lambda x: act(dense(x, *fc1)), fc2, x)
+    return tapped_projection(self, "down_in", lambda x: act(fc1(x)), fc2, x)
 
 
 class Embed(nn.Module):

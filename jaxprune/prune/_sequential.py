@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxprune._batching import Batches
+from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
@@ -39,6 +39,7 @@ from jaxprune.models._layers import MID
 from jaxprune.prune._patterns import Pattern
 from jaxprune.prune.solvers import get_solver
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
+from jaxprune.runner import Batches, Runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,55 +69,27 @@ class BlockState:
 
 def kernel_at(block_params: dict, path: str) -> jax.Array:
   """The kernel ``(d_in, d_out)`` of the linear at ``path`` (e.g. ``"mlp/down_proj"``) in a block."""
-  node = block_params
-  for part in path.split("/"):
-    node = node[part]
-  return node["kernel"]
+  return tree.get(block_params, f"{path}/kernel")
 
 
 def _set_kernel(block_params: dict, path: str, value) -> dict:
-  *parents, last = path.split("/")
-  new = dict(block_params)
-  node = new
-  for part in parents:
-    node[part] = dict(node[part])
-    node = node[part]
-  node[last] = {**node[last], "kernel": value}
-  return new
+  return tree.set_at(block_params, f"{path}/kernel", value)
 
 
 def block_linears(config: ModelConfig, block_params: dict) -> dict[str, tuple[str, ...]]:
   """Tap name -> paths of the linears present in this block (removed sublayers have none)."""
-  groups = {}
-  for tap, paths in M.linear_groups(config).items():
-    present = tuple(p for p in paths if p.split("/")[0] in block_params)
-    if present:
-      groups[tap] = present
-  return groups
+  return M.present_linears(config, block_params)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "modes"))
-def _forward(block_params, h, ctx, given=None, *, config, modes):
-  return M.block(block_params, h, ctx, config=config, modes=modes, given=given)
+def _weighted(x, weights):
+  return x * weights.astype(x.dtype)[:, None, None]  # padding windows -> 0
 
 
-def _accumulate(stats, x, weights, mesh):
-  x = x * weights.astype(x.dtype)[:, None, None]  # padding rows -> 0
-  return accumulate(stats, x) if mesh is None else accumulate_sharded(stats, x, mesh=mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "modes", "tap", "keep_mid", "mesh"), donate_argnames=("stats",))
-def _tap_step(block_params, h, ctx, given, stats, weights, *, config, modes, tap, keep_mid, mesh):
-  """The input of group ``tap`` (computed from ``given`` inputs of earlier groups), its statistics, and, with
-  ``keep_mid``, the residual stream entering the MLP (else None)."""
-  _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
-  return taps[tap], taps[MID] if keep_mid else None, _accumulate(stats, taps[tap], weights, mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "modes", "mesh"), donate_argnames=("stats",))
-def _stats_step(block_params, h, ctx, stats, weights, *, config, modes, mesh):
-  _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True)
-  return {name: _accumulate(s, taps[name], weights, mesh) for name, s in stats.items()}
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("stats",))
+def _accumulate(stats: dict, taps: dict, weights, *, mesh):
+  """``stats[name]`` plus the tokens of ``taps[name]`` ``(b, t, d)`` for every name of ``stats``."""
+  add = accumulate if mesh is None else functools.partial(accumulate_sharded, mesh=mesh)
+  return {name: add(s, _weighted(taps[name], weights)) for name, s in stats.items()}
 
 
 def jitted_solver(spec: PruneSpec):
@@ -141,12 +114,12 @@ def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
     jax.eval_shape(solver, jax.ShapeDtypeStruct((d_out, d_in), jnp.float32), stats)
 
 
-def _statistics(block_params, inputs, batches: Batches, groups, *, config, modes, needs_gram: bool):
+def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, *, modes, needs_gram: bool):
   widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
-    stats = _stats_step(block_params, h, batches.ctx, stats, weights, config=config, modes=modes,
-                        mesh=batches.mesh)
+    taps = runner.taps(block_params, h, names=tuple(stats), modes=modes)
+    stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
   return {tap: _counted(s, inputs) for tap, s in stats.items()}
 
 
@@ -173,23 +146,23 @@ def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: d
   return block_params
 
 
-def _row_mesh(mesh):
+def _row_mesh(runner: Runner):
+  """The mesh whose ``model`` axis splits the rows of a solver's weights, if any."""
+  mesh = runner.mesh
   return mesh if mesh is not None and "model" in mesh.shape else None
 
 
-def prune_block(block_params, inputs, batches: Batches | None, spec: PruneSpec, *, config: ModelConfig,
-                modes, mesh: Mesh | None = None) -> tuple[dict, dict, list]:
-  """Prunes every linear of one block from the dense block's inputs. Returns ``(new block params, {path: mask},
-  reports)``."""
-  solver = get_solver(spec.method)
-  groups = block_linears(config, block_params)
+def prune_block(block_params, inputs, runner: Runner, spec: PruneSpec, *, modes) -> tuple[dict, dict, list]:
+  """Prunes every linear of one block from the dense block's inputs ``(n, seq, hidden)`` (``None`` for a method
+  without calibration: magnitude). Returns ``(new block params, {path: mask}, reports)``."""
+  groups = block_linears(runner.config, block_params)
   stats = {tap: None for tap in groups}
-  if batches is not None:
-    stats = _statistics(block_params, inputs, batches, groups, config=config, modes=modes,
-                        needs_gram=solver.needs_gram)
+  if inputs is not None:
+    stats = _statistics(runner, block_params, inputs, runner.batches(*inputs.shape[:2]), groups, modes=modes,
+                        needs_gram=get_solver(spec.method).needs_gram)
   masks, reports = {}, []
   for tap, paths in groups.items():
-    block_params = _prune_group(block_params, paths, stats[tap], spec, _row_mesh(mesh), masks, reports)
+    block_params = _prune_group(block_params, paths, stats[tap], spec, _row_mesh(runner), masks, reports)
   return block_params, masks, reports
 
 
@@ -197,8 +170,8 @@ def _batch(given: dict[str, list], b: int) -> dict:
   return {name: per_batch[b] for name, per_batch in given.items()}
 
 
-def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSpec, *, config: ModelConfig,
-                           modes, mesh: Mesh | None = None) -> tuple[dict, dict, list, np.ndarray]:
+def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec, *,
+                           modes) -> tuple[dict, dict, list, np.ndarray]:
   """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
 
   The inputs of every group but the first (which depends on the block input alone) and the residual stream
@@ -206,32 +179,33 @@ def prune_block_sequential(block_params, inputs, batches: Batches, spec: PruneSp
   ``(3·hidden + intermediate) / hidden`` times the block's input activations. Returns ``(new block params,
   {path: mask}, reports, block outputs (n, seq, hidden))``.
   """
+  config = runner.config
   needs_gram = get_solver(spec.method).needs_gram
-  order = M.tap_order(config, modes)
+  order = M.tap_order(runner.static, modes)
+  batches = runner.batches(*inputs.shape[:2])
   chunks = list(batches.chunks(inputs))
   given: dict[str, list] = {}  # tap -> its inputs, one device array per batch
   masks, reports = {}, []
   for g, (tap, paths) in enumerate(block_linears(config, block_params).items()):
-    stats = init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)
+    stats = {tap: init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)}
     # The residual stream entering the MLP is final once every group the block computes before it is pruned: it
     # is kept from the step of the first group after it, so that the block output needs no attention again.
     keep_mid = MID not in given and order.index(tap) > order.index(MID)
+    names = (tap, MID) if keep_mid else (tap,)
     values, mids = [], []
     for b, (h, weights, _) in enumerate(chunks):
-      x, mid, stats = _tap_step(block_params, h, batches.ctx, _batch(given, b), stats, weights, config=config,
-                                modes=modes, tap=tap, keep_mid=keep_mid, mesh=batches.mesh)
-      values.append(x)
-      mids.append(mid)
+      taps = runner.taps(block_params, h, names=names, modes=modes, given=_batch(given, b))
+      stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
+      values.append(taps[tap])
+      mids.append(taps.get(MID))
     if keep_mid:
       given[MID] = mids
     if g:
       given[tap] = values
-    stats = _counted(stats, inputs)
-    block_params = _prune_group(block_params, paths, stats, spec, _row_mesh(mesh), masks, reports)
-  outputs = []
-  for b, (h, _, real) in enumerate(chunks):
-    outputs.append(np.asarray(_forward(block_params, h, batches.ctx, _batch(given, b), config=config, modes=modes),
-                              np.float32)[:real])
+    block_params = _prune_group(block_params, paths, _counted(stats[tap], inputs), spec, _row_mesh(runner), masks,
+                                reports)
+  outputs = [np.asarray(runner.block(block_params, h, modes=modes, given=_batch(given, b)), np.float32)[:real]
+             for b, (h, _, real) in enumerate(chunks)]
   return block_params, masks, reports, np.concatenate(outputs)
 
 
@@ -241,18 +215,17 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   """Prunes all blocks of ``params``; ``calib`` ``(n, seqlen)`` int32 token windows (None for magnitude).
 
   ``state`` resumes a pass from a finished block; ``on_block(state)`` is called after every block (the
-  checkpointing hook of :mod:`jaxprune.prune.run`). Returns the final :class:`BlockState`.
+  checkpointing hook of :mod:`jaxprune.prune._job`). Returns the final :class:`BlockState`.
   """
   needs_calib = spec.method != "magnitude"
   if needs_calib and calib is None:
     raise JaxpruneError(f"{spec.method} needs calibration data")
   check_spec(spec, config, params)
-  batches = Batches(*calib.shape, config=config, batch_size=batch_size, mesh=mesh) if needs_calib else None
+  runner = Runner(config, mesh=mesh, batch_size=batch_size)
   if state is None:
     inputs = None
     if needs_calib:
-      embed = jax.jit(M.embed, static_argnames=("config",))
-      inputs = batches.map(lambda tokens: embed(params, tokens, config=config), calib)
+      inputs = runner.map_windows(lambda tokens: runner.embed(params, tokens), calib)
     state = BlockState(0, params, [], [], inputs)
   bar = tqdm(total=config.num_layers, initial=state.done, desc=f"prune {spec.method}", unit="block",
              disable=not progress)
@@ -261,15 +234,13 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     modes = config.sublayer_modes(i)
     block_params = state.params["layers"][i]
     if needs_calib and spec.true_sequential:
-      new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, batches, spec,
-                                                                 config=config, modes=modes, mesh=mesh)
+      new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
+                                                                 modes=modes)
     else:
-      new_block, masks, reports = prune_block(block_params, state.inputs, batches, spec, config=config, modes=modes,
-                                              mesh=mesh)
+      new_block, masks, reports = prune_block(block_params, state.inputs, runner, spec, modes=modes)
       inputs = state.inputs
       if needs_calib:
-        inputs = batches.map(lambda h: _forward(new_block, h, batches.ctx, config=config, modes=modes),
-                             state.inputs)
+        inputs = runner.map_windows(lambda h: runner.block(new_block, h, modes=modes), state.inputs)
     layers = list(state.params["layers"])
     layers[i] = new_block
     for r in reports:

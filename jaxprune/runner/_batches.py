@@ -1,4 +1,4 @@
-"""Token windows in batches over the ``data`` axis of a mesh: one rule for the eval, the pruning pass and depth.
+"""Token windows (or activations) in batches over the ``data`` axis of a mesh: one rule for every pass.
 
 The batch is a multiple of the ``data`` axis size (and no larger than needed for ``n`` windows); a last, short
 batch is padded with copies of its last window, which get weight 0 and whose outputs are dropped.
@@ -10,19 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxprune.models import _model as M
-from jaxprune.models._config import ModelConfig
+from jaxprune.errors import JaxpruneError
+from jaxprune.runner._mesh import data_size
 
 
 class Batches:
-  """Batches of ``n`` windows of ``seq`` tokens; ``ctx`` is the model :class:`Context` of one batch."""
+  """Batches of ``n`` windows of ``seq`` positions, split over the ``data`` axis of ``mesh``."""
 
-  def __init__(self, n: int, seq: int, *, config: ModelConfig, batch_size: int, mesh: Mesh | None):
+  def __init__(self, n: int, seq: int, *, batch_size: int, mesh: Mesh | None):
+    if batch_size < 1:
+      raise JaxpruneError(f"batch size must be at least 1, got {batch_size}")
     self.mesh = mesh if mesh is not None and "data" in mesh.shape else None
-    shards = self.mesh.shape["data"] if self.mesh is not None else 1
-    self.batch = min(-(-max(1, batch_size) // shards) * shards, -(-n // shards) * shards)
+    shards = data_size(self.mesh)
+    self.batch = min(-(-batch_size // shards) * shards, -(-n // shards) * shards)
     self.n, self.seq = n, seq
-    self.ctx = M.context(config, self.batch, seq)
 
   def __len__(self) -> int:
     """Number of batches."""
@@ -33,10 +34,6 @@ class Batches:
     if self.mesh is None:
       return jnp.asarray(x)
     return jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
-  def replicate(self, tree):
-    """``tree`` (params) on every device of the mesh, once."""
-    return jax.device_put(tree, NamedSharding(self.mesh, P()) if self.mesh is not None else None)
 
   def chunks(self, x: np.ndarray):
     """Yields ``(device batch, weights (batch,) float32, real rows)`` covering ``x`` ``(n, ...)`` in order."""
