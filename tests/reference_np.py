@@ -8,13 +8,34 @@ Each function returns ``(w_new, keep_mask)``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+
+_margins: list[float] | None = None
+
+
+@contextlib.contextmanager
+def selection_margins():
+  """Records, for every selection made inside the block, the gap between the highest pruned and the lowest kept
+  score relative to the largest finite score; yields the list of those gaps."""
+  global _margins
+  _margins, outer = [], _margins
+  try:
+    yield _margins
+  finally:
+    _margins = outer
 
 
 def lowest_pruned(scores: np.ndarray, k: int) -> np.ndarray:
   """Keep mask of a 1-D ``scores`` with its ``k`` lowest pruned (first ``k`` of a stable ascending sort)."""
+  order = np.argsort(scores, kind="stable")
   keep = np.ones(scores.size, bool)
-  keep[np.argsort(scores, kind="stable")[:k]] = False
+  keep[order[:k]] = False
+  if _margins is not None and 0 < k < scores.size:
+    finite = np.abs(scores[np.isfinite(scores)])
+    scale = finite.max() if finite.size and finite.max() > 0 else 1.0
+    _margins.append(float((scores[order[k]] - scores[order[k - 1]]) / scale))
   return keep
 
 
