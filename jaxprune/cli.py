@@ -2,17 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import sys
+import time
 
 from jaxprune.errors import JaxpruneError
 
 COMMANDS = ("eval", "prune", "depth", "convert", "export")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  import importlib
+def version() -> str:
+  """The installed jaxprune version (package metadata)."""
+  try:
+    return importlib.metadata.version("jaxprune")
+  except importlib.metadata.PackageNotFoundError:
+    return "0+unknown"
 
+
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprune", description="Post-training pruning of LLMs in JAX.")
+  parser.add_argument("--version", action="version", version=f"jaxprune {version()}")
   sub = parser.add_subparsers(dest="command", required=True)
   for name in COMMANDS:
     try:
@@ -26,9 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from jaxprune._commands import common
+
   args = build_parser().parse_args(argv)
+  start = time.perf_counter()
   try:
-    args.run(args)
+    common.check_json_out(args.json)  # outputs are checked before any work
+    result = args.run(args)
+    common.write_json(args.json, common.document(args, result, version=version(),
+                                                 seconds=time.perf_counter() - start))
   except JaxpruneError as err:
     print(f"jaxprune {args.command}: error: {err}", file=sys.stderr)
     return 2

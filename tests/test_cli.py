@@ -47,9 +47,11 @@ def test_eval_convert_export_end_to_end(tiny_dir, tmp_path, capsys):
                      "--batch-size", 2, "--json", tmp_path / "e.json")
   assert code == 0
   result = json.loads((tmp_path / "e.json").read_text())
-  assert {"perplexity", "tokens", "windows", "seqlen", "seconds"} <= set(result)
-  assert result["windows"] == 4 and result["tokens"] == 256 and result["seqlen"] == 64
-  assert 1000 < result["perplexity"] < 2 * 49152  # a random model: near-uniform over the vocabulary
+  assert result["command"] == "eval" and result["model"] == str(tiny_dir) and result["out"] is None
+  assert {"perplexity", "tokens", "windows", "seqlen", "seconds", "data", "sha256"} <= set(result["eval"])
+  ev = result["eval"]
+  assert ev["windows"] == 4 and ev["tokens"] == 256 and ev["seqlen"] == 64 and ev["data"] == "austen"
+  assert 1000 < result["perplexity"] == ev["perplexity"] < 2 * 49152  # random model: near-uniform over the vocab
   assert run(capsys, "convert", "--model", tiny_dir, "--out", tmp_path / "ck")[0] == 0
   code, _, _ = run(capsys, "eval", "--model", tmp_path / "ck", "--data", "austen", "--seqlen", 64,
                    "--max-windows", 4, "--batch-size", 2, "--json", tmp_path / "e2.json")
@@ -123,12 +125,13 @@ def test_prune_end_to_end_then_eval_and_export(tiny_dir, tmp_path, capsys):
   out = tmp_path / "pruned"
   code, _, _ = run(capsys, "prune", "--model", tiny_dir, "--method", "sparsegpt", "--nm", "2:4", "--calib", "wiki",
                    "--true-sequential", "--nsamples", 4, "--seqlen", 32, "--batch-size", 2, "--out", out,
-                   "--eval", "austen", "--max-eval-windows", 2, "--json", tmp_path / "p.json")
+                   "--eval", "austen", "--eval-seqlen", 32, "--max-eval-windows", 2, "--json", tmp_path / "p.json")
   assert code == 0
   result = json.loads((tmp_path / "p.json").read_text())
   assert result["method"] == "sparsegpt" and result["pattern"] == "2:4" and result["sparsity"] == 0.5
   assert result["true_sequential"] is True
-  assert result["perplexity"] > 1 and result["prune_seconds"] > 0
+  assert result["perplexity"] > 1 and result["prune_seconds"] > 0 and result["command"] == "prune"
+  assert result["eval"]["windows"] == 2 and result["eval"]["seqlen"] == 32 and result["out"] == str(out)
   assert not (tmp_path / "pruned.partial").exists()  # resume state dropped once the checkpoint is written
   assert run(capsys, "eval", "--model", out, "--seqlen", 32, "--max-windows", 2)[0] == 0
   assert run(capsys, "export", "--model", out, "--out", tmp_path / "hf")[0] == 0
@@ -187,7 +190,7 @@ def test_prune_killed_mid_way_resumes_to_the_same_checkpoint(tiny_dir, tmp_path,
   import sys
   import time
 
-  from jaxprune.io._checkpoint import load_checkpoint
+  from jaxprune.io import load_checkpoint
 
   args = ["prune", "--model", str(tiny_dir), "--method", "sparsegpt", "--sparsity", "0.6", "--nsamples", "4",
           "--seqlen", "32", "--batch-size", "2"]
@@ -204,10 +207,9 @@ def test_prune_killed_mid_way_resumes_to_the_same_checkpoint(tiny_dir, tmp_path,
   assert progress.exists() and not out.exists()
   assert json.loads(progress.read_text())["done"] == 1
   assert run(capsys, *args, "--out", out)[0] == 0
-  _, whole, _, meta_whole = load_checkpoint(tmp_path / "whole")
-  _, resumed, _, meta_resumed = load_checkpoint(out)
-  assert meta_resumed["layers"] == meta_whole["layers"]
-  for a, b in zip(jax_leaves(whole), jax_leaves(resumed)):
+  whole, resumed = load_checkpoint(tmp_path / "whole"), load_checkpoint(out)
+  assert resumed.metadata["layers"] == whole.metadata["layers"]
+  for a, b in zip(jax_leaves(whole.params), jax_leaves(resumed.params)):
     np.testing.assert_array_equal(a, b)
 
 

@@ -223,7 +223,11 @@ def test_npy_windows_errors(tmp_path):
   _one_line_error(load, save("f.npy", np.full((3, 17), 50, np.int32)), vocab_size=50, match="vocab size 50")
   _one_line_error(load, str(tmp_path / "absent.npy"), match="no such token file")
   (tmp_path / "g.npy").write_bytes(b"not numpy")
-  _one_line_error(load, str(tmp_path / "g.npy"), match="not a readable")
+  _one_line_error(load, str(tmp_path / "g.npy"), match="not a NumPy .npy file")
+  (tmp_path / "h.npy").write_bytes(np.lib.format.magic(1, 0) + b"garbage")
+  _one_line_error(load, str(tmp_path / "h.npy"), match="not a readable .npy array")
+  wide = save("i.npy", np.ones((3, 9), np.int32))
+  assert load(wide, seqlen=None).tokens.shape == (3, 9)  # a .npy file without seqlen: its own width
 
 
 # ------------------------------------------------------------------------------------------ hub

@@ -1,6 +1,14 @@
-"""What the subcommands share: model and data arguments, loading with messages, JSON output."""
+"""What the subcommands share: model, data and evaluation arguments, loading with messages, the JSON document.
+
+Every subcommand's ``--json`` document has the same layout: ``command``, ``jaxprune_version``, ``model``, ``out``
+(None for ``eval``), ``seconds`` (the whole command); when a perplexity was measured, ``eval`` (data, sha256,
+seqlen, windows, tokens, perplexity, mean_loss, seconds, tokens_per_second) and its ``perplexity``, and with
+``--eval-dense`` the same for the model before pruning as ``eval_dense`` and ``dense_perplexity``; then the
+command's own keys. ``--json -`` writes the document, and only it, to stdout; everything else goes to stderr.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -12,12 +20,41 @@ from jaxprune.io._load import DEFAULT_MODEL, LoadedModel, load_model
 
 DEFAULT_EVAL = "austen"
 DEFAULT_CALIB = "wiki"
+# One evaluation rule for eval, prune --eval and depth --eval.
+DEFAULT_EVAL_SEQLEN = 512
+DEFAULT_EVAL_WINDOWS = 32
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+  return value
+
+
+def count(text: str) -> int:
+  """An argparse type: an integer >= 0 (0 meaning "all")."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+  return value
 
 
 def add_model_arg(p, help_extra: str = "") -> None:
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help=f"embedded name ({DEFAULT_MODEL}), jaxprune checkpoint, HF directory, .gguf file, "
-                      f"or HF hub name (online){help_extra} [default: %(default)s]")
+                      f"or HF hub name (cached, or online){help_extra} [default: %(default)s]")
+
+
+def add_batch_arg(p) -> None:
+  p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward batch [default: %(default)s]")
 
 
 def add_calib_args(p, *, nsamples: int) -> None:
@@ -25,26 +62,49 @@ def add_calib_args(p, *, nsamples: int) -> None:
   p.add_argument("--calib", default=DEFAULT_CALIB,
                  help="calibration data: bundled corpus, text file, .npy windows, or c4/wikitext2 (online) "
                       "[default: %(default)s]")
-  p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows [default: %(default)s]")
-  p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: %(default)s]")
-  p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch [default: %(default)s]")
+  p.add_argument("--nsamples", type=positive_int, default=nsamples, help="calibration windows [default: %(default)s]")
+  p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per calibration window [default: %(default)s]")
+  add_batch_arg(p)
+
+
+def add_eval_args(p, *, data_flag: str) -> None:
+  """Evaluation options: the data (``--data`` for ``eval``, ``--eval`` elsewhere), its window length and count."""
+  if data_flag == "--data":
+    p.add_argument("--data", default=DEFAULT_EVAL,
+                   help="bundled corpus name, text file, .npy token windows (n, seqlen), or wikitext2/c4/ptb "
+                        "(online) [default: %(default)s]")
+  else:
+    p.add_argument("--eval", default=None, help="evaluate perplexity on this data afterwards (e.g. austen)")
+    p.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
+  names = ("--seqlen", "--eval-seqlen") if data_flag == "--data" else ("--eval-seqlen",)
+  p.add_argument(*names, dest="eval_seqlen", type=positive_int, default=None, metavar="N",
+                 help=f"tokens per evaluation window [default: {DEFAULT_EVAL_SEQLEN}; a .npy file's own width]")
+  names = ("--max-windows", "--max-eval-windows") if data_flag == "--data" else ("--max-eval-windows",)
+  p.add_argument(*names, dest="max_eval_windows", type=count, default=DEFAULT_EVAL_WINDOWS, metavar="N",
+                 help="evaluate the first this many windows; 0 = all [default: %(default)s]")
 
 
 def add_output_args(p) -> None:
   """Checkpoint, evaluation and JSON options shared by ``prune`` and ``depth``."""
   p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
   p.add_argument("--overwrite", action="store_true", help="replace an existing jaxprune checkpoint")
-  p.add_argument("--eval", default=None, help="evaluate perplexity on this data afterwards (e.g. austen)")
-  p.add_argument("--max-eval-windows", type=int, default=0, help="limit evaluation windows; 0 = all")
+  add_eval_args(p, data_flag="--eval")
   add_json_arg(p)
 
 
 def add_json_arg(p) -> None:
-  p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
+  p.add_argument("--json", default=None, metavar="PATH",
+                 help="write the result as JSON to this file, or to stdout with - (then nothing else goes there)")
 
 
 def log(message: str) -> None:
+  """Progress and notes: always stderr."""
   print(message, file=sys.stderr, flush=True)
+
+
+def say(args, message: str) -> None:
+  """The human-readable result: stdout, unless ``--json -`` reserves stdout for the JSON document."""
+  print(message, file=sys.stderr if getattr(args, "json", None) == "-" else sys.stdout, flush=True)
 
 
 def load(spec: str, **kwargs) -> LoadedModel:
@@ -56,21 +116,55 @@ def load(spec: str, **kwargs) -> LoadedModel:
   return model
 
 
-def windows(model: LoadedModel, source: str, *, seqlen: int, role: str, nsamples: int | None = None,
+def windows(model: LoadedModel, source: str, *, seqlen: int | None, role: str, nsamples: int | None = None,
             max_windows: int | None = None, seed: int = 0):
-  """Token windows of ``source`` for ``model`` (see :func:`jaxprune.data.load_windows`)."""
+  """Token windows of ``source`` for ``model`` (see :func:`jaxprune.data.load_windows`); ``seqlen`` None: a
+  ``.npy`` file's own width, else :data:`DEFAULT_EVAL_SEQLEN`."""
   from jaxprune.data import load_windows
 
-  if seqlen < 2:
-    raise JaxpruneError(f"--seqlen must be at least 2, got {seqlen}")
-  if seqlen > model.config.max_position_embeddings:
-    raise JaxpruneError(f"seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
-  needs_tokenizer = not str(source).endswith(".npy")
-  return load_windows(source, tokenizer=model.tokenizer if needs_tokenizer else None, seqlen=seqlen, role=role,
+  npy = str(source).endswith(".npy")
+  if seqlen is None and not npy:
+    seqlen = DEFAULT_EVAL_SEQLEN
+  limit = model.config.max_position_embeddings
+  for n in (seqlen,) if seqlen is not None else ():  # checked before any tokenization
+    if n < 2:
+      raise JaxpruneError(f"seqlen must be at least 2, got {n}")
+    if n > limit:
+      raise JaxpruneError(f"seqlen {n} exceeds the model's {limit} positions (max_position_embeddings)")
+  data = load_windows(source, tokenizer=None if npy else model.tokenizer, seqlen=seqlen, role=role,
                       nsamples=nsamples, max_windows=max_windows, seed=seed, vocab_size=model.config.vocab_size)
+  if data.seqlen > limit:
+    raise JaxpruneError(f"{source}: seqlen {data.seqlen} exceeds the model's {limit} positions")
+  if data.seqlen < 2:
+    raise JaxpruneError(f"{source}: windows of {data.seqlen} token; perplexity needs at least 2")
+  return data
 
 
-def check_json_out(path: Path | None) -> None:
+def eval_windows(args, model: LoadedModel, source: str):
+  """The evaluation windows of ``source`` by the one evaluation rule (``--eval-seqlen``, ``--max-eval-windows``)."""
+  return windows(model, source, seqlen=args.eval_seqlen, role="eval", max_windows=args.max_eval_windows or None)
+
+
+def evaluate(args, params, config, data, *, mesh, desc: str = "eval") -> dict:
+  """Perplexity of ``params`` on ``data`` (:class:`~jaxprune.data.TokenWindows`) as the JSON ``eval`` block."""
+  from jaxprune._evaluate import perplexity
+
+  log(f"{desc}: {data.num_windows} windows x {data.seqlen} tokens of {data.source}")
+  result = perplexity(params, data.tokens, config=config, batch_size=args.batch_size, mesh=mesh)
+  return {"data": data.source, "sha256": data.sha256, **result.to_json()}
+
+
+def eval_result(block: dict | None, dense: dict | None = None) -> dict:
+  """The ``eval``/``perplexity`` (and ``eval_dense``/``dense_perplexity``) keys of the JSON document."""
+  out = {}
+  if block is not None:
+    out.update(eval=block, perplexity=block["perplexity"])
+  if dense is not None:
+    out.update(eval_dense=dense, dense_perplexity=dense["perplexity"])
+  return out
+
+
+def check_json_out(path) -> None:
   """Refuses a ``--json`` path that cannot be written (a directory, a parent that is a file), before any work."""
   if path is None or str(path) == "-":
     return
@@ -82,10 +176,19 @@ def check_json_out(path: Path | None) -> None:
     raise JaxpruneError(f"--json {path}: {parent} is not a directory")
 
 
-def write_json(path: Path | None, result: dict) -> None:
-  """Prints ``result`` and, with ``path``, writes it atomically."""
-  text = json.dumps(result, indent=1, sort_keys=True, default=str)
-  print(text)
+def document(args, result: dict, *, version: str, seconds: float) -> dict:
+  """The JSON document of a finished command (see the module docstring)."""
+  out = getattr(args, "out", None)
+  return {"command": args.command, "jaxprune_version": version, "model": args.model,
+          "out": None if out is None else str(out), "seconds": round(seconds, 3), **result}
+
+
+def write_json(path, doc: dict) -> None:
+  """``doc`` to stdout (``path`` ``-``) or atomically to the file ``path``."""
   if path is None:
     return
-  atomic_write(path, text + "\n")
+  text = json.dumps(doc, indent=1, sort_keys=True, default=str)
+  if str(path) == "-":
+    print(text, flush=True)
+  else:
+    atomic_write(path, text + "\n")

@@ -20,13 +20,9 @@ def run(args) -> dict:
   from jaxprune.prune._job import check_out
 
   check_out(args.out, args.overwrite)  # before loading the model
-  common.check_json_out(args.json)
   model = common.load(args.model)
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
   save_checkpoint(args.out, model.config, model.params, masks=model.masks, metadata=dict(model.metadata),
                   tokenizer=tokenizer, overwrite=args.overwrite)
-  common.log(f"wrote checkpoint {args.out}")
-  result = {"model": args.model, "out": str(args.out), **model.provenance}
-  result.pop("generation_config", None)
-  common.write_json(args.json, result)
-  return result
+  common.say(args, f"wrote checkpoint {args.out}")
+  return {k: v for k, v in model.provenance.items() if k != "generation_config"}

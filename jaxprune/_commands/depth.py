@@ -32,7 +32,7 @@ def run(args) -> dict:
   from jaxprune.depth._metrics import check_metric
   from jaxprune.depth._stages import check_unit
   from jaxprune.errors import JaxpruneError
-  from jaxprune._evaluate import data_mesh, perplexity
+  from jaxprune._evaluate import data_mesh
   from jaxprune.io._checkpoint import save_checkpoint
   from jaxprune.prune._job import check_out
 
@@ -48,7 +48,11 @@ def run(args) -> dict:
   k = removal_count(config, args.unit, remove=args.remove, fraction=args.fraction)
   calib = common.windows(model, args.calib, seqlen=args.seqlen, role="calib", nsamples=args.nsamples,
                          seed=args.seed)
+  evals = common.eval_windows(args, model, args.eval) if args.eval else None  # bad eval data fails before work
   mesh = data_mesh()
+  dense = None
+  if evals is not None and args.eval_dense:
+    dense = common.evaluate(args, model.params, config, evals, mesh=mesh, desc="eval dense")
   common.log(f"depth: removing {k} {args.unit} units by {args.metric}"
              f"{' (iterative)' if args.iterative else ''}, recovery {recovery}")
   res = depth_prune(model.params, config, calib.tokens, metric=args.metric, unit=args.unit, remove=k,
@@ -57,18 +61,21 @@ def run(args) -> dict:
   record = {**res.to_json(), "model": args.model, "iterative": args.iterative, "calib": calib.source,
             "calib_sha256": calib.sha256, "nsamples": int(calib.tokens.shape[0]), "seqlen": args.seqlen,
             "seed": args.seed, "sublayers": [list(m) for m in res.config.sublayers]}
-  result = {**record, "out": str(args.out)}
-  if args.eval:
-    data = common.windows(model, args.eval, seqlen=args.seqlen, role="eval",
-                          max_windows=args.max_eval_windows or None)
-    ev = perplexity(res.params, data.tokens, config=res.config, mesh=mesh)
-    result.update(perplexity=ev.perplexity, eval_data=data.source, eval=ev.to_json())
-    record["eval"] = {"data": data.source, "sha256": data.sha256, **ev.to_json()}
+  block = None
+  if evals is not None:
+    block = common.evaluate(args, res.params, res.config, evals, mesh=mesh)
+    record["eval"] = block
   metadata = dict(model.metadata)
   metadata["depth"] = metadata.get("depth", []) + [record] if isinstance(metadata.get("depth"), list) else [record]
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
   save_checkpoint(args.out, res.config, res.params, metadata=metadata, tokenizer=tokenizer,
                   overwrite=args.overwrite)
-  common.log(f"wrote checkpoint {args.out} ({res.params_before} -> {res.params_after} params)")
-  common.write_json(args.json, result)
-  return result
+  common.log(f"wrote checkpoint {args.out}")
+  summary = (f"removed {', '.join(record['removed']) or 'nothing'}: {res.params_before} -> {res.params_after} "
+             "params")
+  if block is not None:
+    summary += f"; perplexity {block['perplexity']:.4f} on {block['data']}"
+    if dense is not None:
+      summary += f" (dense {dense['perplexity']:.4f})"
+  common.say(args, summary)
+  return {**{k: v for k, v in record.items() if k != "eval"}, **common.eval_result(block, dense)}

@@ -29,7 +29,6 @@ def run(args) -> dict:
 
   parse_size(args.max_shard_size)  # every check that needs no model comes before loading one
   check_hf_out(args.out, args.overwrite)
-  common.check_json_out(args.json)
   model = common.load(args.model)
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
   config, params = model.config, model.params
@@ -41,8 +40,6 @@ def run(args) -> dict:
   recipe = build_recipe(model.metadata, config, params, dtype=dtype)
   save_hf_dir(args.out, config, params, tokenizer, dtype=dtype, max_shard_size=args.max_shard_size,
               generation_config=model.metadata.get("generation_config"), recipe=recipe, overwrite=args.overwrite)
-  common.log(f"wrote Hugging Face directory {args.out} ({dtype}, measured sparsity "
-             f"{recipe['measured_sparsity']:.4f})")
-  result = {"model": args.model, "out": str(args.out), "dtype": dtype, "recipe": recipe}
-  common.write_json(args.json, result)
-  return result
+  common.say(args, f"wrote Hugging Face directory {args.out} ({dtype}, measured sparsity "
+                   f"{recipe['measured_sparsity']:.4f})")
+  return {"dtype": dtype, "recipe": recipe}

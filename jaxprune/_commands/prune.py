@@ -1,8 +1,6 @@
 """``jaxprune prune``: one-shot pruning of every linear of every block, then a checkpoint (and a perplexity)."""
 from __future__ import annotations
 
-import inspect
-
 from jaxprune._commands import common
 
 METHOD_OPTIONS = {  # CLI flag -> solver keyword
@@ -45,13 +43,15 @@ def add_parser(sub) -> None:
 
 def spec_from_args(args):
   from jaxprune.errors import JaxpruneError
-  from jaxprune.prune import get_solver, parse_pattern
+  from jaxprune.prune import parse_pattern
+  from jaxprune.prune._job import check_prune_spec
   from jaxprune.prune._sequential import PruneSpec
+  from jaxprune.prune.solvers import get_solver, solver_options
 
-  solver = get_solver(args.method)
+  get_solver(args.method)  # an unknown method is named before its options
   sparsity = 0.5 if args.sparsity is None and args.nm is None else args.sparsity
   pattern = parse_pattern(sparsity, args.nm, scope=args.scope)
-  accepted = inspect.signature(solver.solve).parameters
+  accepted = solver_options(args.method)
   hparams = {}
   for flag, name in METHOD_OPTIONS.items():
     value = getattr(args, flag)
@@ -60,13 +60,14 @@ def spec_from_args(args):
     if name not in accepted:
       raise JaxpruneError(f"--{flag.replace('_', '-')} does not apply to {args.method}")
     hparams[name] = value
-  if args.true_sequential and args.method == "magnitude":
-    raise JaxpruneError("--true-sequential needs calibration; magnitude uses none")
-  return PruneSpec(args.method, pattern, tuple(sorted(hparams.items())), true_sequential=args.true_sequential)
+  if args.true_sequential and not get_solver(args.method).needs_calibration:
+    raise JaxpruneError(f"--true-sequential needs calibration; {args.method} uses none")
+  return check_prune_spec(PruneSpec(args.method, pattern, tuple(sorted(hparams.items())),
+                                    true_sequential=args.true_sequential))
 
 
 def run(args) -> dict:
-  from jaxprune._evaluate import data_mesh, perplexity
+  from jaxprune._evaluate import data_mesh
   from jaxprune.prune import _job as job
   from jaxprune.prune._sequential import check_spec
 
@@ -81,24 +82,44 @@ def run(args) -> dict:
                            seed=args.seed)
     identity.update(calib=calib.source, calib_sha256=calib.sha256, nsamples=int(calib.tokens.shape[0]),
                     seed=args.seed)
+  evals = common.eval_windows(args, model, args.eval) if args.eval else None  # bad eval data fails before work
   mesh = data_mesh()
+  dense = None
+  if evals is not None and args.eval_dense:
+    dense = common.evaluate(args, model.params, model.config, evals, mesh=mesh, desc="eval dense")
   outcome = job.prune(model.params, model.config, spec, None if calib is None else calib.tokens, out=args.out,
                       identity=identity, batch_size=args.batch_size, mesh=mesh)
-  result = {**{k: v for k, v in outcome.metadata.items() if k not in ("layers", "versions")},
-            "prune_seconds": round(outcome.seconds, 2), "out": str(args.out)}
-  tokenizer = model.tokenizer if model.tokenizer_path is not None and calib is not None else None
-  if args.eval:
-    data = common.windows(model, args.eval, seqlen=args.seqlen, role="eval",
-                          max_windows=args.max_eval_windows or None)
-    ev = perplexity(outcome.params, data.tokens, config=model.config, mesh=mesh)
-    result.update(perplexity=ev.perplexity, eval_data=data.source, eval_windows=ev.windows,
-                  eval_seconds=round(ev.seconds, 2))
-    outcome.metadata["eval"] = {"data": data.source, "sha256": data.sha256, **ev.to_json()}
-  if tokenizer is None and model.tokenizer_path is not None:
-    tokenizer = model.tokenizer
+  block = None
+  if evals is not None:
+    block = common.evaluate(args, outcome.params, model.config, evals, mesh=mesh)
+    outcome.metadata["eval"] = block
   outcome.metadata.update(model.provenance)
-  job.save(outcome, args.out, model.config, tokenizer=tokenizer, overwrite=args.overwrite)
+  job.save_outcome(outcome, args.out, model.config, tokenizer=model.tokenizer if model.tokenizer_path else None,
+                   overwrite=args.overwrite)
   common.log(f"wrote checkpoint {args.out}")
-  common.write_json(args.json, result)
-  return result
+  common.say(args, layer_table(outcome.metadata["layers"]))
+  summary = f"sparsity {outcome.metadata['sparsity']:.4f} of the pruned linears in {outcome.seconds:.1f} s"
+  if block is not None:
+    summary += f"; perplexity {block['perplexity']:.4f} on {block['data']}"
+    if dense is not None:
+      summary += f" (dense {dense['perplexity']:.4f})"
+  common.say(args, summary)
+  kept = {k: v for k, v in outcome.metadata.items() if k not in ("eval", "generation_config", "versions")}
+  return {**kept, "prune_seconds": round(outcome.seconds, 2), **common.eval_result(block, dense)}
 
+
+def layer_table(layers: list[dict]) -> str:
+  """One line per block: sparsity and reconstruction error of its linears (relative, when the pass reports it:
+  error over the dense output's energy)."""
+  by_block: dict[int, list[dict]] = {}
+  for r in layers:
+    by_block.setdefault(int(r.get("layer", 0)), []).append(r)
+  relative = all("relative_error" in r for r in layers)
+  lines = [f"{'block':>5}  {'sparsity':>8}  {'error':>10}" + (f"  {'rel. error':>10}" if relative else "")]
+  for i, reports in sorted(by_block.items()):
+    sparsity = sum(r["sparsity"] for r in reports) / len(reports)
+    line = f"{i:>5}  {sparsity:>8.4f}  {sum(r['error'] for r in reports):>10.4g}"
+    if relative:
+      line += f"  {max(r['relative_error'] for r in reports):>10.4g}"
+    lines.append(line)
+  return "\n".join(lines)

@@ -11,6 +11,7 @@ from jaxprune.data._windows import calibration_windows, check_vocab, eval_window
 from jaxprune.errors import JaxpruneError
 
 ROLES = ("eval", "calib")
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,12 +59,19 @@ def tokenize(text: str, tokenizer, *, use_cache: bool = True) -> np.ndarray:
   return ids
 
 
-def _npy_windows(source: str, *, seqlen: int, role: str, nsamples: int | None,
-                 max_windows: int | None) -> tuple[np.ndarray, int]:
-  """Exact windows from an int ``[n, seqlen]`` ``.npy`` file: the first ``nsamples``/``max_windows`` rows."""
+def read_npy_windows(source: str) -> np.ndarray:
+  """The 2-D integer array ``[n, seqlen]`` of a ``.npy`` token file, checked for its format."""
   path = Path(source).expanduser()
-  if not path.is_file():
+  if path.is_dir() or not path.exists():
     raise JaxpruneError(f"no such token file: {source}")
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(len(_NPY_MAGIC))
+  except OSError as err:
+    raise JaxpruneError(f"cannot read {source}: {err.strerror}") from None
+  if magic != _NPY_MAGIC:
+    raise JaxpruneError(f"{source} is not a NumPy .npy file (no .npy header): token windows must be saved with "
+                        "numpy.save as an integer array [n, seqlen]; give a text file another extension")
   try:
     arr = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as err:
@@ -71,7 +79,14 @@ def _npy_windows(source: str, *, seqlen: int, role: str, nsamples: int | None,
   if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
     raise JaxpruneError(f"{source}: expected a 2-D integer array [n, seqlen] of token ids, "
                         f"got shape {arr.shape} dtype {arr.dtype}")
-  if arr.shape[1] != seqlen:
+  return arr
+
+
+def _npy_windows(source: str, *, seqlen: int | None, role: str, nsamples: int | None,
+                 max_windows: int | None) -> tuple[np.ndarray, int]:
+  """Exact windows from an int ``[n, seqlen]`` ``.npy`` file: the first ``nsamples``/``max_windows`` rows."""
+  arr = read_npy_windows(source)
+  if seqlen is not None and arr.shape[1] != seqlen:
     raise JaxpruneError(f"{source} holds windows of seqlen {arr.shape[1]}, but seqlen {seqlen} was requested")
   if arr.shape[0] == 0:
     raise JaxpruneError(f"{source} holds no windows")
@@ -100,10 +115,10 @@ def _c4_windows(tokenizer, *, seqlen: int, role: str, nsamples: int | None, max_
   return eval_windows(stream[:hub.C4_EVAL_WINDOWS * seqlen], seqlen, max_windows), total, None
 
 
-def _check_args(seqlen, role, nsamples, max_windows) -> None:
+def _check_args(seqlen, role, nsamples, max_windows, *, npy: bool) -> None:
   if role not in ROLES:
     raise JaxpruneError(f"role must be one of {ROLES}, got {role!r}")
-  for name, value, required in (("seqlen", seqlen, True), ("nsamples", nsamples, role == "calib"),
+  for name, value, required in (("seqlen", seqlen, not npy), ("nsamples", nsamples, role == "calib"),
                                 ("max_windows", max_windows, False)):
     if value is None and not required:
       continue
@@ -112,7 +127,7 @@ def _check_args(seqlen, role, nsamples, max_windows) -> None:
                           f"got {value!r}")
 
 
-def load_windows(source: str, *, tokenizer, seqlen: int, role: str, nsamples: int | None = None,
+def load_windows(source: str, *, tokenizer, seqlen: int | None, role: str, nsamples: int | None = None,
                  max_windows: int | None = None, seed: int = 0, vocab_size: int | None = None,
                  use_cache: bool = True) -> TokenWindows:
   """Token windows of ``source`` for evaluation (``role="eval"``) or calibration (``role="calib"``).
@@ -123,7 +138,8 @@ def load_windows(source: str, *, tokenizer, seqlen: int, role: str, nsamples: in
       Hugging Face hub (online only; fails within seconds offline).
     tokenizer: a Hugging Face tokenizer; text is tokenized once with ``encode(text, add_special_tokens=False)``.
       May be None for ``.npy`` sources.
-    seqlen: window length (an explicit choice: it changes perplexity).
+    seqlen: window length (an explicit choice: it changes perplexity); for a ``.npy`` source, None takes the
+      file's own width.
     role: ``"eval"``: non-overlapping windows from the start (:func:`eval_windows`); ``"calib"``: ``nsamples``
       random windows (:func:`calibration_windows`).
     nsamples: number of calibration windows (required for ``"calib"``).
@@ -136,7 +152,7 @@ def load_windows(source: str, *, tokenizer, seqlen: int, role: str, nsamples: in
     :class:`TokenWindows` with int32 ``tokens [n, seqlen]``.
   """
   source = str(source)
-  _check_args(seqlen, role, nsamples, max_windows)
+  _check_args(seqlen, role, nsamples, max_windows, npy=source.endswith(".npy"))
   starts = None
   if source.endswith(".npy"):
     windows, total = _npy_windows(source, seqlen=seqlen, role=role, nsamples=nsamples, max_windows=max_windows)

@@ -102,3 +102,25 @@ def check_vocab(tokens: np.ndarray, vocab_size: int | None, source: str) -> None
     raise JaxpruneError(f"{source}: negative token id {lo}")
   if vocab_size is not None and hi >= vocab_size:
     raise JaxpruneError(f"{source}: token id {hi} is out of range for the model's vocab size {vocab_size}")
+
+
+def as_windows(windows, *, vocab_size: int | None = None, max_positions: int | None = None,
+               what: str = "token windows") -> np.ndarray:
+  """``windows`` (an integer array ``[n, seqlen]`` or a :class:`~jaxprune.data.TokenWindows`) as int32, with
+  one-line :class:`JaxpruneError` s for a wrong rank, float ids, no windows, ids outside ``[0, vocab_size)``, or
+  windows longer than ``max_positions``.
+
+  >>> as_windows(np.array([[1, 2, 3]])).dtype
+  dtype('int32')
+  """
+  arr = np.asarray(getattr(windows, "tokens", windows))
+  if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] < 2:
+    raise JaxpruneError(f"{what} must be a non-empty integer array (n, seqlen >= 2), got shape {arr.shape}")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise JaxpruneError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
+  if max_positions is not None and arr.shape[1] > max_positions:
+    raise JaxpruneError(f"{what}: seqlen {arr.shape[1]} exceeds the model's {max_positions} positions")
+  lo, hi = int(arr.min()), int(arr.max())
+  if lo < 0 or (vocab_size is not None and hi >= vocab_size) or hi > np.iinfo(np.int32).max:
+    raise JaxpruneError(f"{what}: token ids must lie in [0, {vocab_size}); found ids in [{lo}, {hi}]")
+  return np.ascontiguousarray(arr, dtype=np.int32)

@@ -13,6 +13,7 @@ half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,33 @@ def _save_tree(path: Path, tree) -> None:
     ckptr.wait_until_finished()
 
 
+def _ignore_closed_loop_callbacks() -> None:
+  """After a failed restore, tensorstore reads still in flight finish on their own threads and call back into
+  Orbax's event loop, already closed; Python prints each ``RuntimeError: Event loop is closed`` as an unraisable
+  exception, after the one-line error. This drops exactly those (once installed, for the rest of the process)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "jaxprune_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    err = unraisable.exc_value
+    if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.jaxprune_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def _restore_tree(path: Path, abstract) -> Any:
   import orbax.checkpoint as ocp
 
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path.absolute(), abstract)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path.absolute(), abstract)
+  except Exception:
+    _ignore_closed_loop_callbacks()
+    raise
 
 
 def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=None, metadata: dict | None = None,
@@ -79,8 +102,11 @@ def read_meta(path: Path) -> dict:
   return meta
 
 
-def load_checkpoint(path: Path, *, with_masks: bool = False):
-  """Returns ``(config, params, masks or None, metadata)``; a damaged checkpoint gives a one-line error."""
+def read_checkpoint(path: Path, *, with_masks: bool = False):
+  """Returns ``(config, params, masks or None, metadata)``; a damaged checkpoint gives a one-line error.
+
+  :func:`jaxprune.io.load_checkpoint` returns the same as a :class:`~jaxprune.io.LoadedModel`.
+  """
   path = Path(path)
   meta = read_meta(path)
   try:
@@ -98,3 +124,7 @@ def load_checkpoint(path: Path, *, with_masks: bool = False):
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
   return config, params, masks, meta.get("metadata", {})
 
+
+
+# The tuple-returning name of earlier versions, for callers not yet moved to jaxprune.io.load_checkpoint.
+load_checkpoint = read_checkpoint

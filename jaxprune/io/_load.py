@@ -99,9 +99,7 @@ def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> Load
                           f"({', '.join(EMBEDDED)})")
   if path.is_dir():
     if checkpoint.is_checkpoint(path):
-      config, params, masks, meta = checkpoint.load_checkpoint(path, with_masks=with_masks)
-      tok = path / "tokenizer"
-      return LoadedModel(config, params, str(path), tok if tok.is_dir() else None, meta, masks)
+      return load_checkpoint(path, with_masks=with_masks)
     if hf.is_hf_dir(path):
       config, params, provenance = hf.read_hf_dir(path, dtype)
       tokenizer = path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
@@ -111,3 +109,12 @@ def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> Load
     config, params, provenance = gguf_file.read_gguf(path, dtype)
     return LoadedModel(config, params, str(path), path, {"source": spec, **provenance})
   raise JaxpruneError(f"{path} is not a model: expected a directory or a .gguf file")
+
+
+def load_checkpoint(path: Path | str, *, with_masks: bool = False) -> LoadedModel:
+  """A jaxprune checkpoint as a :class:`LoadedModel` (``metadata``: what it recorded; ``masks`` with
+  ``with_masks``). A damaged checkpoint gives a one-line :class:`JaxpruneError`."""
+  path = Path(path).expanduser()
+  config, params, masks, meta = checkpoint.read_checkpoint(path, with_masks=with_masks)
+  tok = path / "tokenizer"
+  return LoadedModel(config, params, str(path), tok if tok.is_dir() else None, meta, masks)

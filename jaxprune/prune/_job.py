@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import sys
 import time
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxprune.data._windows import as_windows
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _checkpoint as checkpoint
 from jaxprune.models._config import ModelConfig
 from jaxprune.prune._patterns import pattern_name
 from jaxprune.prune._resume import ResumeStore
 from jaxprune.prune._sequential import BlockState, PruneSpec, kernel_at, run_pass
+from jaxprune.prune.solvers import check_options, get_solver
 
 _VERSIONED = ("jaxprune", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers", "numpy")
 
@@ -63,14 +66,47 @@ def linear_sparsity(reports: list[list[dict]], config: ModelConfig, params) -> f
   return zeros / max(total, 1)
 
 
-def prune(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, out: Path | None = None,
+def check_prune_spec(spec: PruneSpec) -> PruneSpec:
+  """``spec`` checked (known method, a pattern, options the solver takes, magnitude not true-sequential), with its
+  options as sorted hashable pairs (a dict is accepted); one-line :class:`JaxpruneError` otherwise."""
+  if not isinstance(spec, PruneSpec):
+    raise JaxpruneError(f"spec must be a jaxprune.PruneSpec(method, pattern, options), got {type(spec).__name__}")
+  hparams = check_options(spec.method, spec.pattern, spec.hparams)
+  if not isinstance(spec.true_sequential, bool):
+    raise JaxpruneError(f"true_sequential must be True or False, got {spec.true_sequential!r}")
+  if spec.true_sequential and not get_solver(spec.method).needs_calibration:
+    raise JaxpruneError(f"true_sequential needs calibration; {spec.method} uses none")
+  return spec if hparams == spec.hparams else dataclasses.replace(spec, hparams=hparams)
+
+
+def prune(params, config: ModelConfig, spec: PruneSpec, calib, *, out: Path | None = None,
           identity: dict | None = None, batch_size: int = 8, mesh: Mesh | None = None,
           progress: bool = True) -> PruneOutcome:
-  """Runs the pass; with ``out``, progress is kept after every block and a rerun resumes (see ``resume``)."""
+  """Prunes every linear of every block of ``params`` with ``spec``, block by block (see :func:`run_pass`).
+
+  Args:
+    params, config: the model.
+    spec: method, pattern and options (options may be given as a dict).
+    calib: int token windows ``[n, seqlen]`` (an array or a :class:`~jaxprune.TokenWindows`); None for magnitude.
+    out: with a checkpoint path, progress is kept after every block in ``OUT.partial/`` and a rerun resumes.
+    identity: JSON-able description of the run (model, calibration); a resume must match it.
+    batch_size, mesh: windows per forward batch, and the devices' mesh.
+
+  Returns:
+    :class:`PruneOutcome`: params, masks, metadata (spec, per-linear reports, measured sparsity) and seconds.
+  """
+  spec = check_prune_spec(spec)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise JaxpruneError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if calib is not None:
+    calib = as_windows(calib, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
+                       what="calibration windows")
+  elif get_solver(spec.method).needs_calibration:
+    raise JaxpruneError(f"{spec.method} needs calibration windows")
   store = ResumeStore(out, {**(identity or {}), **spec.to_json()}) if out is not None else None
   state: BlockState | None = store.load(params) if store is not None else None
   if state is not None and progress:
-    print(f"resuming from block {state.done} ({store.dir})", flush=True)
+    print(f"resuming from block {state.done} ({store.dir})", file=sys.stderr, flush=True)
   start = time.perf_counter()
   state = run_pass(params, config, spec, calib, batch_size=batch_size, mesh=mesh, state=state,
                    on_block=store.save if store is not None else None, progress=progress)
@@ -82,11 +118,17 @@ def prune(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None
   return PruneOutcome(params, mask_tree(state.masks), meta, seconds)
 
 
-def save(outcome: PruneOutcome, out: Path, config: ModelConfig, *, tokenizer=None, overwrite: bool = False) -> None:
-  """Writes the checkpoint atomically, then drops the resume state."""
-  checkpoint.save_checkpoint(out, config, outcome.params, masks=outcome.masks, metadata=outcome.metadata,
-                             tokenizer=tokenizer, overwrite=overwrite)
+def save_outcome(outcome: PruneOutcome, out: Path, config: ModelConfig, *, tokenizer=None,
+                 overwrite: bool = False) -> Path:
+  """Writes the pruned model of ``outcome`` as a jaxprune checkpoint (params, masks, metadata, tokenizer)
+  atomically, then drops the resume state of a :func:`prune` run that wrote to ``out``."""
+  path = checkpoint.save_checkpoint(out, config, outcome.params, masks=outcome.masks, metadata=outcome.metadata,
+                                    tokenizer=tokenizer, overwrite=overwrite)
   ResumeStore(out, {}).clear()
+  return path
+
+
+save = save_outcome  # the earlier name
 
 
 def check_out(out: Path, overwrite: bool) -> None:

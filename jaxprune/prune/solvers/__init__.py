@@ -10,10 +10,12 @@ False
 """
 from __future__ import annotations
 
+import inspect
 import types
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.prune._patterns import NM, Unstructured
 from jaxprune.prune.solvers._admm import admm, admm_update
 from jaxprune.prune.solvers._base import SolverResult, reconstruction_error
 from jaxprune.prune.solvers._magnitude import magnitude
@@ -29,16 +31,18 @@ class SolverSpec(NamedTuple):
     solve: ``(w, stats, *, pattern, **hparams) -> SolverResult``.
     needs_gram: whether ``stats`` must hold the full Gram matrix (else ``init_stats(d_in, gram=False)`` does).
     paper: where the method comes from.
+    needs_calibration: whether the method needs calibration data at all (magnitude does not).
   """
 
   name: str
   solve: Callable[..., SolverResult]
   needs_gram: bool
   paper: str
+  needs_calibration: bool = True
 
 
 SOLVERS: Mapping[str, SolverSpec] = types.MappingProxyType({
-    "magnitude": SolverSpec("magnitude", magnitude, False, "Zhu & Gupta 2017, arXiv:1710.01878"),
+    "magnitude": SolverSpec("magnitude", magnitude, False, "Zhu & Gupta 2017, arXiv:1710.01878", False),
     "wanda": SolverSpec("wanda", wanda, False, "Sun et al. 2023, arXiv:2306.11695"),
     "sparsegpt": SolverSpec("sparsegpt", sparsegpt, True, "Frantar & Alistarh 2023, arXiv:2301.00774"),
     "admm": SolverSpec("admm", admm, True, "Boza 2024, arXiv:2401.02938"),
@@ -53,7 +57,43 @@ def get_solver(name: str) -> SolverSpec:
     raise JaxpruneError(f"unknown pruning method {name!r}; known: {', '.join(sorted(SOLVERS))}") from None
 
 
+def solver_options(name: str) -> tuple[str, ...]:
+  """The keyword options (hyper-parameters) of solver ``name``, besides ``pattern``.
+
+  >>> solver_options("sparsegpt")
+  ('blocksize', 'percdamp', 'max_retries', 'ties')
+  """
+  params = inspect.signature(get_solver(name).solve).parameters.values()
+  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "pattern")
+
+
+def check_options(name: str, pattern, options) -> tuple[tuple[str, Any], ...]:
+  """``options`` (a dict, or ``(name, value)`` pairs) of solver ``name`` as the sorted, hashable pairs a
+  ``PruneSpec`` holds; one-line :class:`JaxpruneError` for an unknown method, a pattern that is not one, an option
+  the solver does not take, or a value that cannot be a static (hashable) argument."""
+  known = solver_options(name)
+  if not isinstance(pattern, (Unstructured, NM)):
+    raise JaxpruneError(f"pattern must be jaxprune.Unstructured(sparsity) or jaxprune.NM(n, m), got {pattern!r}")
+  if isinstance(options, Mapping):
+    pairs = list(options.items())
+  else:
+    try:
+      pairs = [(k, v) for k, v in options]
+    except (TypeError, ValueError):
+      raise JaxpruneError(f"{name} options must be a dict or (name, value) pairs, got {options!r}") from None
+  if len({k for k, _ in pairs}) != len(pairs):
+    raise JaxpruneError(f"{name} options name an option twice: {options!r}")
+  for key, value in pairs:
+    if key not in known:
+      raise JaxpruneError(f"{name} takes no option {key!r} (its options: {', '.join(known) or 'none'})")
+    try:
+      hash(value)
+    except TypeError:
+      raise JaxpruneError(f"{name} option {key}={value!r} must be a hashable value (a number or a string)") from None
+  return tuple(sorted(pairs, key=lambda pair: pair[0]))
+
+
 __all__ = [
-    "SOLVERS", "SolverResult", "SolverSpec", "admm", "admm_update", "get_solver", "magnitude",
-    "reconstruction_error", "sparsegpt", "wanda",
+    "SOLVERS", "SolverResult", "SolverSpec", "admm", "admm_update", "check_options", "get_solver", "magnitude",
+    "reconstruction_error", "solver_options", "sparsegpt", "wanda",
 ]
