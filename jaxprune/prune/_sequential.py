@@ -118,7 +118,7 @@ def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, 
   widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
-    taps = runner.taps(block_params, h, names=tuple(stats), modes=modes)
+    taps = runner.taps(block_params, h, names=tuple(widths), modes=modes)
     stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
   return {tap: _counted(s, inputs) for tap, s in stats.items()}
 
