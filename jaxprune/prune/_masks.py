@@ -16,7 +16,7 @@ scores -- 32 passes (64 for float64) that each compare every score with a candid
 slice has more scores tied at its threshold than it still prunes (rare for continuous scores). Every pass is
 an elementwise compare and a reduction, so a global selection also works on row-sharded scores: the counts
 are summed over devices, nothing is gathered. Counts along the last axis are summed in float32 (exact: a row
-has fewer than 2^24 entries), which XLA's CPU reductions run faster than int32 ones.
+has fewer than 2^24 entries).
 
 >>> import jax.numpy as jnp
 >>> keep_mask(jnp.array([[3., 1., 1., 2.]]), 2).tolist()

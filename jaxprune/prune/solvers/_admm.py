@@ -17,16 +17,14 @@ Mask schedules of :func:`admm` during the first ``mask_iterations`` iterations (
   would prune now (the ``m − n`` lowest ``|W + U|`` of each group), the ``floor(f_k · P)`` lowest are pruned,
   where ``P = d_in·(m−n)/m`` and ``f_k = 1 − (1 − (k+1)/K)³``; the last mask iteration is exact N:M. (The
   reference's N:M path ranks these candidates over the whole matrix, and for 2:4 only: whatever N:M is asked it
-  produces 2:4 at 50 %. Per row, as for unstructured sparsity below, gave 103.74 against 106.07 at 2:4 on the
-  parity tokens: within the float32 noise measured there, so chosen for consistency, not for that gain.)
+  produces 2:4 at 50 %. Candidates are ranked per row here, as for unstructured sparsity below.)
 * ``"final"``: select at the final sparsity (or the full N:M rule) every iteration. For unstructured
   sparsity this reproduces the reference code's default path, which computes ``s_k`` but never uses it.
 
 Unstructured ranking scope: per output row unless the pattern says ``scope="layer"``. The reference code has
 both: its default ranks over the whole matrix and selects at the final sparsity every iteration (defect 1 above);
-its ``per_out`` path ranks per row and is the one that runs the cubic schedule. Per row is the default here
-because, with the cubic schedule on SmolLM2-135M, it gave lower perplexity than either whole-matrix variant at
-50 % and 70 % on three texts (``experiments/parity``), as Wanda found for per-row ranking.
+its ``per_out`` path ranks per row and is the one that runs the cubic schedule. Per row is the default here,
+as Wanda found for per-row ranking (the comparison on SmolLM2-135M: ``experiments/notes``).
 
 With ``mask_iterations=0`` the mask is chosen once from ``|W0| = |W|·‖X_j‖``: Wanda's ranking (same mask).
 """
