@@ -11,10 +11,25 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = REPO / "experiments" / "parity" / "reference"  # the reference runs' token files and results
+PACKAGES = ("jaxprune", "jax", "jaxlib", "numpy", "torch", "transformers")
+
+
+def versions() -> dict:
+  """Installed versions of the packages a benchmark's numbers depend on (``None``: not installed)."""
+  from importlib.metadata import PackageNotFoundError, version
+
+  found = {}
+  for name in PACKAGES:
+    try:
+      found[name] = version(name)
+    except PackageNotFoundError:
+      found[name] = None
+  return found
 
 
 def machine() -> dict:
+  """CPU, cores, date, Python and package versions of this run."""
   cpu = platform.processor() or platform.machine()
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -24,7 +39,12 @@ def machine() -> dict:
   except OSError:
     pass
   return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-          "date": datetime.date.today().isoformat()}
+          "date": datetime.date.today().isoformat(), "versions": versions()}
+
+
+def command(script: Path) -> str:
+  """The command line of this run, with ``script`` relative to the repository."""
+  return f"python {script.resolve().relative_to(REPO)} " + " ".join(sys.argv[1:])
 
 
 def parse_case(case: str, scope: str | None = None):
@@ -74,14 +94,13 @@ def run_cases(script: Path, cases, out: Path, *worker_args: str, **header) -> di
   """Runs each case of ``cases`` not yet in ``out`` with :func:`run_worker` (``--case CASE *worker_args``),
   rewriting ``out`` after each (command, machine, ``header`` and the runs); returns every run."""
   runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
-  command = f"python {script.resolve().relative_to(REPO)} " + " ".join(sys.argv[1:])
   for case in cases:
     if case in runs:
       continue
     print(f"== {case}", flush=True)
     runs[case] = run_worker(script, "--case", case, *worker_args)
     print(json.dumps(runs[case]), flush=True)
-    write_json(out, {"command": command, **header, "machine": machine(), "runs": runs})
+    write_json(out, {"command": command(script), **header, "machine": machine(), "runs": runs})
   return runs
 
 
@@ -90,16 +109,3 @@ def write_json(path: Path, data: dict) -> None:
   path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
   print(f"wrote {path}")
 
-
-SHINGLE = 16
-
-
-def heldout(windows, calib, limit: int):
-  """The first ``limit`` rows of ``windows`` sharing no ``SHINGLE``-token run with any row of ``calib``, and
-  how many rows were dropped for sharing one."""
-  import numpy as np
-
-  seen = {row[i:i + SHINGLE].tobytes() for row in np.asarray(calib) for i in range(row.size - SHINGLE + 1)}
-  keep = [row for row in windows
-          if not any(row[i:i + SHINGLE].tobytes() in seen for i in range(row.size - SHINGLE + 1))]
-  return np.stack(keep[:limit]), len(windows) - len(keep)

@@ -1,10 +1,10 @@
 """jaxprune against the original PyTorch implementations, on the exact tokens they were run on.
 
-``../shared/reference/`` holds the calibration windows (64 x 512) and evaluation windows (128 x 512) on which
-sparsegpt, wanda and admm-pruning were measured, with their perplexities, pruning seconds and peak memory. This
-script runs jaxprune's side of every case on the same tokens, each case in a fresh process:
+``reference/`` holds the calibration windows (64 x 512) and evaluation windows (128 x 512) on which sparsegpt,
+wanda and admm-pruning were measured, with their perplexities, pruning seconds and peak memory. This script runs
+jaxprune's side of every case of ``config.json`` on the same tokens, each case in a fresh process:
 
-  python experiments/parity/run.py --out experiments/parity/result.json
+  python experiments/parity/run.py                      # every case -> result.json and table.md
   python experiments/parity/run.py --cases wanda:u50 sparsegpt:2:4 --out /tmp/some.json
 
 Case names follow ``results.json``: ``METHOD:uNN`` (unstructured NN %) or ``METHOD:N:M`` (N kept of M).
@@ -21,39 +21,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import (  # noqa: E402
-    REFERENCE, add_worker_args, machine, parse_case, peak_rss_gb, reorder, run_worker, write_json)
+    REPO, add_worker_args, command, machine, parse_case, peak_rss_gb, reorder, run_worker, write_json)
 
 
 def worker(args) -> None:
   import numpy as np
 
-  from jaxprune._evaluate import perplexity
-  from jaxprune.io._load import load_model
-  from jaxprune.prune._job import prune
-  from jaxprune.prune._sequential import PruneSpec, kernel_at
+  import jaxprune as jp
 
-  model = load_model("smollm2-135m")
-  calib = reorder(np.load(args.reference / "calib_512x64.npy"), args.window_order)
-  evals = np.load(args.reference / "eval_512x128.npy")
+  cfg = json.loads(args.config.read_text())
+  model = jp.load_model(cfg["model"])
+  calib = reorder(np.load(args.reference / cfg["calib"]), args.window_order)
+  evals = np.load(args.reference / cfg["eval"])
   method, pattern = parse_case(args.case, args.scope)
   out = {"case": args.case}
   params = model.params
   if pattern is not None:
     hparams = tuple(json.loads(args.hparams).items()) if args.hparams else ()
-    spec = PruneSpec(method, pattern, hparams, true_sequential=args.true_sequential)
-    outcome = prune(params, model.config, spec, calib, batch_size=args.batch_size, progress=False)
+    spec = jp.PruneSpec(method, pattern, hparams, true_sequential=args.true_sequential)
+    outcome = jp.prune(params, model.config, spec, calib, batch_size=args.batch_size, progress=False)
     params = outcome.params
-    if args.masks:  # nonzero pattern of every pruned linear, [out, in], keyed like the reference's modules
-      kernels = {f"{r['layer']}/{r['name'].replace('/', '.')}": kernel_at(params["layers"][r["layer"]], r["name"])
-                 for r in outcome.metadata["layers"]}
-      np.savez_compressed(args.masks, **{name: np.asarray(k).T != 0 for name, k in kernels.items()})
     out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
                hparams=dict(hparams), true_sequential=args.true_sequential, pattern=repr(pattern),
                window_order=args.window_order)
   out["peak_rss_gb_prune"] = peak_rss_gb()
   if not args.no_eval:
     start = time.perf_counter()
-    result = perplexity(params, evals, config=model.config, batch_size=8, progress=False)
+    result = jp.perplexity(params, evals, config=model.config, batch_size=cfg["eval_batch_size"], progress=False)
     out.update(ppl=result.perplexity, eval_seconds=time.perf_counter() - start)
   out["peak_rss_gb"] = peak_rss_gb()
   print(json.dumps(out))
@@ -76,9 +70,11 @@ def table(runs: dict) -> str:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--reference", type=Path, default=REFERENCE)
-  p.add_argument("--cases", nargs="*", default=None, help="default: every case of results.json")
-  p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
+  p.add_argument("--config", type=Path, default=Path(__file__).with_name("config.json"))
+  p.add_argument("--reference", type=Path, default=None, help="the reference folder [default: config's]")
+  p.add_argument("--cases", nargs="*", default=None, help="default: the config's cases")
+  p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward batch "
+                 "[default: config's]")
   p.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
   p.add_argument("--no-eval", action="store_true",
                  help="time the pruning only; keep each case's perplexity from an earlier run in --out")
@@ -88,23 +84,26 @@ def main() -> None:
                  help="ranking scope of the unstructured cases [default: each method's]")
   p.add_argument("--window-order", type=int, default=0,
                  help="calibrate on the same windows permuted with this seed (0: as given)")
-  p.add_argument("--masks", type=Path, help=argparse.SUPPRESS)  # worker: save the nonzero patterns (.npz)
   add_worker_args(p)
   p.add_argument("--hparams", default="",
                  help="JSON of solver options for every case, e.g. '{\"schedule\": \"final\"}'")
   args = p.parse_args()
+  cfg = json.loads(args.config.read_text())
+  args.reference = args.reference or REPO / cfg["reference"]
+  args.batch_size = args.batch_size or cfg["batch_size"]
   if args.worker:
     return worker(args)
   reference = json.loads((args.reference / "results.json").read_text())["runs"]
-  cases = args.cases or sorted(reference)
+  cases = args.cases or cfg["cases"]
   previous = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
   runs = dict(previous)
   for case in cases:
     print(f"== {case}", flush=True)
     extra = (["--hparams", args.hparams] if args.hparams else []) + (["--no-eval"] if args.no_eval else []) + (
         ["--true-sequential"] if args.true_sequential else []) + (["--scope", args.scope] if args.scope else [])
-    fresh = run_worker(Path(__file__), "--case", case, "--reference", str(args.reference), "--batch-size",
-                       str(args.batch_size), "--window-order", str(args.window_order), *extra)
+    fresh = run_worker(Path(__file__), "--case", case, "--config", str(args.config), "--reference",
+                       str(args.reference), "--batch-size", str(args.batch_size), "--window-order",
+                       str(args.window_order), *extra)
     runs[case] = {**runs.get(case, {}), **fresh}
     ref = reference.get(case, {})
     runs[case]["reference"] = {k: ref.get(k) for k in ("ppl", "prune_seconds", "peak_rss_gb")}
@@ -113,9 +112,7 @@ def main() -> None:
     if ref.get("prune_seconds") and runs[case].get("prune_seconds"):
       runs[case]["speedup_over_reference"] = ref["prune_seconds"] / runs[case]["prune_seconds"]
     print(json.dumps(runs[case]), flush=True)
-    write_json(args.out, {"command": "python experiments/parity/run.py " + " ".join(sys.argv[1:]),
-                          "machine": machine(), "seqlen": 512, "calib": "calib_512x64.npy (64 x 512)",
-                          "eval": "eval_512x128.npy (128 x 512)", "runs": runs})
+    write_json(args.out, {"command": command(Path(__file__)), "machine": machine(), "config": cfg, "runs": runs})
   # result.json -> table.md; any other output (a variant run) -> its own NAME.md beside it
   (args.out.with_name("table.md") if args.out.name == "result.json" else args.out.with_suffix(".md")).write_text(
       table(runs))

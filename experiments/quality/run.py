@@ -1,6 +1,7 @@
 """Perplexity of every method at every sparsity, on the embedded model and the bundled texts, from one config.
 
-  python experiments/quality/run.py --config experiments/quality/config.json --out experiments/quality
+  python experiments/quality/run.py                  # every case of config.json; resumes from result.json
+  python experiments/quality/run.py --only-report    # table.md and perplexity.png from result.json
 
 Writes ``result.json`` (one entry per case, rewritten after each, so an interrupted run resumes where it
 stopped), ``table.md`` and ``perplexity.png``. Patterns: ``uNN`` = NN % unstructured, ``N:M`` = N kept of M.
@@ -17,26 +18,22 @@ from experiments.common import add_worker_args, parse_case, peak_rss_gb, run_cas
 
 
 def worker(args) -> None:
-  from jaxprune.data import load_windows
-  from jaxprune._evaluate import perplexity
-  from jaxprune.io._load import load_model
-  from jaxprune.prune._job import prune
-  from jaxprune.prune._sequential import PruneSpec
+  import jaxprune as jp
 
   cfg = json.loads(args.config.read_text())
-  model = load_model(cfg["model"])
-  evals = load_windows(cfg["eval"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="eval",
-                       max_windows=cfg["eval_windows"])
+  model = jp.load_model(cfg["model"])
+  evals = jp.load_windows(cfg["eval"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="eval",
+                          max_windows=cfg["eval_windows"])
   out = {"case": args.case}
   params = model.params
   if args.case != "dense":
     method, pattern = parse_case(args.case)
-    calib = load_windows(cfg["calib"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="calib",
-                         nsamples=cfg["nsamples"], seed=cfg["seed"])
-    outcome = prune(params, model.config, PruneSpec(method, pattern), calib.tokens, progress=False)
+    calib = jp.load_windows(cfg["calib"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="calib",
+                            nsamples=cfg["nsamples"], seed=cfg["seed"])
+    outcome = jp.prune(params, model.config, jp.PruneSpec(method, pattern), calib.tokens, progress=False)
     params = outcome.params
     out.update(prune_seconds=outcome.seconds, sparsity=outcome.metadata["sparsity"], calib_sha256=calib.sha256)
-  result = perplexity(params, evals.tokens, config=model.config, progress=False)
+  result = jp.perplexity(params, evals.tokens, config=model.config, progress=False)
   out.update(perplexity=result.perplexity, eval_tokens=result.tokens, eval_sha256=evals.sha256,
              peak_rss_gb=peak_rss_gb())
   print(json.dumps(out))
