@@ -62,7 +62,7 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   n, seqlen = windows.shape
   runner = Runner(config, mesh=mesh, batch_size=batch_size)
   batches = runner.batches(n, seqlen)
-  params = runner.replicate(params)  # once, not per batch
+  params = runner.place(params)  # once, not per batch
   losses = []
   start = time.perf_counter()
   bar = tqdm(batches.chunks(windows.astype(np.int32)), total=len(batches), desc=desc, unit="batch",

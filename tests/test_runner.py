@@ -224,3 +224,33 @@ def test_curvature_sampled_labels_are_seeded_and_sharded_equals_one_device():
       np.testing.assert_array_equal(a["G"][name], b["G"][name])  # the same computation twice
       np.testing.assert_allclose(a["G"][name], c["G"][name], rtol=1e-4, atol=1e-6 * np.abs(a["G"][name]).max())
       assert not np.allclose(a["G"][name], d["G"][name])  # sampled labels are not the data's
+
+
+def test_model_axis_shards_parameters_and_keeps_results():
+  """With a ``model`` axis of 8, each device holds about 1/8 of the parameters, and the losses, the gradients and
+  a pruning pass equal those of one device."""
+  config = LLAMA.replace(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                         vocab_size=64)
+  params = M.init_params(config, jax.random.key(5))
+  tokens = jnp.asarray(np.random.default_rng(6).integers(0, 64, size=(4, 9)), jnp.int32)
+  sharded = Runner(config, mesh=make_mesh(model=8))
+  placed = sharded.place(params)
+  total = sum(x.nbytes for x in jax.tree.leaves(params))
+  device0 = sum(s.data.nbytes for x in jax.tree.leaves(placed) for s in x.addressable_shards
+                if s.device == jax.devices()[0])
+  vectors = sum(x.nbytes for x in jax.tree.leaves(params) if x.ndim < 2)
+  assert device0 == (total - vectors) / 8 + vectors
+  np.testing.assert_allclose(np.asarray(sharded.window_losses(placed, tokens)),
+                             np.asarray(Runner(config).window_losses(params, tokens)), **F32)
+  from jaxprune.prune import Unstructured
+  from jaxprune.prune._sequential import PruneSpec, run_pass
+
+  spec = PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
+  one = run_pass(params, config, spec, np.asarray(tokens), batch_size=4, progress=False)
+  two_by_four = run_pass(params, config, spec, np.asarray(tokens), batch_size=4, progress=False,
+                         mesh=make_mesh(model=4))
+  for a, b in zip(one.masks, two_by_four.masks, strict=True):
+    assert a.keys() == b.keys()
+  for a, b in zip(jax.tree.leaves(one.params["layers"]), jax.tree.leaves(two_by_four.params["layers"])):
+    assert isinstance(b, np.ndarray)  # pruned blocks leave the devices
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -125,7 +125,7 @@ class Chain:
     self.tokens = check_tokens(tokens)
     self.runner = Runner(config, mesh=mesh, batch_size=batch_size)
     self.batches = self.runner.batches(*self.tokens.shape)
-    self.params = self.runner.replicate(params)
+    self.params = self.runner.place(params)
     self.stages = stages(self.params, config)
 
   def __iter__(self):

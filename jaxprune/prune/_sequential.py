@@ -232,7 +232,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   for i in range(state.done, config.num_layers):
     start = time.perf_counter()
     modes = config.sublayer_modes(i)
-    block_params = state.params["layers"][i]
+    block_params = runner.place(state.params["layers"][i])
     if needs_calib and spec.true_sequential:
       new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
                                                                  modes=modes)
@@ -242,7 +242,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
       if needs_calib:
         inputs = runner.map_windows(lambda h: runner.block(new_block, h, modes=modes), state.inputs)
     layers = list(state.params["layers"])
-    layers[i] = new_block
+    layers[i] = jax.device_get(new_block)  # the devices hold one block at a time
     for r in reports:
       r["layer"] = i
     state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],

@@ -153,6 +153,22 @@ def loss_and_grad(trainable, frozen, tokens, weights, ctx, *, config, layer_mode
   return jax.value_and_grad(loss)(trainable)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "modes", "windowed", "assemble"))
+def block_loss_and_grad(trainable, frozen, h, target, weights, ctx, *, config, modes, windowed, assemble=None):
+  """``(loss, grads)``: the weighted mean over windows ``Σ w_b E_b / Σ w_b`` of the mean squared error
+  ``E_b = mean_{t,d} (block(h)_btd − target_btd)²`` (float32) of one block ``assemble(trainable, frozen)``
+  (default: the union of the two halves of :func:`split`) on its inputs ``h`` ``(b, t, d)`` against ``target``
+  ``(b, t, d)``, and its gradient with respect to ``trainable`` (layer-wise reconstruction)."""
+  def loss(trainable):
+    block_params = (assemble or _combine)(trainable, frozen)
+    out = block_forward(block_params, h, ctx, config=config, modes=modes, windowed=windowed)
+    diff = out.astype(jnp.float32) - target.astype(jnp.float32)
+    per_window = jnp.mean(jnp.square(diff), axis=(1, 2))
+    return jnp.sum(per_window * weights) / jnp.sum(weights)
+
+  return jax.value_and_grad(loss)(trainable)
+
+
 def _gram(x, w):
   """``Σ_tokens w · x xᵀ`` of ``x`` ``(b, t, d)`` with window weights ``w`` ``(b,)``, float32 HIGHEST."""
   x = x.astype(compute_dtype(x.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +59,17 @@ class Runner:
     return Batches(n, seq, batch_size=self.batch_size, mesh=self.mesh)
 
   def replicate(self, tree):
-    """``tree`` (parameters) on every device of the mesh, once."""
+    """``tree`` on every device of the mesh, once."""
     return jax.device_put(tree, NamedSharding(self.mesh, P()) if self.mesh is not None else None)
+
+  def place(self, params):
+    """``params`` on the mesh: with a ``model`` axis, every matrix split along its first dimension that the axis
+    divides (FSDP-style: each device holds about ``1/model`` of the parameters, and the compiled programs gather
+    a matrix where it is used); vectors, and everything without a ``model`` axis, replicated."""
+    if self.mesh is None:
+      return jax.device_put(params)
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(self.mesh, param_spec(np.shape(x), self.mesh))),
+                        params)
 
   def context(self, batch: int, seq: int):
     """The per-pass :class:`~jaxprune.models._layers.Context` of ``(batch, seq)`` windows, on the devices."""
@@ -87,6 +97,8 @@ class Runner:
   def window_losses(self, params, tokens):
     """Mean next-token cross-entropy per window ``(b,)`` of the whole model, block by block (every block of a
     shape runs one compiled program)."""
+    chex.assert_rank(tokens, 2)
+    chex.assert_type(tokens, int)
     h = self.embed(params, tokens)
     for block_params, modes in zip(params["layers"], self.layer_modes):
       h = self.block(block_params, h, modes=modes)
@@ -110,6 +122,14 @@ class Runner:
     return F.loss_and_grad(trainable, frozen, tokens, weights, self.context(*tokens.shape), config=self.static,
                            layer_modes=self.layer_modes, windowed=self.windowed, remat=remat, assemble=assemble)
 
+  def block_value_and_grad(self, trainable, frozen, h, target, weights, *, modes=("full", "full"), assemble=None):
+    """``(loss, grads)`` of the mean squared error between one block's output on ``h`` ``(b, t, hidden)`` and
+    ``target`` ``(b, t, hidden)``: the mean over positions and features, weighted over windows by ``weights``
+    ``(b,)``. The block's parameters are ``assemble(trainable, frozen)`` (a hashable function; default: the union
+    of the halves of :func:`~jaxprune.runner.split`); ``grads`` has the structure of ``trainable``."""
+    return F.block_loss_and_grad(trainable, frozen, h, target, weights, self.context(*h.shape[:2]),
+                                 config=self.static, modes=modes, windowed=self.windowed, assemble=assemble)
+
   def curvature(self, params, windows: np.ndarray, *, key: jax.Array, sampled: bool = True,
                 progress: bool = False) -> list[dict]:
     """Kronecker factors of the Fisher of every linear over token ``windows`` ``(n, t)`` (LLM Surgeon, van der
@@ -130,7 +150,7 @@ class Runner:
       })
     moments = self.replicate(moments)
     batches = self.batches(*windows.shape)
-    params = self.replicate(params)
+    params = self.place(params)
     for b, (tokens, weights, _) in enumerate(tqdm(batches.chunks(np.asarray(windows, np.int32)), total=len(batches),
                                                    desc="curvature", unit="batch", disable=not progress)):
       moments = F.curvature_step(moments, params, tokens, weights, jax.random.fold_in(key, b),
@@ -142,6 +162,16 @@ class Runner:
   def map_windows(self, fn, x: np.ndarray) -> np.ndarray:
     """``fn`` over batches of ``x`` ``(n, t, ...)``, gathered to host float32 ``(n, ...)``."""
     return self.batches(*x.shape[:2]).map(fn, x)
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+  """The sharding of a parameter of ``shape`` (see :meth:`Runner.place`)."""
+  size = mesh.shape.get("model", 1)
+  if size > 1 and len(shape) >= 2:
+    for axis, n in enumerate(shape):
+      if n % size == 0:
+        return P(*(None,) * axis, "model")
+  return P()
 
 
 @functools.lru_cache(maxsize=64)
