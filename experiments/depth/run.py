@@ -21,16 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import machine, peak_rss_gb, write_json  # noqa: E402
+from experiments.common import command, machine, peak_rss_gb, write_json  # noqa: E402
 
 
 class Context:
   """The loaded model, data windows and the result store of one run."""
 
   def __init__(self, cfg: dict, out: Path):
-    from jaxprune.data import load_windows
-    from jaxprune._evaluate import data_mesh
-    from jaxprune.io._load import load_model
+    from jaxprune import data_mesh, load_model, load_windows
 
     self.cfg, self.out = cfg, out
     self.model = load_model(cfg["model"])
@@ -69,7 +67,7 @@ class Context:
     return self.result["cases"][key]
 
   def perplexity(self, params, config, *, warm: bool = False) -> dict:
-    from jaxprune._evaluate import perplexity
+    from jaxprune import perplexity
 
     bs = self.cfg["batch_size"]
     if warm:  # compile on one batch first, so that the timed pass measures steady-state tokens/s
@@ -153,6 +151,7 @@ def main(argv=None) -> None:
   cfg = json.loads(args.config.read_text())
   t0 = time.perf_counter()
   ctx = Context(cfg, args.out)
+  ctx.result["command"] = command(Path(__file__))
   ctx.result["num_layers"] = ctx.model.config.num_layers
   ctx.result["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
   ctx.result["machine"] = {**machine(), "note": cfg.get("machine_note", "")}

@@ -5,7 +5,7 @@ wanda and admm-pruning were measured, with their perplexities, pruning seconds a
 jaxprune's side of every case of ``config.json`` on the same tokens, each case in a fresh process:
 
   python experiments/parity/run.py                      # every case -> result.json and table.md
-  python experiments/parity/run.py --cases wanda:u50 sparsegpt:2:4 --out /tmp/some.json
+  python experiments/parity/run.py --cases wanda:u50 sparsegpt:2:4 --out runs/some.json
 
 Case names follow ``results.json``: ``METHOD:uNN`` (unstructured NN %) or ``METHOD:N:M`` (N kept of M).
 ``prune_seconds`` counts the whole pruning call (calibration forwards, statistics, compilation, solvers,

@@ -1,6 +1,7 @@
 """Per-solver seconds on LLaMA-7B-shaped matrices, against a plain ``jnp.matmul`` on the same machine, same run.
 
-  python experiments/solver_speed/bench.py --out experiments/solver_speed/result_cpu.json
+  python experiments/solver_speed/bench.py                  # settings of config.json -> result.json, table.md
+  python experiments/solver_speed/bench.py --only-report    # table.md from result.json
 
 Shapes ``(d_out, d_in)``: 4096×4096 (q/k/v/o) and 11008×4096 (gate/up). The Gram comes from random correlated
 inputs. Each solver is compiled first (compile seconds reported apart), then timed over ``--repeats`` runs.
@@ -10,6 +11,7 @@ compare it with the matmul's to see whether a solver is matmul-bound or loop-bou
 from __future__ import annotations
 
 import argparse
+import json
 import functools
 import sys
 import time
@@ -20,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import machine, write_json  # noqa: E402
-from jaxprune.prune import NM, Stats, Unstructured, admm, magnitude, sparsegpt, wanda  # noqa: E402
+from experiments.common import command, machine, write_json  # noqa: E402
+from jaxprune import NM, Stats, Unstructured, admm, magnitude, sparsegpt, wanda  # noqa: E402
 
 
 def flops(method: str, d_out: int, d_in: int, iterations: int = 20) -> float:
@@ -55,35 +57,60 @@ def problem(d_out: int, d_in: int, tokens: int, key):
   return jax.random.normal(k3, (d_out, d_in), jnp.float32) / np.sqrt(d_in), stats
 
 
+def table(result: dict) -> str:
+  """Markdown table: seconds per solver and shape, and the solver's FLOP/s as a fraction of the matmul's."""
+  shapes = sorted({k.split()[1] for k in result["solvers"]}, key=lambda s: [int(x) for x in s.split("x")])
+  cols = [(shape, pattern) for shape in shapes for pattern in ("u50", "2:4")]
+  rows = ["| solver | " + " | ".join(f"{s} {p}" for s, p in cols) + " | fraction of matmul FLOP/s |",
+          "|---|" + "---|" * (len(cols) + 1)]
+  for name in ("magnitude", "wanda", "sparsegpt", "admm"):
+    runs = [result["solvers"].get(f"{name} {s} {p}") for s, p in cols]
+    cells = [f"{r['seconds']:.2f} s" if r else "—" for r in runs]
+    fractions = [r["fraction_of_matmul"] for r in runs if r and r["fraction_of_matmul"]]
+    share = f"{min(fractions):.2f}–{max(fractions):.2f}" if fractions else "—"
+    rows.append(f"| {name} | " + " | ".join(cells) + f" | {share} |")
+  return "\n".join(rows) + f"\n\nPlain `jnp.matmul` 4096³: {result['matmul_4096_gflops']:.1f} GFLOP/s, same run.\n"
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--shapes", default="4096x4096,11008x4096")
-  p.add_argument("--tokens", type=int, default=8192)
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--out", type=Path, default=Path(__file__).with_name("result_cpu.json"))
+  p.add_argument("--config", type=Path, default=Path(__file__).with_name("config.json"))
+  p.add_argument("--shapes", help="comma-separated d_outxd_in [config]")
+  p.add_argument("--tokens", type=int, help="inputs behind the Gram [config]")
+  p.add_argument("--repeats", type=int, help="timed runs after the compiling one; the best counts [config]")
+  p.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for result.json and table.md")
+  p.add_argument("--only-report", action="store_true", help="rewrite table.md from result.json")
   args = p.parse_args()
+  if args.only_report:
+    (args.out / "table.md").write_text(table(json.loads((args.out / "result.json").read_text())))
+    return
+  cfg = json.loads(args.config.read_text())
+  shapes = args.shapes.split(",") if args.shapes else cfg["shapes"]
+  tokens, repeats = args.tokens or cfg["tokens"], args.repeats or cfg["repeats"]
   a = jnp.ones((4096, 4096), jnp.float32)
   mm = jax.jit(lambda x: jnp.matmul(x, x))
   _, mm_seconds = timed(mm, a, repeats=3)
-  result = {"command": "python experiments/solver_speed/bench.py " + " ".join(sys.argv[1:]), "machine": machine(),
+  result = {"command": command(Path(__file__)), "machine": machine(), "config": cfg,
             "device": str(jax.devices()[0]), "backend": jax.default_backend(),
             "matmul_4096_gflops": 2 * 4096**3 / mm_seconds / 1e9, "solvers": {}}
   print(f"matmul 4096^3: {result['matmul_4096_gflops']:.1f} GFLOP/s", flush=True)
   solvers = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "admm": admm}
-  for shape in args.shapes.split(","):
+  for shape in shapes:
     d_out, d_in = map(int, shape.split("x"))
-    w, stats = problem(d_out, d_in, args.tokens, jax.random.key(0))
+    w, stats = problem(d_out, d_in, tokens, jax.random.key(0))
     for name, solve in solvers.items():
       for pattern in (Unstructured(0.5), NM(2, 4)):
         fn = jax.jit(functools.partial(solve, pattern=pattern))
-        first, best = timed(fn, w, stats, repeats=args.repeats)
+        first, best = timed(fn, w, stats, repeats=repeats)
         key = f"{name} {shape} {'2:4' if isinstance(pattern, NM) else 'u50'}"
         f = flops(name, d_out, d_in)
         result["solvers"][key] = {"seconds": best, "compile_and_first_seconds": first,
                                   "gflops": f / best / 1e9 if f else None,
                                   "fraction_of_matmul": (f / best / 1e9) / result["matmul_4096_gflops"] if f else None}
         print(key, result["solvers"][key], flush=True)
-  write_json(args.out, result)
+  write_json(args.out / "result.json", result)
+  (args.out / "table.md").write_text(table(result))
+  print(table(result))
 
 
 if __name__ == "__main__":
