@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune import _tree as tree
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 
@@ -26,10 +27,6 @@ def to_hf_layout(kernel):
 def from_hf_layout(weight):
   """Hugging Face weight ``(d_out, d_in)`` -> Flax kernel ``(d_in, d_out)``."""
   return weight.T
-
-
-def _key_str(entry) -> str:
-  return str(getattr(entry, "key", getattr(entry, "idx", entry)))
 
 
 def hf_name(config: ModelConfig, path: tuple[str, ...]) -> str | None:
@@ -50,14 +47,10 @@ def hf_name(config: ModelConfig, path: tuple[str, ...]) -> str | None:
   return prefix + ".".join(mods) + "." + _LEAF_NAMES[leaf]
 
 
-def _paths(tree) -> list[tuple[tuple[str, ...], object]]:
-  return [(tuple(_key_str(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
-
-
 def params_to_hf(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
   """Hugging Face state dict (NumPy arrays, ``(d_out, d_in)`` linears) of ``params``."""
   out = {}
-  for path, leaf in _paths(params):
+  for path, leaf in tree.items(params):
     name = hf_name(config, path)
     if name is None:
       continue
@@ -75,7 +68,7 @@ def params_from_hf(get: Callable[[str], np.ndarray], names: Mapping[str, object]
   """
   abstract = abstract_params(config)
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
-  paths = [p for p, _ in _paths(abstract)]
+  paths = [p for p, _ in tree.items(abstract)]
   missing = [hf_name(config, p) for p in paths if hf_name(config, p) not in names]
   if missing:
     raise JaxpruneError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")

@@ -1,4 +1,13 @@
-"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters, taps."""
+"""Pieces shared by the model families: norms, rotary embeddings, masked attention, sublayer adapters, taps.
+
+Dtypes: a model computes in the dtype of its weights (float32, bfloat16 or float16). Norms, softmax and losses
+run in :func:`compute_dtype` (float32 for the narrower floats). Every matrix product -- the linears, the attention
+scores and values, the LM head -- accumulates in :func:`compute_dtype` and takes :func:`matmul_precision`:
+``HIGHEST`` for float32 weights (full float32 products on every backend: a GPU's default would be TF32, a TPU's
+one bfloat16 pass), ``DEFAULT`` for bfloat16 and float16 weights (their native products). Linear and attention
+outputs are rounded back to the weights' dtype; logits stay in float32. (OPT-350m's ``project_in``/``project_out``
+are plain ``nn.Dense`` layers at the backend's default precision.)
+"""
 from __future__ import annotations
 
 import math
@@ -39,6 +48,20 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
+def matmul_precision(dtype) -> jax.lax.Precision:
+  """The precision of every matrix product of a model computing in ``dtype``: ``HIGHEST`` for float32 (and
+  float64), ``DEFAULT`` (the backend's native products) for bfloat16 and float16."""
+  wide = jnp.dtype(dtype).itemsize >= 4
+  return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
+
+
+def matmul(a, b, out_dtype=None):
+  """``a @ b`` (``(..., m, k) @ (..., k, n)``, batch dimensions equal) accumulated in :func:`compute_dtype` at
+  :func:`matmul_precision`, returned in ``out_dtype`` (default: ``a``'s dtype)."""
+  return jnp.matmul(a, b, precision=matmul_precision(a.dtype),
+                    preferred_element_type=compute_dtype(a.dtype)).astype(out_dtype or a.dtype)
+
+
 def _lead(v: jax.Array, ndim: int) -> jax.Array:
   """``v`` ``(d,)`` reshaped to broadcast against ``(..., d)`` of rank ``ndim`` (no implicit rank promotion)."""
   return v.reshape((1,) * (ndim - 1) + v.shape)
@@ -59,7 +82,7 @@ class Adapter(nn.Module):
     if self.rank:
       down = self.param("down", nn.initializers.zeros, (d, self.rank), jnp.float32).astype(x.dtype)
       up = self.param("up", nn.initializers.zeros, (self.rank, d), jnp.float32).astype(x.dtype)
-      out = out + (x @ down) @ up
+      out = out + matmul(matmul(x, down), up)
     return out
 
 
@@ -81,9 +104,33 @@ def tap(module: nn.Module, name: str, x):
 def lm_logits(h, embedding, vocab_size: int):
   """LM head logits ``(..., vocab)``: the tied token embedding ``(vocab, d)`` when given, else an ``lm_head``
   Dense (call from inside a compact module)."""
-  if embedding is not None:
-    return h @ embedding.T.astype(h.dtype)
-  return nn.Dense(vocab_size, use_bias=False, name="lm_head")(h)
+  if embedding is None:
+    return LMHead(vocab_size, name="lm_head")(h)
+  return matmul(h, embedding.T.astype(h.dtype), compute_dtype(h.dtype))
+
+
+class LMHead(nn.Module):
+  """An untied LM head: ``nn.Dense(vocab, use_bias=False)``'s parameter (``kernel`` ``(d, vocab)``), logits
+  ``(..., vocab)`` in :func:`compute_dtype`."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, h):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (h.shape[-1], self.features), jnp.float32)
+    return matmul(h, kernel.astype(h.dtype), compute_dtype(h.dtype))
+
+
+class ConfigModule(nn.Module):
+  """A part of a decoder configured by the model's ``config``."""
+
+  config: ModelConfig
+
+
+class BlockModule(ConfigModule):
+  """A decoder layer: also its ``(attention, mlp)`` sublayer ``modes``."""
+
+  modes: tuple[str, str] = ("full", "full")
 
 
 SUBLAYERS = ("self_attn", "mlp")  # the residual sublayers of a block, in order
@@ -181,9 +228,11 @@ class Linear(nn.Module):
 
 
 def dense(x, kernel, bias=None):
-  """What ``nn.Dense`` computes: ``x @ kernel + bias`` in the promoted dtype."""
+  """What ``nn.Dense`` computes: ``x @ kernel + bias`` (``(..., d_in) @ (d_in, d_out)``) in the promoted dtype,
+  accumulated in :func:`compute_dtype` at :func:`matmul_precision`."""
   x, kernel, bias = promote_dtype(x, kernel, bias)
-  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=matmul_precision(x.dtype),
+                          preferred_element_type=compute_dtype(x.dtype)).astype(x.dtype)
   return y if bias is None else y + _lead(bias, y.ndim)
 
 
@@ -194,7 +243,8 @@ def tapped_projection(module: nn.Module, name: str, inner, linear: Linear, *xs):
 
 
 def dot_attention(q, k, v, mask, *, chunk: int = 128):
-  """Scaled dot-product attention with grouped KV heads, softmax in float32.
+  """Scaled dot-product attention with grouped KV heads; scores, softmax and the weighted sum of values in
+  :func:`compute_dtype`, products at :func:`matmul_precision`.
 
   ``q``: ``(b, t, h, d)``; ``k, v``: ``(b, t, kv, d)`` with ``h % kv == 0``; ``mask``: ``(b, 1, t, t)`` bool, which
   must be causal (query ``i`` never sees a key ``j > i``: every mask of :func:`attention_mask` is).
@@ -216,12 +266,12 @@ def dot_attention(q, k, v, mask, *, chunk: int = 128):
   for lo in range(0, t, chunk):
     hi = min(lo + chunk, t)
     rows = q[:, :, lo:hi].reshape(b, kv, (hi - lo) * groups, d)
-    scores = jnp.matmul(rows, k[..., :hi]).astype(wide).reshape(b, kv, hi - lo, groups, hi)
+    scores = matmul(rows, k[..., :hi], wide).reshape(b, kv, hi - lo, groups, hi)
     allowed = mask[:, :, lo:hi, None, :hi]  # (b, 1, rows, 1, keys)
     scores = jnp.where(allowed, scores, jnp.finfo(wide).min)
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.matmul(weights.astype(v.dtype).reshape(b, kv, (hi - lo) * groups, hi), v[:, :, :hi])
-    outs.append(out.reshape(b, kv, hi - lo, groups, d) / total.astype(v.dtype))
+    out = matmul(weights.astype(v.dtype).reshape(b, kv, (hi - lo) * groups, hi), v[:, :, :hi], wide)
+    outs.append((out.reshape(b, kv, hi - lo, groups, d) / total).astype(v.dtype))
   out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
   return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxprune.models._config import ModelConfig
-from jaxprune.models._layers import (MID, Context, Linear, RMSNorm, apply_rotary, dot_attention, lm_logits, sublayer,
-                                    tap, tapped_projection)
+from jaxprune.models._layers import (MID, BlockModule, ConfigModule, Context, Linear, RMSNorm, apply_rotary, dot_attention,
+                                    lm_logits, sublayer, tap, tapped_projection)
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {
@@ -22,9 +21,7 @@ LINEAR_GROUPS = {
 }
 
 
-class Attention(nn.Module):
-  config: ModelConfig
-
+class Attention(ConfigModule):
   @nn.compact
   def __call__(self, x, ctx: Context):
     c = self.config
@@ -42,9 +39,7 @@ class Attention(nn.Module):
     return tapped_projection(self, "o_in", attend, o_proj, x, ctx.cos, ctx.sin, ctx.mask)
 
 
-class MLP(nn.Module):
-  config: ModelConfig
-
+class MLP(ConfigModule):
   @nn.compact
   def __call__(self, x):
     c = self.config
@@ -55,11 +50,8 @@ class MLP(nn.Module):
     return tapped_projection(self, "down_in", lambda x: jax.nn.silu(gate(x)) * up(x), down, x)
 
 
-class Block(nn.Module):
+class Block(BlockModule):
   """One decoder layer. ``h``: ``(batch, seq, hidden)``; ``modes``: (attention, mlp) sublayer modes."""
-
-  config: ModelConfig
-  modes: tuple[str, str] = ("full", "full")
 
   @nn.compact
   def __call__(self, h, ctx: Context):
@@ -72,19 +64,15 @@ class Block(nn.Module):
     return h + sublayer(self.modes[1], c.adapter_rank, "mlp", lambda x: MLP(c, name="mlp")(mlp_norm(x)), h)
 
 
-class Embed(nn.Module):
-  config: ModelConfig
-
+class Embed(ConfigModule):
   @nn.compact
   def __call__(self, tokens):
     c = self.config
     return nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens")(tokens)
 
 
-class Head(nn.Module):
+class Head(ConfigModule):
   """Final norm and LM head; with tied embeddings the head is the embedding matrix."""
-
-  config: ModelConfig
 
   @nn.compact
   def __call__(self, h, embedding=None):

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models._config import ModelConfig
-from jaxprune.models._layers import (MID, Context, Linear, dot_attention, lm_logits, sublayer, tap,
+from jaxprune.models._layers import (MID, BlockModule, ConfigModule, Context, Linear, dot_attention, lm_logits, sublayer, tap,
                                     tapped_projection)
 
 POSITION_OFFSET = 2
@@ -29,9 +29,7 @@ def _norm(config: ModelConfig, name: str) -> nn.LayerNorm:
                       name=name)
 
 
-class Attention(nn.Module):
-  config: ModelConfig
-
+class Attention(ConfigModule):
   @nn.compact
   def __call__(self, x, ctx: Context):
     c = self.config
@@ -46,11 +44,8 @@ class Attention(nn.Module):
     return tapped_projection(self, "o_in", attend, out_proj, x, ctx.mask)
 
 
-class Block(nn.Module):
+class Block(BlockModule):
   """One OPT decoder layer. ``h``: ``(batch, seq, hidden)``. A removed post-LN sublayer takes its norm along."""
-
-  config: ModelConfig
-  modes: tuple[str, str] = ("full", "full")
 
   @nn.compact
   def __call__(self, h, ctx: Context):
@@ -77,9 +72,7 @@ class Block(nn.Module):
     return tapped_projection(self, "down_in", lambda x: act(fc1(x)), fc2, x)
 
 
-class Embed(nn.Module):
-  config: ModelConfig
-
+class Embed(ConfigModule):
   @nn.compact
   def __call__(self, tokens, positions):
     c = self.config
@@ -91,10 +84,8 @@ class Embed(nn.Module):
     return h + pos(positions + POSITION_OFFSET)
 
 
-class Head(nn.Module):
+class Head(ConfigModule):
   """Final LayerNorm (pre-LN models), ``project_out``, and the LM head tied to the token embedding."""
-
-  config: ModelConfig
 
   @nn.compact
   def __call__(self, h, embedding=None):

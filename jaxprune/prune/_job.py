@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -12,12 +13,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxprune.data._windows import as_windows
+from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _checkpoint as checkpoint
 from jaxprune.models._config import ModelConfig
 from jaxprune.prune._patterns import pattern_name
 from jaxprune.prune._resume import ResumeStore
 from jaxprune.prune._sequential import BlockState, PruneSpec, kernel_at, run_pass
+from jaxprune.prune._targets import select_linears
 from jaxprune.prune.solvers import check_options, get_solver
 
 _VERSIONED = ("jaxprune", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers", "numpy")
@@ -43,16 +46,7 @@ def versions() -> dict[str, str]:
 
 def mask_tree(masks: list[dict[str, np.ndarray]]) -> dict:
   """Per-block ``{path: mask}`` -> a tree shaped like the params' pruned kernels."""
-  layers = []
-  for block in masks:
-    tree: dict = {}
-    for path, mask in block.items():
-      node = tree
-      for part in path.split("/"):
-        node = node.setdefault(part, {})
-      node["kernel"] = mask
-    layers.append(tree)
-  return {"layers": layers}
+  return {"layers": [tree.unflatten({f"{path}/kernel": mask for path, mask in block.items()}) for block in masks]}
 
 
 def linear_sparsity(reports: list[list[dict]], config: ModelConfig, params) -> float:
@@ -81,7 +75,8 @@ def check_prune_spec(spec: PruneSpec) -> PruneSpec:
 
 def prune(params, config: ModelConfig, spec: PruneSpec, calib, *, out: Path | None = None,
           identity: dict | None = None, batch_size: int = 8, mesh: Mesh | None = None,
-          progress: bool = True) -> PruneOutcome:
+          progress: bool = True, targets=None, ignore=None,
+          reconstruct=None) -> PruneOutcome:
   """Prunes every linear of every block of ``params`` with ``spec``, block by block (see :func:`run_pass`).
 
   Args:
@@ -91,6 +86,10 @@ def prune(params, config: ModelConfig, spec: PruneSpec, calib, *, out: Path | No
     out: with a checkpoint path, progress is kept after every block in ``OUT.partial/`` and a rerun resumes.
     identity: JSON-able description of the run (model, calibration); a resume must match it.
     batch_size, mesh: windows per forward batch, and the devices' mesh.
+    reconstruct: a :class:`~jaxprune.retrain.Reconstruction`: after each block is pruned, fit its trainable
+      subset to the dense block's outputs (layer-wise reconstruction; needs ``calib``, also for magnitude).
+    targets, ignore: module-name patterns of the linears to prune and to leave dense (see
+      :func:`~jaxprune.prune._targets.select_linears`); by default every linear is pruned.
 
   Returns:
     :class:`PruneOutcome`: params, masks, metadata (spec, per-linear reports, measured sparsity) and seconds.
@@ -101,22 +100,47 @@ def prune(params, config: ModelConfig, spec: PruneSpec, calib, *, out: Path | No
   if calib is not None:
     calib = as_windows(calib, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
                        what="calibration windows")
-  elif get_solver(spec.method).needs_calibration:
-    raise JaxpruneError(f"{spec.method} needs calibration windows")
-  store = ResumeStore(out, {**(identity or {}), **spec.to_json()}) if out is not None else None
+  elif get_solver(spec.method).needs_calibration or reconstruct is not None:
+    raise JaxpruneError(f"{spec.method}{' with reconstruction' if reconstruct else ''} needs calibration windows")
+  chosen = {}
+  if targets or ignore:
+    chosen = {"targets": list(_as_list(targets)), "ignore": list(_as_list(ignore))}
+    linears = select_linears(config, targets, ignore)
+    if "linears" not in inspect.signature(run_pass).parameters:
+      raise JaxpruneError("targets/ignore: this version's pruning pass cannot leave linears out yet")
+    chosen["linears"] = len(linears)
+  identity = {**(identity or {}), **chosen}
+  if reconstruct is not None:
+    identity = {**(identity or {}), "reconstruct": reconstruct.to_json()}
+  store = ResumeStore(out, {**identity, **spec.to_json()}) if out is not None else None
   state: BlockState | None = store.load(params) if store is not None else None
   if state is not None and progress:
     print(f"resuming from block {state.done} ({store.dir})", file=sys.stderr, flush=True)
   start = time.perf_counter()
+  selection = {"linears": linears} if chosen else {}
   state = run_pass(params, config, spec, calib, batch_size=batch_size, mesh=mesh, state=state,
-                   on_block=store.save if store is not None else None, progress=progress)
+                   on_block=store.save if store is not None else None, progress=progress,
+                   refine=_refiner(reconstruct), **selection)
   params = jax.tree.map(np.asarray, state.params)
   seconds = time.perf_counter() - start
   layers = [dict(r) for block in state.reports for r in block]
   meta = {**spec.to_json(), "pattern": pattern_name(spec.pattern), "layers": layers,
-          "sparsity": linear_sparsity(state.reports, config, params), "versions": versions(), **(identity or {})}
+          "sparsity": linear_sparsity(state.reports, config, params), "versions": versions(), **identity}
   return PruneOutcome(params, mask_tree(state.masks), meta, seconds)
 
+
+def _as_list(patterns) -> tuple:
+  return () if patterns is None else (patterns,) if isinstance(patterns, str) else tuple(patterns)
+
+
+
+def _refiner(reconstruct):
+  """The ``refine`` hook of :func:`run_pass` for a :class:`~jaxprune.retrain.Reconstruction` (None: none)."""
+  if reconstruct is None:
+    return None
+  from jaxprune.retrain._reconstruct import make_refiner
+
+  return make_refiner(reconstruct)
 
 def save_outcome(outcome: PruneOutcome, out: Path, config: ModelConfig, *, tokenizer=None,
                  overwrite: bool = False) -> Path:

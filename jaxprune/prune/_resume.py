@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_write
 from jaxprune.prune._sequential import BlockState
@@ -27,24 +28,6 @@ from jaxprune.prune._sequential import BlockState
 
 def partial_dir(out: Path) -> Path:
   return Path(out).with_name(Path(out).name + ".partial")
-
-
-def _flatten(tree) -> dict[str, np.ndarray]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.asarray(leaf)
-  return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, last = key.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = value
-  return tree
 
 
 class ResumeStore:
@@ -57,7 +40,7 @@ class ResumeStore:
   def save(self, state: BlockState) -> None:
     self.dir.mkdir(parents=True, exist_ok=True)
     i = state.done - 1
-    arrays = {f"params/{k}": v for k, v in _flatten(state.params["layers"][i]).items()}
+    arrays = {f"params/{k}": v for k, v in tree.flatten(jax.device_get(state.params["layers"][i])).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
     arrays["report"] = np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)
     atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
@@ -79,7 +62,7 @@ class ResumeStore:
       for i in range(progress["done"]):
         with np.load(self.dir / f"block_{i:03d}.npz") as z:
           flat = {k: z[k] for k in z.files}
-        layers[i] = _unflatten({k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")})
+        layers[i] = tree.unflatten({k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")})
         masks.append({k[len("masks/"):]: v for k, v in flat.items() if k.startswith("masks/")})
         reports.append(json.loads(flat["report"].tobytes()))
       inputs_file = self.dir / "inputs.npy"
