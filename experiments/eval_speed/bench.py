@@ -5,6 +5,7 @@ Each framework runs in its own process (so each peak memory is its own), one aft
 
   python experiments/eval_speed/bench.py                  # -> result.json, table.md
   python experiments/eval_speed/bench.py --only-report    # table.md from result.json
+  python experiments/eval_speed/bench.py --baseline REV   # also jaxprune at git revision REV, same run
 
 Tokens/s counts every evaluated token; the first batch (JAX compilation, PyTorch warm-up) is timed separately.
 """
@@ -69,11 +70,30 @@ def _torch(model_name: str, windows, batch: int, threads: int) -> dict:
 def worker(args) -> None:
   import numpy as np
 
+  if args.library:  # another version of jaxprune (a git worktree) before this checkout's
+    sys.path.insert(0, args.library)
+
   windows = np.load(args.tokens)
   fn = {"jax": _jax, "torch": _torch}[args.framework]
   out = fn(args.model, windows, args.batch_size, args.threads)
   out.update(tokens=int(windows.size), tokens_per_second=windows.size / out["seconds"], peak_rss_gb=peak_rss_gb())
   print(json.dumps(out))
+
+
+def _baseline(revision: str, common: list[str]) -> dict:
+  """The JAX worker run with jaxprune as of git ``revision`` (a temporary worktree, removed afterwards)."""
+  import subprocess
+  import tempfile
+
+  root = Path(__file__).resolve().parents[2]
+  with tempfile.TemporaryDirectory() as tmp:
+    tree = Path(tmp) / "baseline"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), revision], check=True,
+                   capture_output=True)
+    try:
+      return run_worker(Path(__file__), "--framework", "jax", "--library", str(tree), *common)
+    finally:
+      subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def table(result: dict) -> str:
@@ -85,6 +105,11 @@ def table(result: dict) -> str:
                 f"{r['perplexity']:.6f} |")
   rows.append(f"| ratio JAX / PyTorch | {result['speedup_jax_over_torch']:.2f}× | | "
               f"{jax_['peak_rss_gb'] / torch_['peak_rss_gb']:.2f}× | |")
+  if "baseline" in result:
+    b = result["baseline"]
+    rows.append(f"| jaxprune at {b['revision']} | {b['tokens_per_second']:.1f} | {b['warmup_seconds']:.1f} | "
+                f"{b['peak_rss_gb']:.2f} | {b['perplexity']:.6f} |")
+    rows.append(f"| ratio this / {b['revision']} | {result['speedup_over_baseline']:.2f}× | | | |")
   return "\n".join(rows) + "\n"
 
 
@@ -101,6 +126,8 @@ def main() -> None:
   p.add_argument("--framework", help=argparse.SUPPRESS)
   p.add_argument("--tokens", help=argparse.SUPPRESS)
   p.add_argument("--model", help=argparse.SUPPRESS)
+  p.add_argument("--library", help=argparse.SUPPRESS)
+  p.add_argument("--baseline", help="also time jaxprune at this git revision (checked out in a temporary worktree)")
   args = p.parse_args()
   if args.worker:
     return worker(args)
@@ -117,6 +144,8 @@ def main() -> None:
   np.save(tokens, _windows(cfg["model"], cfg["data"], windows, seqlen))
   common = ["--tokens", str(tokens), "--batch-size", str(batch), "--threads", str(threads), "--model", cfg["model"]]
   runs = {fw: run_worker(Path(__file__), "--framework", fw, *common) for fw in ("jax", "torch")}
+  if args.baseline:
+    runs["baseline"] = _baseline(args.baseline, common)
   tokens.unlink()
   result = {
       "command": command(Path(__file__)), "machine": machine(), "config": cfg, "windows": windows, "seqlen": seqlen,
@@ -124,6 +153,9 @@ def main() -> None:
       "torch": runs["torch"],
       "speedup_jax_over_torch": runs["jax"]["tokens_per_second"] / runs["torch"]["tokens_per_second"],
   }
+  if args.baseline:
+    result["baseline"] = {"revision": args.baseline, **runs["baseline"]}
+    result["speedup_over_baseline"] = runs["jax"]["tokens_per_second"] / runs["baseline"]["tokens_per_second"]
   write_json(args.out / "result.json", result)
   (args.out / "table.md").write_text(table(result))
   print(table(result))
