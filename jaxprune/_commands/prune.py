@@ -1,7 +1,8 @@
 """``jaxprune prune``: one-shot pruning of every linear of every block, then a checkpoint (and a perplexity)."""
 from __future__ import annotations
 
-from jaxprune._commands import common
+from jaxprune._commands import _surgeon, common
+from jaxprune._commands.retrain import add_reconstruct_args, reconstruction
 
 METHOD_OPTIONS = {  # CLI flag -> solver keyword
     "blocksize": "blocksize", "percdamp": "percdamp", "rho": "rho", "iterations": "iterations",
@@ -12,7 +13,10 @@ METHOD_OPTIONS = {  # CLI flag -> solver keyword
 def add_parser(sub) -> None:
   p = sub.add_parser("prune", help="prune a model layer by layer (magnitude, wanda, sparsegpt, admm)")
   common.add_model_arg(p)
-  p.add_argument("--method", default="wanda", help="magnitude, wanda, sparsegpt or admm [default: %(default)s]")
+  common.add_dtype_arg(p)
+  p.add_argument("--method", default="wanda",
+                 help="magnitude, wanda, sparsegpt, admm, or surgeon (LLM Surgeon: all layers at once, in shots) "
+                      "[default: %(default)s]")
   shape = p.add_mutually_exclusive_group()
   shape.add_argument("--sparsity", type=float, default=None,
                      help="unstructured: fraction of weights pruned, in [0, 1) [default: 0.5]")
@@ -26,7 +30,14 @@ def add_parser(sub) -> None:
                  help="prune the linears of a block group by group (q/k/v, o, gate/up, down), each from inputs "
                       "computed with the groups before it pruned: one forward per block instead of two "
                       "[default: all groups from the dense block's inputs, as the reference codes]")
+  p.add_argument("--targets", nargs="+", action="extend", default=None, metavar="PATTERN",
+                 help="prune only the linears whose module name matches: a glob on a name such as "
+                      "layers.0.mlp.down_proj or any dot-tail of it (down_proj, mlp.*), or re:REGEX "
+                      "[default: every linear]")
+  p.add_argument("--ignore", nargs="+", action="extend", default=None, metavar="PATTERN",
+                 help="leave these linears dense (same patterns), e.g. --ignore down_proj 'layers.0.*'")
   common.add_output_args(p)
+  add_reconstruct_args(p)
   g = p.add_argument_group("method options (defaults: each reference implementation's)")
   g.add_argument("--blocksize", type=int, help="SparseGPT column block [128]")
   g.add_argument("--percdamp", type=float, help="relative damping [SparseGPT 0.01, ADMM 0.1]")
@@ -38,6 +49,7 @@ def add_parser(sub) -> None:
   g.add_argument("--ties", choices=("count", "threshold"),
                  help="magnitude/SparseGPT unstructured: prune exactly floor(s*n) ('count'), or every score up to "
                       "the next one as the reference codes do ('threshold') [count]")
+  _surgeon.add_args(p)
   p.set_defaults(run=run)
 
 
@@ -67,17 +79,24 @@ def spec_from_args(args):
 
 
 def run(args) -> dict:
+  if args.method == "surgeon":
+    return _surgeon.run(args)
+  _surgeon.refuse(args)
   from jaxprune._evaluate import data_mesh
   from jaxprune.prune import _job as job
   from jaxprune.prune._sequential import check_spec
+  from jaxprune.prune._targets import select_linears
 
   spec = spec_from_args(args)
   job.check_out(args.out, args.overwrite)
-  model = common.load(args.model)
+  model = common.load(args.model, dtype=args.dtype)
+  recon, model = reconstruction(args, model)  # checked before any work
+  if args.targets or args.ignore:
+    select_linears(model.config, args.targets, args.ignore)  # a pattern matching nothing fails before any work
   check_spec(spec, model.config, model.params)  # a pattern or option the solver cannot take fails before any work
   calib = None
   identity = {"model": args.model, "seqlen": args.seqlen}
-  if spec.method != "magnitude":
+  if spec.method != "magnitude" or recon is not None:
     calib = common.windows(model, args.calib, seqlen=args.seqlen, role="calib", nsamples=args.nsamples,
                            seed=args.seed)
     identity.update(calib=calib.source, calib_sha256=calib.sha256, nsamples=int(calib.tokens.shape[0]),
@@ -88,7 +107,8 @@ def run(args) -> dict:
   if evals is not None and args.eval_dense:
     dense = common.evaluate(args, model.params, model.config, evals, mesh=mesh, desc="eval dense")
   outcome = job.prune(model.params, model.config, spec, None if calib is None else calib.tokens, out=args.out,
-                      identity=identity, batch_size=args.batch_size, mesh=mesh)
+                      identity=identity, batch_size=args.batch_size, mesh=mesh, reconstruct=recon, targets=args.targets,
+                      ignore=args.ignore)
   block = None
   if evals is not None:
     block = common.evaluate(args, outcome.params, model.config, evals, mesh=mesh)

@@ -1,6 +1,7 @@
 """Sparsity patterns: what a solver must leave non-zero.
 
-Two small immutable (hashable, hence usable as static arguments under ``jax.jit``) types:
+Two small immutable types. They are hashable, so they can be static arguments of ``jax.jit``, and registered as
+pytrees without leaves, so they can also be passed as ordinary arguments to a function a user jits or vmaps:
 
 * :class:`Unstructured` -- a fraction ``sparsity`` of the weights is pruned, compared within a ``scope``.
 * :class:`NM` -- in every row, in every group of ``m`` consecutive inputs, ``n`` weights are **kept**.
@@ -14,6 +15,8 @@ conventions agree only at 2:4 and 4:8. ``NM(1, 4)`` keeps one weight in four (75
 0.75
 >>> Unstructured(0.5).scope is None
 True
+>>> NM(np.int64(2), 4) == NM(2, 4) and hash(NM(np.int64(2), 4)) == hash(NM(2, 4))
+True
 >>> parse_pattern(None, "2:4")
 NM(n=2, m=4)
 >>> pattern_name(NM(2, 4)), pattern_name(Unstructured(0.5, scope="row"))
@@ -24,15 +27,20 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+import jax
+import numpy as np
+
 from jaxprune.errors import JaxpruneError
 
 SCOPES = ("layer", "row")
 
 
 def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
+  """Python and NumPy integers (``numbers.Integral``), not booleans."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class Unstructured:
   """Prune ``floor(sparsity · size)`` weights, ranked within ``scope``.
@@ -49,7 +57,7 @@ class Unstructured:
 
   def __post_init__(self):
     s = self.sparsity
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s < 1.0:
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real) or not 0.0 <= s < 1.0:
       raise JaxpruneError(f"sparsity must be a number in [0, 1), got {s!r}")
     object.__setattr__(self, "sparsity", float(s))
     if self.scope is not None and self.scope not in SCOPES:
@@ -60,6 +68,7 @@ class Unstructured:
     del d_in
 
 
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class NM:
   """N:M semi-structured sparsity: ``n`` weights **kept** in every ``m`` consecutive inputs of a row.
@@ -75,6 +84,8 @@ class NM:
   def __post_init__(self):
     if not (_is_int(self.n) and _is_int(self.m)) or self.n <= 0 or self.m <= 0:
       raise JaxpruneError(f"N:M needs positive integers n and m, got {self.n!r}:{self.m!r}")
+    object.__setattr__(self, "n", int(self.n))  # NumPy integers become ints: equal patterns hash equally
+    object.__setattr__(self, "m", int(self.m))
     if self.n > self.m:
       raise JaxpruneError(f"N:M keeps n of every m weights, so n <= m is needed, got {self.n}:{self.m}")
 

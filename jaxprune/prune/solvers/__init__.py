@@ -1,6 +1,8 @@
 """Layer-wise pruning solvers: pure functions ``(w, stats, *, pattern, **hparams) -> SolverResult``.
 
-``w`` is ``(d_out, d_in)`` (the HF layout), masks are ``True`` = kept. :data:`SOLVERS` names every method for
+``w`` is ``(d_out, d_in)`` (the HF layout), masks are ``True`` = kept. Every solver is jit-compiled, with its
+pattern and options static (one compilation per shape and option set); it can be called as it is, or inside a
+function the caller jits or vmaps (patterns are pytrees without leaves, so they may be passed as arguments). :data:`SOLVERS` names every method for
 the sequential pass and the command line; :func:`get_solver` looks one up.
 
 >>> sorted(SOLVERS)

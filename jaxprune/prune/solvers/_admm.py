@@ -30,6 +30,7 @@ With ``mask_iterations=0`` the mask is chosen once from ``|W0| = |W|·‖X_j‖`
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -134,6 +135,7 @@ def _check_hparams(rho, percdamp, iterations, mask_iterations=0, schedule="cubic
     raise JaxpruneError(f"admm: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
+@functools.partial(jax.jit, static_argnames=("rho", "percdamp", "iterations"))
 def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0, percdamp: float = 0.1,
                 iterations: int = 20) -> SolverResult:
   """ADMM weight update of ``w`` ``(d_out, d_in)`` on a fixed keep ``mask`` ``(d_out, d_in)`` (Boža 2024, Alg. 1).
@@ -155,6 +157,8 @@ def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0
   return finish(w, w_new, mask, stats)
 
 
+@functools.partial(jax.jit, static_argnames=("pattern", "rho", "percdamp", "iterations", "mask_iterations",
+                                                  "schedule"))
 def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float = 1.0, percdamp: float = 0.1,
          iterations: int = 20, mask_iterations: int = 15, schedule: str = "cubic") -> SolverResult:
   """Gradual ADMM pruning (ADMM-Grad) of ``w`` ``(d_out, d_in)`` to ``pattern``.

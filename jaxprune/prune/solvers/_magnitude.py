@@ -6,6 +6,7 @@ needed and no weight is updated.
 """
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +16,7 @@ from jaxprune.prune.solvers._base import SolverResult, check_inputs, check_ties,
 from jaxprune.prune._stats import Stats
 
 
+@functools.partial(jax.jit, static_argnames=("pattern", "ties"))
 def magnitude(w: jax.Array, stats: Stats | None = None, *, pattern: Unstructured | NM,
               ties: str = "count") -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` by ``|W|`` (``scope=None`` means per layer).

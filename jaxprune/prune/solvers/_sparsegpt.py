@@ -23,6 +23,7 @@ and the work is dominated by the lazy block matmuls (``2 · d_out · d_in²`` fl
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -134,6 +135,7 @@ def _check_hparams(pattern, blocksize, percdamp, max_retries):
     raise JaxpruneError(f"sparsegpt selects its mask per column block; scope={pattern.scope!r} is not supported")
 
 
+@functools.partial(jax.jit, static_argnames=("pattern", "blocksize", "percdamp", "max_retries", "ties"))
 def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksize: int = 128,
               percdamp: float = 0.01, max_retries: int = 6, ties: str = "count") -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` with SparseGPT on ``stats.gram`` ``(d_in, d_in)`` (any positive scale).

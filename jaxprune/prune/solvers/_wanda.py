@@ -7,6 +7,7 @@ No weight is updated.
 """
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +23,7 @@ def wanda_scores(w: jax.Array, sq_norms: jax.Array) -> jax.Array:
   return jnp.abs(w.astype(dtype)) * jnp.sqrt(sq_norms.astype(dtype))[None, :]
 
 
+@functools.partial(jax.jit, static_argnames=("pattern",))
 def wanda(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM) -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` by the Wanda score; needs only ``stats.sq_norms``."""
   check_inputs("wanda", w, stats, pattern, needs="stats")
