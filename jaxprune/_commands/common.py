@@ -2,7 +2,7 @@
 
 Every subcommand's ``--json`` document has the same layout: ``command``, ``jaxprune_version``, ``model``, ``out``
 (None for ``eval``), ``seconds`` (the whole command); when a perplexity was measured, ``eval`` (data, sha256,
-seqlen, windows, tokens, perplexity, mean_loss, seconds, tokens_per_second) and its ``perplexity``, and with
+dtype, seqlen, windows, tokens, perplexity, mean_loss, seconds, tokens_per_second) and its ``perplexity``, and with
 ``--eval-dense`` the same for the model before pruning as ``eval_dense`` and ``dense_perplexity``; then the
 command's own keys. ``--json -`` writes the document, and only it, to stdout; everything else goes to stderr.
 """
@@ -51,6 +51,16 @@ def add_model_arg(p, help_extra: str = "") -> None:
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help=f"embedded name ({DEFAULT_MODEL}), jaxprune checkpoint, HF directory, .gguf file, "
                       f"or HF hub name (cached, or online){help_extra} [default: %(default)s]")
+
+
+def add_dtype_arg(p) -> None:
+  """``--dtype``: the dtype the model's weights are held and computed in (statistics and solvers: float32)."""
+  from jaxprune.io._load import DTYPES
+
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="dtype of the weights as held and computed (statistics and solvers always run in float32) "
+                      "[default: a Hugging Face directory's stored dtype, a checkpoint's saved dtype, float32 for "
+                      "GGUF]")
 
 
 def add_batch_arg(p) -> None:
@@ -111,7 +121,7 @@ def load(spec: str, **kwargs) -> LoadedModel:
   start = time.perf_counter()
   model = load_model(spec, **kwargs)
   c = model.config
-  log(f"loaded {spec}: {c.family}, {c.num_layers} layers, hidden {c.hidden_size} "
+  log(f"loaded {spec}: {c.family}, {c.num_layers} layers, hidden {c.hidden_size}, {model.dtype} "
       f"({time.perf_counter() - start:.1f} s)")
   return model
 
@@ -151,7 +161,9 @@ def evaluate(args, params, config, data, *, mesh, desc: str = "eval") -> dict:
 
   log(f"{desc}: {data.num_windows} windows x {data.seqlen} tokens of {data.source}")
   result = perplexity(params, data.tokens, config=config, batch_size=args.batch_size, mesh=mesh)
-  return {"data": data.source, "sha256": data.sha256, **result.to_json()}
+  from jaxprune.io._checkpoint import tree_dtype
+
+  return {"data": data.source, "sha256": data.sha256, "dtype": tree_dtype(params), **result.to_json()}
 
 
 def eval_result(block: dict | None, dense: dict | None = None) -> dict:

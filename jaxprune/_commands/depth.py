@@ -8,6 +8,7 @@ def add_parser(sub) -> None:
   p = sub.add_parser("depth", help="remove whole blocks, or attention/MLP sublayers, by importance "
                                    "(cosine, angular, loss, shapley), with optional bias/low-rank recovery")
   common.add_model_arg(p)
+  common.add_dtype_arg(p)
   p.add_argument("--metric", default="cosine",
                  help="importance: cosine (block influence), angular, loss (leave-one-out) or shapley "
                       "[default: %(default)s]")
@@ -42,7 +43,7 @@ def run(args) -> dict:
   if args.samples < 1:
     raise JaxpruneError(f"--samples must be at least 1, got {args.samples}")
   check_out(args.out, args.overwrite)
-  model = common.load(args.model)
+  model = common.load(args.model, dtype=args.dtype)
   config = model.config
   recovery = parse_recovery(args.recover, width=config.hidden_size, damp=args.damp)
   k = removal_count(config, args.unit, remove=args.remove, fraction=args.fraction)

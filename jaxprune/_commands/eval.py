@@ -7,6 +7,7 @@ from jaxprune._commands import common
 def add_parser(sub) -> None:
   p = sub.add_parser("eval", help="perplexity of a model (SparseGPT/Wanda protocol)")
   common.add_model_arg(p)
+  common.add_dtype_arg(p)
   common.add_eval_args(p, data_flag="--data")
   common.add_batch_arg(p)
   common.add_json_arg(p)
@@ -16,7 +17,7 @@ def add_parser(sub) -> None:
 def run(args) -> dict:
   from jaxprune._evaluate import data_mesh
 
-  model = common.load(args.model)
+  model = common.load(args.model, dtype=args.dtype)
   data = common.eval_windows(args, model, args.data)
   block = common.evaluate(args, model.params, model.config, data, mesh=data_mesh())
   common.say(args, f"perplexity {block['perplexity']:.4f} on {data.source} ({block['windows']} windows x "

@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
   p.add_argument("--out", type=Path, required=True, help="directory to create (must not exist or be empty)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face model directory")
   p.add_argument("--dtype", choices=("auto", *FLOAT_DTYPES), default="auto",
-                 help="dtype of the stored weights; auto = the dtype the model came in (float32 when unknown, "
-                      "and for quantized GGUF files) [default: %(default)s]")
+                 help="dtype of the stored weights; auto = the dtype the weights are held in when narrower than "
+                      "float32, else the dtype the model came in (float32 when unknown, and for quantized GGUF "
+                      "files) [default: %(default)s]")
   p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
                  help="larger weights are split into model-*-of-*.safetensors with an index [default: %(default)s]")
   common.add_json_arg(p)
@@ -36,7 +37,9 @@ def run(args) -> dict:
     from jaxprune.depth import hf_compatible
 
     config, params = hf_compatible(config, params)
-  dtype = model.metadata.get("source_dtype", "float32") if args.dtype == "auto" else args.dtype
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype = model.dtype if model.dtype != "float32" else model.metadata.get("source_dtype", "float32")
   recipe = build_recipe(model.metadata, config, params, dtype=dtype)
   save_hf_dir(args.out, config, params, tokenizer, dtype=dtype, max_shard_size=args.max_shard_size,
               generation_config=model.metadata.get("generation_config"), recipe=recipe, overwrite=args.overwrite)

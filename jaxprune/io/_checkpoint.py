@@ -2,8 +2,9 @@
 
 Layout of a checkpoint directory::
 
-  jaxprune.json   format version, model config, metadata (method, calibration hash, per-layer results, ...)
-  params/         Orbax tree of the params
+  jaxprune.json   format version, model config, the params' dtype, metadata (method, calibration hash,
+                  per-layer results, ...)
+  params/         Orbax tree of the params, each in the dtype it was saved in
   masks/          Orbax tree of the pruning masks (optional)
   tokenizer/      the tokenizer, saved with ``save_pretrained`` (optional)
 
@@ -59,11 +60,16 @@ def _ignore_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
-def _restore_tree(path: Path, abstract) -> Any:
+def _restore_tree(path: Path, abstract, dtype=None) -> Any:
+  """The tree at ``path`` shaped like ``abstract``, each leaf in ``dtype`` or else in the dtype it was saved in."""
   import orbax.checkpoint as ocp
 
   try:
     with ocp.StandardCheckpointer() as ckptr:
+      if abstract is not None:
+        saved = ckptr.metadata(path.absolute()).item_metadata.tree
+        abstract = jax.tree.map(lambda like, meta: jax.ShapeDtypeStruct(like.shape, dtype or meta.dtype),
+                                abstract, saved)
       return ckptr.restore(path.absolute(), abstract)
   except Exception:
     _ignore_closed_loop_callbacks()
@@ -85,8 +91,8 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
       _save_tree(tmp / "masks", masks)
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    meta = {"format": FORMAT, "config": json.loads(config.to_json()), "has_masks": masks is not None,
-            "metadata": metadata or {}}
+    meta = {"format": FORMAT, "config": json.loads(config.to_json()), "dtype": tree_dtype(params),
+            "has_masks": masks is not None, "metadata": metadata or {}}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
   return out
 
@@ -102,8 +108,18 @@ def read_meta(path: Path) -> dict:
   return meta
 
 
-def read_checkpoint(path: Path, *, with_masks: bool = False):
+def tree_dtype(params: Params) -> str:
+  """The name of the float dtype holding most parameters of ``params`` (``float32``, ``bfloat16``, ...)."""
+  sizes: dict[str, int] = {}
+  for leaf in jax.tree.leaves(params):
+    sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
+  return max(sorted(sizes), key=sizes.__getitem__) if sizes else "float32"
+
+
+def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None):
   """Returns ``(config, params, masks or None, metadata)``; a damaged checkpoint gives a one-line error.
+
+  The params come in ``dtype``, or else each in the dtype it was saved in.
 
   :func:`jaxprune.io.load_checkpoint` returns the same as a :class:`~jaxprune.io.LoadedModel`.
   """
@@ -115,7 +131,7 @@ def read_checkpoint(path: Path, *, with_masks: bool = False):
     raise JaxpruneError(f"{path}: checkpoint config is damaged: {err}") from None
   abstract = abstract_params(config)
   try:
-    params = _restore_tree(path / "params", abstract)
+    params = _restore_tree(path / "params", abstract, dtype)
     masks = _restore_tree(path / "masks", None) if with_masks and meta.get("has_masks") else None
   except JaxpruneError:
     raise

@@ -130,14 +130,15 @@ def _source_dtype(reader) -> str:
   return names[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in names else "float32"
 
 
-def load_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
+def load_gguf(path: Path, dtype=None) -> tuple[ModelConfig, Params]:
   """Config and dequantized params of a GGUF file (q/k row permutation undone)."""
   config, params, _ = read_gguf(path, dtype)
   return config, params
 
 
-def read_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params, dict]:
-  """Config, dequantized params (q/k row permutation undone), and ``{"source_dtype": ...}`` of a GGUF file."""
+def read_gguf(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
+  """Config, dequantized params (q/k row permutation undone), and ``{"source_dtype": ...}`` of a GGUF file; the
+  params in ``dtype``, float32 by default whatever the file stores (quantized blocks dequantize to float32)."""
   import gguf
 
   reader = _reader(path)
@@ -163,7 +164,8 @@ def read_gguf(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params, dict]:
       w = unpermute(w, config.num_kv_heads)
     return w
 
-  return config, params_from_hf(get, set(tensors), config, dtype), {"source_dtype": _source_dtype(reader)}
+  params = params_from_hf(get, set(tensors), config, np.float32 if dtype is None else dtype)
+  return config, params, {"source_dtype": _source_dtype(reader)}
 
 
 def load_gguf_tokenizer(path: Path):

@@ -111,23 +111,23 @@ def stored_dtype(dtypes: dict[str, str], hf_config: dict | None = None) -> str:
   return declared if declared in FLOAT_DTYPES else "float32"
 
 
-def load_hf_dir(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params]:
-  """Config and params of a Hugging Face causal-LM directory."""
+def load_hf_dir(path: Path, dtype=None) -> tuple[ModelConfig, Params]:
+  """Config and params of a Hugging Face causal-LM directory (``dtype``: see :func:`read_hf_dir`)."""
   config, params, _ = read_hf_dir(path, dtype)
   return config, params
 
 
-def read_hf_dir(path: Path, dtype=np.float32) -> tuple[ModelConfig, Params, dict]:
+def read_hf_dir(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
   """Config, params, and where they came from (``source_dtype``, ``generation_config``) of a Hugging Face
-  causal-LM directory."""
+  causal-LM directory; the params in ``dtype``, by default the dtype most weights are stored in."""
   path = Path(path)
   hf_config = read_hf_config(path)
   config = from_hf_config(hf_config)
   get, dtypes = _tensor_source(path)
   if config.tie_word_embeddings is False and "lm_head.weight" not in dtypes:
     raise JaxpruneError(f"{path}: untied model without lm_head.weight")
-  params = params_from_hf(get, set(dtypes), config, dtype)
   provenance = {"source_dtype": stored_dtype(dtypes, hf_config)}
+  params = params_from_hf(get, set(dtypes), config, jnp.dtype(dtype or provenance["source_dtype"]))
   generation = read_generation_config(path)
   if generation is not None:
     provenance["generation_config"] = generation

