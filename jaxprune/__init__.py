@@ -24,6 +24,7 @@ from jaxprune.prune import (
 from jaxprune.prune._job import PruneOutcome, prune
 from jaxprune.prune._sequential import PruneSpec, run_pass
 from jaxprune.runner import Runner, data_mesh, make_mesh
+from jaxprune.retrain import RetrainResult, TrainSpec, apply, lora_init, merge, parse_train_spec, retrain
 
 __all__ = [
     # High level: models, text, pruning, evaluation, checkpoints.
@@ -35,6 +36,9 @@ __all__ = [
     # Solver level: pure functions over (d_out, d_in) weights and input statistics.
     "magnitude", "wanda", "sparsegpt", "admm", "admm_update", "SolverResult", "SOLVERS", "get_solver",
     "Stats", "init_stats", "accumulate", "accumulate_sharded", "NM", "Unstructured", "run_pass",
+    # Retraining after pruning (PERP, masked fine-tuning); jaxprune.retrain is the function, the package's other
+    # names are imported from jaxprune.retrain.
+    "retrain", "RetrainResult", "TrainSpec", "parse_train_spec", "lora_init", "apply", "merge",
 ]
 
 # The installed version, and saving what prune() returns as a checkpoint.

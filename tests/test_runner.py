@@ -254,3 +254,32 @@ def test_model_axis_shards_parameters_and_keeps_results():
   for a, b in zip(jax.tree.leaves(one.params["layers"]), jax.tree.leaves(two_by_four.params["layers"])):
     assert isinstance(b, np.ndarray)  # pruned blocks leave the devices
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_block_mse_and_gradient_equal_a_float64_reference():
+  """``Runner.block_value_and_grad``: the weighted mean over windows of the block output's mean squared error, and
+  its gradient over a trainable subset assembled with the frozen rest, against ``jax.grad`` of the model's block
+  in float64."""
+  config = LLAMA
+  tokens = np.random.default_rng(7).integers(0, 61, size=(3, 9)).astype(np.int32)
+  weights = np.asarray([1.0, 0.5, 0.0])
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), M.init_params(config, jax.random.key(8)))
+    block = params["layers"][1]
+    h = M.embed(params, jnp.asarray(tokens), config=config)
+    target = h + 0.1 * jnp.asarray(np.random.default_rng(9).standard_normal(h.shape))
+    norms = jax.tree_util.tree_map_with_path(lambda path, _: "norm" in jax.tree_util.keystr(path), block)
+    trainable, frozen = F.split(block, norms)
+    loss, grads = Runner(config).block_value_and_grad(trainable, frozen, h, target, jnp.asarray(weights))
+
+    def reference(trainable):
+      out = M.block(F._combine(trainable, frozen), h, M.context(config, 3, 9), config=config)
+      per_window = jnp.mean((out - target) ** 2, axis=(1, 2))
+      return jnp.sum(per_window * weights) / jnp.sum(weights)
+
+    want_loss, want = jax.value_and_grad(reference)(trainable)
+  assert float(loss) == pytest.approx(float(want_loss), rel=1e-12)
+  assert jax.tree.structure(grads) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+    assert np.abs(np.asarray(b)).max() > 0

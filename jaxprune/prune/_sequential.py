@@ -221,20 +221,25 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
 
 def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
              mesh: Mesh | None = None, state: BlockState | None = None,
-             on_block: Callable[[BlockState], None] | None = None, progress: bool = True) -> BlockState:
+             on_block: Callable[[BlockState], None] | None = None, progress: bool = True,
+             refine: Callable | None = None) -> BlockState:
   """Prunes all blocks of ``params``; ``calib`` ``(n, seqlen)`` int32 token windows (None for magnitude).
 
   ``state`` resumes a pass from a finished block; ``on_block(state)`` is called after every block (the
-  checkpointing hook of :mod:`jaxprune.prune._job`). Returns the final :class:`BlockState`.
+  checkpointing hook of :mod:`jaxprune.prune._job`). ``refine(i, dense block, pruned block, {path: mask}, inputs,
+  runner=, modes=) -> (block, report)`` changes each pruned block before its outputs feed the next one (layer-wise
+  reconstruction, :func:`jaxprune.retrain.make_refiner`; it needs calibration inputs, also for magnitude); the
+  report's keys join the block's per-linear reports. Returns the final :class:`BlockState`.
   """
   needs_calib = spec.method != "magnitude"
-  if needs_calib and calib is None:
-    raise JaxpruneError(f"{spec.method} needs calibration data")
+  needs_inputs = needs_calib or refine is not None
+  if needs_inputs and calib is None:
+    raise JaxpruneError(f"{spec.method}{' with reconstruction' if refine else ''} needs calibration data")
   check_spec(spec, config, params)
   runner = Runner(config, mesh=mesh, batch_size=batch_size)
   if state is None:
     inputs = None
-    if needs_calib:
+    if needs_inputs:
       inputs = runner.map_windows(lambda tokens: runner.embed(params, tokens), calib)
     state = BlockState(0, params, [], [], inputs)
   bar = tqdm(total=config.num_layers, initial=state.done, desc=f"prune {spec.method}", unit="block",
@@ -247,11 +252,16 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
       new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
                                                                  modes=modes)
     else:
-      new_block, masks, reports = prune_block(block_params, state.inputs, runner, spec, modes=modes)
+      new_block, masks, reports = prune_block(block_params, state.inputs if needs_calib else None, runner, spec,
+                                              modes=modes)
       inputs = state.inputs
-      if needs_calib:
-        inputs = runner.map_windows(lambda h: runner.block(new_block, _as_input(h, new_block), modes=modes),
-                                    state.inputs)
+    if refine is not None:
+      new_block, report = refine(i, block_params, new_block, masks, state.inputs, runner=runner, modes=modes)
+      for r in reports:
+        r.update(report)
+    if needs_inputs and (refine is not None or not (needs_calib and spec.true_sequential)):
+      inputs = runner.map_windows(lambda h: runner.block(new_block, _as_input(h, new_block), modes=modes),
+                                  state.inputs)
     layers = list(state.params["layers"])
     layers[i] = jax.device_get(new_block)  # the devices hold one block at a time
     for r in reports:

@@ -156,15 +156,16 @@ def loss_and_grad(trainable, frozen, tokens, weights, ctx, *, config, layer_mode
 @functools.partial(jax.jit, static_argnames=("config", "modes", "windowed", "assemble"))
 def block_loss_and_grad(trainable, frozen, h, target, weights, ctx, *, config, modes, windowed, assemble=None):
   """``(loss, grads)``: the weighted mean over windows ``Σ w_b E_b / Σ w_b`` of the mean squared error
-  ``E_b = mean_{t,d} (block(h)_btd − target_btd)²`` (float32) of one block ``assemble(trainable, frozen)``
+  ``E_b = mean_{t,d} (block(h)_btd − target_btd)²`` (float32, or float64 for a float64 block) of one block
+  ``assemble(trainable, frozen)``
   (default: the union of the two halves of :func:`split`) on its inputs ``h`` ``(b, t, d)`` against ``target``
   ``(b, t, d)``, and its gradient with respect to ``trainable`` (layer-wise reconstruction)."""
   def loss(trainable):
     block_params = (assemble or _combine)(trainable, frozen)
     out = block_forward(block_params, h, ctx, config=config, modes=modes, windowed=windowed)
-    diff = out.astype(jnp.float32) - target.astype(jnp.float32)
-    per_window = jnp.mean(jnp.square(diff), axis=(1, 2))
-    return jnp.sum(per_window * weights) / jnp.sum(weights)
+    dtype = compute_dtype(out.dtype)
+    per_window = jnp.mean(jnp.square(out.astype(dtype) - target.astype(dtype)), axis=(1, 2))
+    return jnp.sum(per_window * weights.astype(dtype)) / jnp.sum(weights.astype(dtype))
 
   return jax.value_and_grad(loss)(trainable)
 
