@@ -9,7 +9,7 @@ import time
 
 from jaxprune.errors import JaxpruneError
 
-COMMANDS = ("eval", "prune", "depth", "convert", "export")
+COMMANDS = ("eval", "prune", "depth", "convert", "export", "retrain")
 
 
 def version() -> str:
