@@ -150,6 +150,18 @@ def remove_columns(w: jax.Array, a_inv: jax.Array, cols_mask: jax.Array) -> jax.
   return jnp.where(removed[None, :], 0, w - _mm(y, a_inv))
 
 
+def remove_rows_columns(w: jax.Array, a_inv: jax.Array, g_inv: jax.Array, rows_mask: jax.Array,
+                        cols_mask: jax.Array) -> jax.Array:
+  """Removes rows ``R`` and columns ``C`` together: :func:`remove_rows`, then :func:`remove_columns`.
+
+  The weights left, ``{W' : W'_R = 0, W'_{:,C} = 0}``, are the tensor product of ``{u : u_R = 0}`` and
+  ``{v : v_C = 0}``; under ``F = G ⊗ A`` the orthogonal projection onto it is the product of the ``G``-projection
+  of the rows and the ``A``-projection of the columns, so the two closed forms in turn give the exact joint
+  minimiser of ``½ vec(ΔW)ᵀ F vec(ΔW)``. Shapes as :func:`remove_rows` and :func:`remove_columns`.
+  """
+  return remove_columns(remove_rows(w, g_inv, rows_mask), a_inv, cols_mask)
+
+
 def remove_elements(w: jax.Array, a_inv: jax.Array, g_inv: jax.Array, mask: jax.Array, *,
                     chunk: int = 2000) -> jax.Array:
   """Correlated OBS update removing the weights where ``mask`` is ``False``, in chunks (LLM Surgeon).
@@ -189,14 +201,42 @@ def remove_elements(w: jax.Array, a_inv: jax.Array, g_inv: jax.Array, mask: jax.
   def step(c, w):
     ids = jax.lax.dynamic_slice_in_dim(order, c * chunk, chunk)
     valid = c * chunk + jnp.arange(chunk, dtype=jnp.int32) < count
-    ids = jnp.where(valid, ids, 0)
+    ids = jnp.where(valid, ids, ids[0])
     r, col = ids // d_in, ids % d_in
     c_mat = g_inv[r[:, None], r[None, :]] * a_inv[col[:, None], col[None, :]]
     x = _masked_solve(c_mat, valid, w.reshape(-1)[ids][:, None])[:, 0]
-    return w - _mm(g_inv[:, r] * x[None, :], a_inv[col, :])
+    return _rank_update(w, g_inv, a_inv, r, col, x, rows=rows)
 
+  rows = min(d_out, _UPDATE_ROWS)
   w = jax.lax.fori_loop(0, (count + chunk - 1) // chunk, step, w)
   return jnp.where(mask, w, 0)
+
+
+_UPDATE_ROWS = 8  # rows of ``G⁻¹`` taken at once by :func:`_rank_update`
+
+
+def _rank_update(w, g_inv, a_inv, r, col, x, *, rows: int):
+  """``W − Σ_k x_k G⁻¹_{:, r_k} A⁻¹_{c_k, :}`` for ``q`` removed weights at rows ``r`` (ascending) and columns
+  ``col`` (``x`` 0 on padding slots), ``rows`` weight rows at a time.
+
+  A chunk of the row-major removed weights lies in the few rows ``r_0 .. r_last``: the update is
+  ``G⁻¹_{:, block} (X_block A⁻¹)`` summed over blocks of ``rows`` consecutive rows, ``X_block`` ``(rows, d_in)``
+  the scattered ``x``. That costs ``⌈span / rows⌉ · rows · d_in · (d_in + d_out)`` instead of the rank-``q``
+  product's ``q · d_out · d_in`` (about ``d_out / rows`` times less for a chunk within one block of rows).
+  """
+  d_out, d_in = w.shape
+  r0 = r[0]
+  span = jnp.max(jnp.where(x != 0, r, r0)) - r0 + 1
+
+  def block(b, w):
+    lo = r0 + b * rows
+    start = jnp.minimum(lo, d_out - rows)  # a full slice of ``rows`` rows that holds [lo, lo + rows)
+    inside = (r >= lo) & (r < lo + rows)
+    xb = jnp.zeros((rows, d_in), w.dtype).at[jnp.where(inside, r - start, 0), col].add(jnp.where(inside, x, 0))
+    g_cols = jax.lax.dynamic_slice_in_dim(g_inv, start, rows, axis=1)
+    return w - _mm(g_cols, _mm(xb, a_inv))
+
+  return jax.lax.fori_loop(0, (span + rows - 1) // rows, block, w)
 
 
 # ---------------------------------------------------------------- one-shot layer solver (local allocation)
@@ -262,23 +302,31 @@ class Allocation(NamedTuple):
 
 
 def _host(c, ndim: int) -> np.ndarray:
-  c = np.asarray(c, np.float64)
+  c = np.asarray(c)
+  if c.dtype not in (np.float32, np.float64):  # float32 stays float32: the costs of a whole model, ranked on host
+    c = c.astype(np.float64)
   if c.ndim != ndim or np.isnan(c).any():
     raise JaxpruneError(f"global_threshold: costs must be {ndim}-D arrays without NaN, got shape {c.shape}")
   return c
 
 
 def _prefix(costs: np.ndarray, take: int) -> tuple[np.ndarray, float]:
-  """Indices of the ``take`` lowest ``costs`` (stable: lower index first among ties) and the threshold."""
-  chosen = np.argsort(costs, kind="stable")[:take]
-  return chosen, float(costs[chosen[-1]]) if take else -np.inf
+  """Indices of the ``take`` lowest ``costs`` (lower index first among ties; the set a stable sort's prefix
+  holds) and the threshold, the largest cost taken. A partition, not a sort: linear in ``costs.size``."""
+  if take <= 0:
+    return np.zeros(0, np.int64), -np.inf
+  threshold = np.partition(costs, take - 1)[take - 1]
+  below = np.flatnonzero(costs < threshold)
+  tied = np.flatnonzero(costs == threshold)[:take - below.size]
+  return np.concatenate([below, tied]), float(threshold)
 
 
 def _split(flags: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
   return np.split(flags, np.cumsum(sizes)[:-1])
 
 
-def global_threshold(costs: Sequence, *, sparsity: float, structure: str | NM = "element") -> Allocation:
+def global_threshold(costs: Sequence, *, sparsity: float, structure: str | NM = "element",
+                     budget: int | None = None) -> Allocation:
   """One cost threshold over all layers that prunes a target fraction of all their weights (LLM Surgeon).
 
   Candidates of all layers are ranked by cost in one stable sort (among equal costs the earlier layer, then
@@ -293,15 +341,20 @@ def global_threshold(costs: Sequence, *, sparsity: float, structure: str | NM = 
   * ``"rows_columns"``: ``costs`` are ``(row_costs (d_out,), column_costs (d_in,))`` pairs; removing ``r`` rows
     and ``c`` columns removes ``r·d_in + c·d_out − r·c`` weights, counted exactly in cost order, so the pruned
     total is ``<= P`` and short of it by less than the next candidate's row/column.
+
+  ``budget`` replaces ``P`` by an exact count of weights (``0 <= budget <= Σ d_out · d_in``), e.g. a multi-shot
+  schedule's; ``sparsity`` is then only checked. Costs of ``-inf`` mark candidates that must go (pruned before).
   """
   Unstructured(sparsity)  # raises JaxpruneError unless a number in [0, 1)
   if not len(costs):
     raise JaxpruneError("global_threshold: no layers given")
+  if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0):
+    raise JaxpruneError(f"global_threshold: budget must be an integer >= 0, got {budget!r}")
   if structure == "rows_columns":
-    return _rows_columns(costs, sparsity)
+    return _rows_columns(costs, sparsity, budget)
   layers = [_host(c, 2) for c in costs]
   total = sum(c.size for c in layers)
-  budget = num_pruned(total, sparsity)
+  budget = num_pruned(total, sparsity) if budget is None else min(int(budget), total)
   if structure == "element":
     chosen, threshold = _prefix(np.concatenate([c.ravel() for c in layers]), budget)
     keep = np.ones(total, bool)
@@ -337,13 +390,14 @@ def _nm(layers: list[np.ndarray], nm: NM, sparsity: float, budget: int):
   return masks, threshold
 
 
-def _rows_columns(costs: Sequence, sparsity: float) -> Allocation:
+def _rows_columns(costs: Sequence, sparsity: float, budget: int | None) -> Allocation:
   """Global rows + columns with exact parameter accounting (see :func:`global_threshold`)."""
   if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in costs):
     raise JaxpruneError("global_threshold: rows_columns needs a (row_costs, column_costs) pair per layer")
   pairs = [(_host(r, 1), _host(c, 1)) for r, c in costs]
   shapes = [(r.size, c.size) for r, c in pairs]
-  budget = num_pruned(sum(a * b for a, b in shapes), sparsity)
+  if budget is None:
+    budget = num_pruned(sum(a * b for a, b in shapes), sparsity)
   cand = np.concatenate([np.concatenate([r, c]) for r, c in pairs])
   layer = np.concatenate([np.full(a + b, i) for i, (a, b) in enumerate(shapes)])
   is_col = np.concatenate([np.arange(a + b) >= a for a, b in shapes])

@@ -1,0 +1,112 @@
+"""``jaxprune prune --method surgeon``: LLM Surgeon over the whole model (:mod:`jaxprune.prune._surgeon_pass`), with
+the checkpoint, resume, progress and JSON conventions of the other methods.
+
+Its JSON adds ``shots``, ``fisher_labels``, ``per_layer_sparsity`` (per block ``{linear: fraction pruned}``),
+``shots_report`` (per shot: target, pruned, threshold, seconds) and, with ``--structured``, ``params_before`` and
+``params_after``.
+"""
+from __future__ import annotations
+
+from jaxprune._commands import common
+
+STRUCTURES = ("rows,cols", "rows,columns")
+FLAGS = ("shots", "fisher_labels", "structured", "chunk")
+
+
+def add_args(p) -> None:
+  """The surgeon-only options of ``jaxprune prune``."""
+  g = p.add_argument_group("LLM Surgeon (--method surgeon): one global allocation over all layers")
+  g.add_argument("--shots", type=int, default=None,
+                 help="shots T: shot i prunes to i*S/T, recomputing the curvature on the model pruned so far [1]")
+  g.add_argument("--fisher-labels", choices=("sampled", "data"), default=None,
+                 help="labels of the Fisher: drawn from the model (the true Fisher) or the data's [sampled]")
+  g.add_argument("--structured", default=None, metavar="rows,cols",
+                 help="remove whole rows and columns of every linear (zeroed, the shapes stay); --sparsity is the "
+                      "fraction of their weights, a linear losing r rows and c columns losing r*cols+c*rows-r*c")
+  g.add_argument("--chunk", type=int, default=None,
+                 help="removed weights solved jointly in an element update (the reference's max_correlate) [2000]")
+
+
+def refuse(args) -> None:
+  """Surgeon-only options given with another method: a one-line error."""
+  from jaxprune.errors import JaxpruneError
+
+  for flag in FLAGS:
+    if getattr(args, flag, None) is not None:
+      raise JaxpruneError(f"--{flag.replace('_', '-')} applies to --method surgeon only")
+
+
+def spec_from_args(args):
+  """The :class:`~jaxprune.prune._surgeon_pass.SurgeonSpec` of the command line (one-line errors)."""
+  from jaxprune.errors import JaxpruneError
+  from jaxprune.prune import parse_pattern
+  from jaxprune.prune._surgeon_pass import RowsColumns, SurgeonSpec, check_surgeon_spec
+  from jaxprune._commands.prune import METHOD_OPTIONS
+
+  if args.shots is not None and args.shots < 1:
+    raise JaxpruneError(f"--shots must be at least 1, got {args.shots}")
+  for flag in METHOD_OPTIONS:
+    if getattr(args, flag) is not None:
+      raise JaxpruneError(f"--{flag.replace('_', '-')} does not apply to surgeon")
+  if args.true_sequential:
+    raise JaxpruneError("--true-sequential does not apply to surgeon: it prunes all layers at once, each shot")
+  for flag in ("targets", "ignore"):
+    if getattr(args, flag, None):
+      raise JaxpruneError(f"--{flag} does not apply to surgeon: one allocation covers every linear")
+  if args.scope is not None:
+    raise JaxpruneError("--scope does not apply to surgeon: one threshold ranks all layers together")
+  if args.structured is not None:
+    if args.nm is not None:
+      raise JaxpruneError("--structured removes whole rows and columns; it cannot be combined with --nm")
+    if args.structured.replace(" ", "") not in STRUCTURES:
+      raise JaxpruneError(f"--structured takes rows,cols (whole rows and columns), got {args.structured!r}")
+    if args.sparsity is None:
+      raise JaxpruneError("--structured needs --sparsity (the fraction of the linears' weights to remove)")
+    pattern = RowsColumns(args.sparsity)
+  else:
+    pattern = parse_pattern(0.5 if args.sparsity is None and args.nm is None else args.sparsity, args.nm)
+  options = {"shots": args.shots, "fisher_labels": args.fisher_labels, "chunk": args.chunk}
+  return check_surgeon_spec(SurgeonSpec(pattern, seed=args.seed,
+                                        **{k: v for k, v in options.items() if v is not None}))
+
+
+def run(args) -> dict:
+  from jaxprune._commands.prune import layer_table
+  from jaxprune._evaluate import data_mesh
+  from jaxprune.prune import _job as job
+  from jaxprune.prune._surgeon_pass import surgeon_prune
+
+  spec = spec_from_args(args)
+  job.check_out(args.out, args.overwrite)
+  model = common.load(args.model, **({"dtype": args.dtype} if getattr(args, "dtype", None) else {}))
+  calib = common.windows(model, args.calib, seqlen=args.seqlen, role="calib", nsamples=args.nsamples,
+                         seed=args.seed)
+  identity = {"model": args.model, "seqlen": args.seqlen, "calib": calib.source, "calib_sha256": calib.sha256,
+              "nsamples": int(calib.tokens.shape[0]), "seed": args.seed}
+  evals = common.eval_windows(args, model, args.eval) if args.eval else None  # bad eval data fails before work
+  mesh = data_mesh()
+  dense = None
+  if evals is not None and args.eval_dense:
+    dense = common.evaluate(args, model.params, model.config, evals, mesh=mesh, desc="eval dense")
+  outcome = surgeon_prune(model.params, model.config, spec, calib.tokens, out=args.out, identity=identity,
+                          batch_size=args.batch_size, mesh=mesh)
+  block = None
+  if evals is not None:
+    block = common.evaluate(args, outcome.params, model.config, evals, mesh=mesh)
+    outcome.metadata["eval"] = block
+  outcome.metadata.update(model.provenance)
+  job.save_outcome(outcome, args.out, model.config, tokenizer=model.tokenizer if model.tokenizer_path else None,
+                   overwrite=args.overwrite)
+  common.log(f"wrote checkpoint {args.out}")
+  common.say(args, layer_table(outcome.metadata["layers"]))
+  summary = (f"sparsity {outcome.metadata['sparsity']:.4f} of the pruned linears in {spec.shots} shot"
+             f"{'s' if spec.shots > 1 else ''}, {outcome.seconds:.1f} s")
+  if "params_after" in outcome.metadata:
+    summary += f"; parameters {outcome.metadata['params_before']} -> {outcome.metadata['params_after']}"
+  if block is not None:
+    summary += f"; perplexity {block['perplexity']:.4f} on {block['data']}"
+    if dense is not None:
+      summary += f" (dense {dense['perplexity']:.4f})"
+  common.say(args, summary)
+  kept = {k: v for k, v in outcome.metadata.items() if k not in ("eval", "generation_config", "versions")}
+  return {**kept, "prune_seconds": round(outcome.seconds, 2), **common.eval_result(block, dense)}
