@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _tree as tree
@@ -28,6 +29,11 @@ from jaxprune.prune._sequential import BlockState
 
 def partial_dir(out: Path) -> Path:
   return Path(out).with_name(Path(out).name + ".partial")
+
+
+def _float(saved: np.ndarray) -> np.ndarray:
+  """A param as saved by ``np.savez``, which writes bfloat16 (not a NumPy type) as 2-byte voids: bfloat16 again."""
+  return saved.view(jnp.bfloat16) if saved.dtype.kind == "V" and saved.dtype.itemsize == 2 else saved
 
 
 class ResumeStore:
@@ -62,7 +68,7 @@ class ResumeStore:
       for i in range(progress["done"]):
         with np.load(self.dir / f"block_{i:03d}.npz") as z:
           flat = {k: z[k] for k in z.files}
-        layers[i] = tree.unflatten({k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")})
+        layers[i] = tree.unflatten({k[len("params/"):]: _float(v) for k, v in flat.items() if k.startswith("params/")})
         masks.append({k[len("masks/"):]: v for k, v in flat.items() if k.startswith("masks/")})
         reports.append(json.loads(flat["report"].tobytes()))
       inputs_file = self.dir / "inputs.npy"
