@@ -156,16 +156,37 @@ def test_structured_update_is_the_joint_minimiser_x64():
   np.testing.assert_allclose(np.asarray(got).ravel(), w.ravel() + want, atol=1e-10)
 
 
+@pytest.mark.parametrize("fraction, chunk", [(0.5, 7), (0.15, 50)])
+def test_element_update_over_windows_equals_the_chunked_reference_x64(fraction, chunk):
+  """``remove_elements`` holds each window of 16 rows' update back and applies it once; on 37 rows (3 windows,
+  the last padded) with chunks inside one window (50 %) and chunks longer than a window (15 %, 50 a chunk) it is
+  the reference's chunked update on the full ``F⁻¹ = G⁻¹ ⊗ A⁻¹`` (each chunk solved on the current weights)."""
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=(37, 16))
+  a_inv, g_inv = [np.linalg.inv((lambda x: x.T @ x / (3 * n))(rng.normal(size=(3 * n, n)))) for n in (16, 37)]
+  keep = rng.random(w.shape) >= fraction
+  f_inv, want = np.kron(g_inv, a_inv), w.ravel().copy()
+  removed = np.flatnonzero(~keep.ravel())
+  assert sg._WINDOW_ROWS == 16 and (chunk < 10 or removed[chunk - 1] // 16 > removed[0] // 16)  # spans windows
+  for s in range(0, removed.size, chunk):
+    ids = removed[s:s + chunk]
+    want -= f_inv[:, ids] @ np.linalg.solve(f_inv[np.ix_(ids, ids)], want[ids])
+  with jax.enable_x64(True):
+    got = jax.jit(lambda *x: sg.remove_elements(*x, chunk=chunk))(*map(jnp.asarray, (w, a_inv, g_inv, keep)))
+  np.testing.assert_allclose(np.asarray(got), np.where(keep, want.reshape(w.shape), 0), atol=1e-10)
+
+
 def test_compiles_once_per_linear_shape(params, calib):
   """14 linears of two shapes (q/k/v with a bias, (32, 33); the others (32, 32)), two shots: two compilations of
   each per-linear function (options no other test uses, so that the count starts from nothing) and none of the
   curvature pass (the module's earlier runs compiled it)."""
-  before = P.linear_costs._cache_size(), P.update_elements._cache_size(), F.curvature_step._cache_size()
+  P.linear_costs.clear_cache()
+  fns = (P.linear_inverses, P.linear_costs, P.update_elements, F.curvature_step)
+  before = [f._cache_size() for f in fns]
   spec = P.SurgeonSpec(Unstructured(0.5), shots=2, damping_a=0.011, chunk=63)
   P.run_surgeon(params, CONFIG, spec, calib, batch_size=BATCH, progress=False)
-  after = P.linear_costs._cache_size(), P.update_elements._cache_size(), F.curvature_step._cache_size()
-  assert after[0] - before[0] == 2 and after[1] - before[1] == 2
-  assert after[2] == max(before[2], 1)
+  added = [f._cache_size() - n for f, n in zip(fns, before)]
+  assert added[:3] == [2, 2, 2] and added[3] == (1 if before[3] == 0 else 0)
 
 
 def test_eight_devices_equal_one(params, calib):

@@ -132,11 +132,12 @@ def check_surgeon_spec(spec: SurgeonSpec) -> SurgeonSpec:
 # ---------------------------------------------------------------- one linear (jitted, one compile per shape)
 
 
-def _inverses(a, g, damping_a: float, damping_g: float):
-  """Damped ``A⁻¹``, ``G⁻¹`` with dead inputs and outputs (a zero diagonal entry: an input that is always 0, an
-  output whose gradient is always 0, e.g. keys once every query row is gone) given the mean live diagonal (1 if
-  none lives), as SparseGPT does for dead inputs: they decouple, and the relative damping keeps its scale.
-  Returns ``(a_inv, g_inv, dead inputs (d_in,), dead outputs (d_out,))``."""
+@functools.partial(jax.jit, static_argnames=("damping_a", "damping_g"))
+def linear_inverses(a, g, *, damping_a: float, damping_g: float):
+  """Damped ``A⁻¹`` ``(d_in, d_in)`` and ``G⁻¹`` ``(d_out, d_out)`` of one linear, and its dead inputs ``(d_in,)``
+  and outputs ``(d_out,)`` (a zero diagonal entry: an input that is always 0, or an output whose gradient is, e.g.
+  the keys once every query row is gone). A dead entry's diagonal is set to the mean live one (1 if none lives),
+  as SparseGPT does for dead inputs: it decouples, and the relative damping keeps its scale."""
   def revive(m):
     d = jnp.diag(m)
     dead = d <= 0
@@ -148,15 +149,15 @@ def _inverses(a, g, damping_a: float, damping_g: float):
   return sg.damped_inverse(a, damping=damping_a), sg.damped_inverse(g, damping=damping_g), dead_in, dead_out
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "damping_a", "damping_g"))
-def linear_costs(w, a, g, *, kind: str, damping_a: float, damping_g: float):
+@functools.partial(jax.jit, static_argnames=("kind",))
+def linear_costs(w, a, g, inverses, *, kind: str):
   """OBS costs of one linear: ``(d_out, d_in)`` element costs, or ``((d_out,) row, (d_in,) column)`` costs.
 
   ``w`` ``(d_out, d_in)`` (HF layout, a bias as its last column), ``a`` ``(d_in, d_in)``, ``g`` ``(d_out, d_out)``:
-  expectations (sums over tokens divided by their count). Weights of dead inputs or outputs cost 0 (the
-  quadratic does not see them; the reference prunes them first too).
+  expectations (sums over tokens divided by their count); ``inverses``: :func:`linear_inverses`. Weights of dead
+  inputs or outputs cost 0 (the quadratic does not see them; the reference prunes them first too).
   """
-  a_inv, g_inv, dead_in, dead_out = _inverses(a, g, damping_a, damping_g)
+  a_inv, g_inv, dead_in, dead_out = inverses
   if kind == "element":
     costs = sg.element_costs(w, jnp.diag(a_inv), jnp.diag(g_inv))
     return jnp.where(dead_out[:, None] | dead_in[None, :], 0, costs)
@@ -164,20 +165,20 @@ def linear_costs(w, a, g, *, kind: str, damping_a: float, damping_g: float):
   return jnp.where(dead_out, 0, rows), jnp.where(dead_in, 0, cols)
 
 
-@functools.partial(jax.jit, static_argnames=("damping_a", "damping_g", "chunk"))
-def update_elements(w, a, g, keep, *, damping_a: float, damping_g: float, chunk: int):
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def update_elements(w, a, g, inverses, keep, *, chunk: int):
   """``(W', ½ tr(ΔWᵀ G ΔW A))``: the chunked correlated OBS update removing ``keep == False`` (``(d_out, d_in)``
   bool) from ``w`` under ``G ⊗ A`` (shapes as :func:`linear_costs`)."""
-  a_inv, g_inv, _, _ = _inverses(a, g, damping_a, damping_g)
+  a_inv, g_inv, _, _ = inverses
   new = sg.remove_elements(w, a_inv, g_inv, keep, chunk=chunk)
   return new, sg.kron_quadratic(new - w, a, g)
 
 
-@functools.partial(jax.jit, static_argnames=("damping_a", "damping_g"))
-def update_rows_columns(w, a, g, keep_rows, keep_cols, *, damping_a: float, damping_g: float):
+@jax.jit
+def update_rows_columns(w, a, g, inverses, keep_rows, keep_cols):
   """``(W', ½ tr(ΔWᵀ G ΔW A))`` removing rows ``keep_rows == False`` ``(d_out,)`` with ``G⁻¹`` and columns
   ``keep_cols == False`` ``(d_in,)`` with ``A⁻¹``: the joint OBS optimum under ``G ⊗ A``."""
-  a_inv, g_inv, _, _ = _inverses(a, g, damping_a, damping_g)
+  a_inv, g_inv, _, _ = inverses
   new = sg.remove_rows_columns(w, a_inv, g_inv, keep_rows, keep_cols)
   return new, sg.kron_quadratic(new - w, a, g)
 
@@ -251,15 +252,28 @@ def _targets(spec: SurgeonSpec, sizes: list[tuple[int, int]], shot: int) -> int:
   return int(total * p.sparsity * shot / spec.shots) if shot < spec.shots else int(total * p.sparsity)
 
 
-def _costs_of_shot(state: SurgeonState, linears, curvature, spec: SurgeonSpec, progress: bool):
-  """Host costs of every linear with ``-inf`` where earlier shots pruned (a bias column dropped)."""
-  costs = []
+# Inverses of all linears up to this many bytes are kept on the host from the costs to the updates (1.1 GB for
+# SmolLM2-135M); beyond, each linear's are computed again for its update (LLaMA-2-7B: 64 GB).
+KEEP_INVERSES_BYTES = 4 << 30
+
+
+def shot_costs(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, curvature: list, *,
+               progress: bool = True):
+  """``(linears, costs, inverses)`` of a shot: host costs of every linear (element ``(d_out, d_in)`` float32, or
+  ``(rows, columns)``) with ``-inf`` where earlier shots pruned and a bias column dropped; the damped inverses on
+  the host when they fit :data:`KEEP_INVERSES_BYTES` (else ``None``)."""
+  linears = model_linears(config, state.params)
+  keep_inverses = 4 * sum(curvature[lin.layer]["A"][lin.tap].size + curvature[lin.layer]["G"][lin.path].size
+                          for lin in linears) <= KEEP_INVERSES_BYTES
+  costs, inverses = [], [] if keep_inverses else None
   for lin in tqdm(linears, desc="costs", unit="linear", disable=not progress, leave=False):
     block = state.params["layers"][lin.layer]
     w = _weight(block, lin.path)
     a, g = _factors(curvature[lin.layer], lin, w.shape[1] > tree.get(block, lin.path)["kernel"].shape[0])
-    out = jax.device_get(linear_costs(w, a, g, kind=spec.kind, damping_a=spec.damping_a,
-                                      damping_g=spec.damping_g))
+    inv = linear_inverses(a, g, damping_a=spec.damping_a, damping_g=spec.damping_g)
+    out = jax.device_get(linear_costs(w, a, g, inv, kind=spec.kind))
+    if keep_inverses:
+      inverses.append(jax.device_get(inv))
     keep = np.asarray(to_hf_layout(state.masks[lin.layer][lin.path]))
     d_in = keep.shape[1]
     if spec.kind == "element":
@@ -267,7 +281,19 @@ def _costs_of_shot(state: SurgeonState, linears, curvature, spec: SurgeonSpec, p
     else:
       rows, cols = out
       costs.append((np.where(keep.any(axis=1), rows, -np.inf), np.where(keep.any(axis=0), cols[:d_in], -np.inf)))
-  return costs
+  return linears, costs, inverses
+
+
+def allocate(config: ModelConfig, spec: SurgeonSpec, linears: list[Linear], costs: list, shot: int):
+  """The global allocation of shot ``shot`` (1-based) over ``costs`` (:func:`shot_costs`): ``i·s/T`` of all the
+  linears' weights (N:M: ``⌊i·groups/T⌋`` groups). Structured: refuses to remove every head of a layer."""
+  sizes = [c.shape if spec.kind == "element" else (c[0].size, c[1].size) for c in costs]
+  structure = spec.pattern if isinstance(spec.pattern, NM) else spec.kind
+  allocation = sg.global_threshold(costs, sparsity=spec.pattern.sparsity, structure=structure,
+                                   budget=_targets(spec, sizes, shot))
+  if spec.kind == "rows_columns":
+    _check_heads(config, linears, allocation, spec.pattern.sparsity)
+  return allocation
 
 
 def _check_heads(config: ModelConfig, linears, allocation, sparsity: float) -> None:
@@ -281,30 +307,31 @@ def _check_heads(config: ModelConfig, linears, allocation, sparsity: float) -> N
                           f"({lin.path} would lose every row or column); use a lower sparsity")
 
 
-def _update_block(block, layer_linears, curvature, masks: dict, spec: SurgeonSpec, allocation, index: dict):
-  """Applies the allocation's OBS updates to the linears of one block; returns ``(block, masks, reports)``."""
-  reports = []
-  for lin in layer_linears:
+def apply_allocation(state: SurgeonState, spec: SurgeonSpec, curvature: list, linears: list[Linear], allocation,
+                     inverses: list | None = None, *, progress: bool = True) -> tuple[list, list, list]:
+  """The OBS updates of ``allocation`` on every linear, block by block: ``(layers, masks, per-linear reports)``."""
+  layers, masks, reports = list(state.params["layers"]), [dict(m) for m in state.masks], []
+  for k, lin in enumerate(tqdm(linears, desc="update", unit="linear", disable=not progress, leave=False)):
+    block = layers[lin.layer]
     node = tree.get(block, lin.path)
     d_in = node["kernel"].shape[0]
     w = _weight(block, lin.path)
-    a, g = _factors(curvature, lin, w.shape[1] > d_in)
-    k = index[lin]
-    bias_col = np.ones((w.shape[0], w.shape[1] - d_in), bool)
+    a, g = _factors(curvature[lin.layer], lin, w.shape[1] > d_in)
+    inv = (inverses[k] if inverses is not None
+           else linear_inverses(a, g, damping_a=spec.damping_a, damping_g=spec.damping_g))
+    keep = allocation.masks[k]
+    extra = np.ones(w.shape[1] - d_in, bool)  # the bias column: never pruned
     if spec.kind == "element":
-      keep = allocation.masks[k]
-      new, error = update_elements(w, a, g, np.concatenate([keep, bias_col], axis=1), damping_a=spec.damping_a,
-                                   damping_g=spec.damping_g, chunk=spec.chunk)
+      new, error = update_elements(w, a, g, inv, np.concatenate([keep, np.broadcast_to(extra, (w.shape[0],
+                                   extra.size))], axis=1), chunk=spec.chunk)
     else:
-      keep = allocation.masks[k]
-      cols = np.concatenate([allocation.keep_cols[k], np.ones(w.shape[1] - d_in, bool)])
-      new, error = update_rows_columns(w, a, g, allocation.keep_rows[k], cols, damping_a=spec.damping_a,
-                                       damping_g=spec.damping_g)
-    block = _set_weight(block, lin.path, np.asarray(new), np.asarray(node["kernel"]).dtype)
-    masks[lin.path] = np.asarray(from_hf_layout(keep))
+      new, error = update_rows_columns(w, a, g, inv, allocation.keep_rows[k],
+                                       np.concatenate([allocation.keep_cols[k], extra]))
+    layers[lin.layer] = _set_weight(block, lin.path, np.asarray(new), np.asarray(node["kernel"]).dtype)
+    masks[lin.layer][lin.path] = np.asarray(from_hf_layout(keep))
     reports.append({"layer": lin.layer, "name": lin.path, "sparsity": float(1.0 - keep.mean()),
                     "error": float(error)})
-  return block, masks, reports
+  return layers, masks, reports
 
 
 def surgeon_shot(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, calib: np.ndarray, runner: Runner, *,
@@ -316,30 +343,17 @@ def surgeon_shot(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, ca
   curvature = runner.curvature(state.params, calib, key=key, sampled=spec.fisher_labels == "sampled",
                                progress=progress)
   curvature_seconds = time.perf_counter() - start
-  linears = model_linears(config, state.params)
-  costs = _costs_of_shot(state, linears, curvature, spec, progress)
-  sizes = [(state.masks[lin.layer][lin.path].shape[1], state.masks[lin.layer][lin.path].shape[0])
-           for lin in linears]
-  structure = {"element": "element", "rows_columns": "rows_columns"}[spec.kind]
-  if isinstance(spec.pattern, NM):
-    structure = spec.pattern
-  budget = _targets(spec, sizes, shot)
-  allocation = sg.global_threshold(costs, sparsity=spec.pattern.sparsity, structure=structure,
-                                budget=budget)
+  linears, costs, inverses = shot_costs(state, config, spec, curvature, progress=progress)
+  allocation = allocate(config, spec, linears, costs, shot)
+  total = sum(m.size for m in allocation.masks)
   del costs
-  if spec.kind == "rows_columns":
-    _check_heads(config, linears, allocation, spec.pattern.sparsity)
-  index = {lin: k for k, lin in enumerate(linears)}
-  layers, masks, reports = list(state.params["layers"]), [dict(m) for m in state.masks], []
-  for i in tqdm(range(len(layers)), desc="update", unit="block", disable=not progress, leave=False):
-    mine = [lin for lin in linears if lin.layer == i]
-    layers[i], masks[i], block_reports = _update_block(layers[i], mine, curvature[i], masks[i], spec, allocation,
-                                                       index)
-    reports += block_reports
+  layers, masks, reports = apply_allocation(state, spec, curvature, linears, allocation, inverses,
+                                            progress=progress)
   pruned = sum(allocation.pruned)
-  report = {"shot": shot, "target_pruned": budget, "pruned": pruned, "sparsity": pruned / sum(r * c for r, c in sizes),
-            "threshold": allocation.threshold, "curvature_seconds": round(curvature_seconds, 3),
-            "seconds": round(time.perf_counter() - start, 3), "layers": reports}
+  report = {"shot": shot, "target_pruned": _targets(spec, [m.shape for m in allocation.masks], shot),
+            "pruned": pruned, "sparsity": pruned / total, "threshold": allocation.threshold,
+            "curvature_seconds": round(curvature_seconds, 3), "seconds": round(time.perf_counter() - start, 3),
+            "layers": reports}
   return SurgeonState(shot, {**state.params, "layers": layers}, masks, state.reports + [report])
 
 

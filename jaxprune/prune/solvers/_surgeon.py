@@ -197,46 +197,63 @@ def remove_elements(w: jax.Array, a_inv: jax.Array, g_inv: jax.Array, mask: jax.
   count = jnp.sum(~mask, dtype=jnp.int32)
   order = jnp.argsort(mask.reshape(-1), stable=True).astype(jnp.int32)  # removed (False) first, row-major
   order = jnp.pad(order, (0, -(-size // chunk) * chunk - size))
+  b = min(_WINDOW_ROWS, d_out)
+  rows = -(-d_out // b) * b  # padded with zero rows (and zero rows and columns of G⁻¹) to whole windows
+  w_p = jnp.pad(w, ((0, rows - d_out), (0, 0)))
+  g_p = jnp.pad(g_inv, ((0, rows - d_out), (0, rows - d_out)))
 
-  def step(c, w):
+  def g_cols(win):  # (rows, b): the columns of G⁻¹ of window ``win``
+    return jax.lax.dynamic_slice_in_dim(g_p, win * b, b, axis=1)
+
+  n_chunks = (count + chunk - 1) // chunk
+
+  def first_row(c):
+    return order[jnp.minimum(c, n_chunks - 1) * chunk] // d_in
+
+  def step(carry):  # one chunk
+    c, w_p, pending, win = carry
     ids = jax.lax.dynamic_slice_in_dim(order, c * chunk, chunk)
     valid = c * chunk + jnp.arange(chunk, dtype=jnp.int32) < count
     ids = jnp.where(valid, ids, ids[0])
     r, col = ids // d_in, ids % d_in
-    c_mat = g_inv[r[:, None], r[None, :]] * a_inv[col[:, None], col[None, :]]
-    x = _masked_solve(c_mat, valid, w.reshape(-1)[ids][:, None])[:, 0]
-    return _rank_update(w, g_inv, a_inv, r, col, x, rows=rows)
+    current = w_p[r, col] - jnp.sum(g_cols(win)[r] * pending[:, col].T, axis=1)
+    c_mat = g_p[r[:, None], r[None, :]] * a_inv[col[:, None], col[None, :]]
+    x = _masked_solve(c_mat, valid, current[:, None])[:, 0]
+    rows_of = _rows_update(x[:, None] * a_inv[col], b)  # x_k A⁻¹_{c_k,:} summed into window-local rows
+    pending = pending + rows_of(jnp.where(r // b == win, r - win * b, b))
+    last = jnp.max(jnp.where(valid, r, r[0])) // b
 
-  rows = min(d_out, _UPDATE_ROWS)
-  w = jax.lax.fori_loop(0, (count + chunk - 1) // chunk, step, w)
-  return jnp.where(mask, w, 0)
+    def beyond(j, w_p):  # rows of this chunk past the window (a chunk longer than the rest of it): now
+      blk = win + 1 + j
+      return w_p - _mm(g_cols(blk), rows_of(jnp.where(r // b == blk, r - blk * b, b)))
+
+    return c + 1, jax.lax.fori_loop(0, last - win, beyond, w_p), pending, win
+
+  def window(carry):  # the chunks starting in one window, then its update applied to all rows
+    c, w_p = carry
+    win = first_row(c) // b
+    c, w_p, pending, _ = jax.lax.while_loop(lambda s: (s[0] < n_chunks) & (first_row(s[0]) // b == win), step,
+                                            (c, w_p, jnp.zeros((b, d_in), dtype), win))
+    return c, w_p - _mm(g_cols(win), pending)
+
+  _, w_p = jax.lax.while_loop(lambda s: s[0] < n_chunks, window, (jnp.int32(0), w_p))
+  return jnp.where(mask, w_p[:d_out], 0)
 
 
-_UPDATE_ROWS = 8  # rows of ``G⁻¹`` taken at once by :func:`_rank_update`
+# Rows whose update is held back (a window). The chunks of the row-major removed weights run through a few rows
+# at a time, and each chunk's update ``G⁻¹_{:, rows} Y_rows`` (``Y_rows = Σ_k x_k A⁻¹_{c_k, :}`` by row) touches
+# every row of ``W``. While the chunks stay within ``b`` rows, ``Y`` is summed in a ``(b, d_in)`` buffer (each
+# chunk's current values corrected for it by ``G⁻¹_{r_k, window} Y``) and applied to all of ``W`` when the chunks
+# leave the window: ``d_out / b`` passes over ``W`` instead of one per chunk; the same sums in another order.
+_WINDOW_ROWS = 16
 
 
-def _rank_update(w, g_inv, a_inv, r, col, x, *, rows: int):
-  """``W − Σ_k x_k G⁻¹_{:, r_k} A⁻¹_{c_k, :}`` for ``q`` removed weights at rows ``r`` (ascending) and columns
-  ``col`` (``x`` 0 on padding slots), ``rows`` weight rows at a time.
-
-  A chunk of the row-major removed weights lies in the few rows ``r_0 .. r_last``: the update is
-  ``G⁻¹_{:, block} (X_block A⁻¹)`` summed over blocks of ``rows`` consecutive rows, ``X_block`` ``(rows, d_in)``
-  the scattered ``x``. That costs ``⌈span / rows⌉ · rows · d_in · (d_in + d_out)`` instead of the rank-``q``
-  product's ``q · d_out · d_in`` (about ``d_out / rows`` times less for a chunk within one block of rows).
-  """
-  d_out, d_in = w.shape
-  r0 = r[0]
-  span = jnp.max(jnp.where(x != 0, r, r0)) - r0 + 1
-
-  def block(b, w):
-    lo = r0 + b * rows
-    start = jnp.minimum(lo, d_out - rows)  # a full slice of ``rows`` rows that holds [lo, lo + rows)
-    inside = (r >= lo) & (r < lo + rows)
-    xb = jnp.zeros((rows, d_in), w.dtype).at[jnp.where(inside, r - start, 0), col].add(jnp.where(inside, x, 0))
-    g_cols = jax.lax.dynamic_slice_in_dim(g_inv, start, rows, axis=1)
-    return w - _mm(g_cols, _mm(xb, a_inv))
-
-  return jax.lax.fori_loop(0, (span + rows - 1) // rows, block, w)
+def _rows_update(contrib, b: int):
+  """``local -> Y`` ``(b, d_in)``: the rows of ``contrib`` ``(q, d_in)`` summed by their window-local row
+  ``local`` ``(q,)`` (``b`` drops a row)."""
+  def rows_of(local):
+    return jnp.zeros((b + 1, contrib.shape[1]), contrib.dtype).at[local].add(contrib)[:b]
+  return rows_of
 
 
 # ---------------------------------------------------------------- one-shot layer solver (local allocation)
