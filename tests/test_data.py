@@ -17,7 +17,7 @@ from jaxprune.data import (BUNDLED, TokenWindows, calibration_starts, calibratio
 from jaxprune.data import _cache as cache, _hub as hub
 from jaxprune.errors import JaxpruneError
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).parent / "data" / "reference"
 needs_reference = pytest.mark.skipif(not (REFERENCE / "tokens_meta.json").is_file(),
                                      reason="reference token files (../shared/reference) not present")
 

@@ -161,10 +161,21 @@ def _row_mesh(runner: Runner):
   return mesh if mesh is not None and "model" in mesh.shape else None
 
 
-def prune_block(block_params, inputs, runner: Runner, spec: PruneSpec, *, modes) -> tuple[dict, dict, list]:
-  """Prunes every linear of one block from the dense block's inputs ``(n, seq, hidden)`` (``None`` for a method
-  without calibration: magnitude). Returns ``(new block params, {path: mask}, reports)``."""
-  groups = block_linears(runner.config, block_params)
+def _selected(config: ModelConfig, block_params: dict, select) -> dict[str, tuple[str, ...]]:
+  """:func:`block_linears` restricted to the paths in ``select`` (None: all); groups left empty are dropped."""
+  groups = block_linears(config, block_params)
+  if select is None:
+    return groups
+  chosen = {tap: tuple(p for p in paths if p in select) for tap, paths in groups.items()}
+  return {tap: paths for tap, paths in chosen.items() if paths}
+
+
+def prune_block(block_params, inputs, runner: Runner, spec: PruneSpec, *, modes,
+                select=None) -> tuple[dict, dict, list]:
+  """Prunes every linear of one block (or those whose paths are in ``select``) from the dense block's inputs
+  ``(n, seq, hidden)`` (``None`` for a method without calibration: magnitude). Returns ``(new block params,
+  {path: mask}, reports)``."""
+  groups = _selected(runner.config, block_params, select)
   stats = {tap: None for tap in groups}
   if inputs is not None:
     stats = _statistics(runner, block_params, inputs, runner.batches(*inputs.shape[:2]), groups, modes=modes,
@@ -179,8 +190,8 @@ def _batch(given: dict[str, list], b: int) -> dict:
   return {name: per_batch[b] for name, per_batch in given.items()}
 
 
-def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec, *,
-                           modes) -> tuple[dict, dict, list, np.ndarray]:
+def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec, *, modes,
+                           select=None) -> tuple[dict, dict, list, np.ndarray]:
   """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned.
 
   The inputs of every group but the first (which depends on the block input alone) and the residual stream
@@ -195,7 +206,7 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
   chunks = list(batches.chunks(inputs))
   given: dict[str, list] = {}  # tap -> its inputs, one device array per batch
   masks, reports = {}, []
-  for g, (tap, paths) in enumerate(block_linears(config, block_params).items()):
+  for g, (tap, paths) in enumerate(_selected(config, block_params, select).items()):
     stats = {tap: init_stats(kernel_at(block_params, paths[0]).shape[0], gram=needs_gram)}
     # The residual stream entering the MLP is final once every group the block computes before it is pruned: it
     # is kept from the step of the first group after it, so that the block output needs no attention again.
@@ -222,14 +233,16 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
 def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
              mesh: Mesh | None = None, state: BlockState | None = None,
              on_block: Callable[[BlockState], None] | None = None, progress: bool = True,
-             refine: Callable | None = None) -> BlockState:
+             refine: Callable | None = None, linears=None) -> BlockState:
   """Prunes all blocks of ``params``; ``calib`` ``(n, seqlen)`` int32 token windows (None for magnitude).
 
   ``state`` resumes a pass from a finished block; ``on_block(state)`` is called after every block (the
   checkpointing hook of :mod:`jaxprune.prune._job`). ``refine(i, dense block, pruned block, {path: mask}, inputs,
   runner=, modes=) -> (block, report)`` changes each pruned block before its outputs feed the next one (layer-wise
   reconstruction, :func:`jaxprune.retrain.make_refiner`; it needs calibration inputs, also for magnitude); the
-  report's keys join the block's per-linear reports. Returns the final :class:`BlockState`.
+  report's keys join the block's per-linear reports. ``linears``: a set of ``(layer, path)`` to prune (default:
+  every linear; see ``select_linears`` in :mod:`jaxprune.prune._targets`); the others stay dense. Returns the final
+  :class:`BlockState`.
   """
   needs_calib = spec.method != "magnitude"
   needs_inputs = needs_calib or refine is not None
@@ -248,12 +261,13 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     start = time.perf_counter()
     modes = config.sublayer_modes(i)
     block_params = runner.place(state.params["layers"][i])
+    select = None if linears is None else frozenset(path for layer, path in linears if layer == i)
     if needs_calib and spec.true_sequential:
       new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
-                                                                 modes=modes)
+                                                                 modes=modes, select=select)
     else:
       new_block, masks, reports = prune_block(block_params, state.inputs if needs_calib else None, runner, spec,
-                                              modes=modes)
+                                              modes=modes, select=select)
       inputs = state.inputs
     if refine is not None:
       new_block, report = refine(i, block_params, new_block, masks, state.inputs, runner=runner, modes=modes)
