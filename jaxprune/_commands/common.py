@@ -25,26 +25,24 @@ DEFAULT_EVAL_SEQLEN = 512
 DEFAULT_EVAL_WINDOWS = 32
 
 
-def positive_int(text: str) -> int:
-  """An argparse type: an integer >= 1."""
+def _integer(text: str, lowest: int, what: str) -> int:
   try:
     value = int(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+  if value < lowest:
+    raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
   return value
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  return _integer(text, 1, "a positive integer")
 
 
 def count(text: str) -> int:
   """An argparse type: an integer >= 0 (0 meaning "all")."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-  return value
+  return _integer(text, 0, "an integer >= 0")
 
 
 def add_model_arg(p, help_extra: str = "") -> None:
