@@ -51,3 +51,8 @@ try:
 except _NotInstalled:
   __version__ = "0+unknown"
 __all__ += ["save_outcome"]
+
+# LLM Surgeon: Kronecker-factored curvature, one global allocation over all layers, multi-shot.
+from jaxprune.prune._surgeon_pass import RowsColumns, SurgeonSpec, surgeon_prune  # noqa: E402
+
+__all__ += ["surgeon_prune", "SurgeonSpec", "RowsColumns"]

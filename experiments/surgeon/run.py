@@ -1,0 +1,249 @@
+"""LLM Surgeon on the embedded SmolLM2-135M beside the quality table's methods, from one config.
+
+  python experiments/surgeon/run.py                  # config.json -> result.json, table.md, per_layer_sparsity.png
+  python experiments/surgeon/run.py --only-report    # table and plot from result.json
+
+Groups, each in a fresh process (its own peak memory) that writes its cases into ``result.json`` as they finish,
+so an interrupted run resumes where it stopped:
+
+* ``one-shot``: a forward pass over the calibration windows and the curvature over the same windows, each timed
+  after compiling on one window; then, from that one curvature and one set of costs (the dense model's: they do
+  not depend on the target), the allocation, OBS updates and perplexity of every pattern of ``one_shot``.
+* ``surgeon:PxT``: ``T`` shots to pattern ``P`` (curvature and costs again after every shot).
+* ``METHOD:P``: another method at the same calibration (``baselines``), by ``jaxprune.prune``.
+
+Patterns: ``uNN`` = NN % unstructured, ``N:M`` = N kept of every M.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import REPO, machine, parse_case, peak_rss_gb  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(path: Path) -> dict:
+  return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
+def _record(out: Path, cfg: dict, name: str, value: dict) -> None:
+  """Adds case ``name`` to ``out`` (read, update, atomic rewrite), with the run's header."""
+  from jaxprune.io._atomic import atomic_write
+  from jaxprune.prune._job import versions
+
+  doc = _load(out)
+  doc["runs"][name] = value
+  doc.update(config=cfg, machine=machine(), versions=versions(), command=os.environ.get("SURGEON_COMMAND", ""))
+  atomic_write(out, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+  print(f"== {name}: {json.dumps(value)[:300]}", flush=True)
+
+
+def _pattern(shape: str):
+  from jaxprune.prune._surgeon_pass import RowsColumns
+
+  if shape.startswith("rc"):
+    return RowsColumns(int(shape[2:]) / 100)
+  return parse_case(f"surgeon:{shape}")[1]
+
+
+def _setup(cfg: dict):
+  from jaxprune.data import load_windows
+  from jaxprune.io._load import load_model
+
+  model = load_model(cfg["model"])
+  calib = load_windows(cfg["calib"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="calib",
+                       nsamples=cfg["nsamples"], seed=cfg["seed"])
+  evals = load_windows(cfg["eval"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="eval",
+                       max_windows=cfg["eval_windows"])
+  return model, calib, evals
+
+
+def _evaluate(params, config, evals, cfg) -> dict:
+  from jaxprune._evaluate import perplexity
+
+  r = perplexity(params, evals.tokens, config=config, batch_size=cfg["batch_size"], progress=False)
+  return {"perplexity": r.perplexity, "eval_tokens": r.tokens, "eval_seconds": round(r.seconds, 1),
+          "eval_sha256": evals.sha256}
+
+
+def one_shot(cfg: dict, out: Path) -> None:
+  """Timing of forward against curvature, then every one-shot pattern from one curvature and one set of costs."""
+  import jax
+
+  from jaxprune.prune import _surgeon_pass as P
+  from jaxprune.runner import Runner
+
+  todo = [p for p in cfg["one_shot"] if f"surgeon:{p}" not in _load(out)["runs"]]
+  if any(p.startswith("rc") for p in todo):
+    raise SystemExit("one_shot shares element costs; give rows-and-columns patterns as multi_shot [P, 1]")
+  if not todo and "timing" in _load(out)["runs"]:
+    return
+  model, calib, evals = _setup(cfg)
+  runner = Runner(model.config, batch_size=cfg["batch_size"])
+  tokens = calib.tokens
+  jax.block_until_ready(runner.window_losses(model.params, tokens[:cfg["batch_size"]]))  # compile
+  start = time.perf_counter()
+  jax.block_until_ready(runner.window_losses(model.params, tokens))
+  forward = time.perf_counter() - start
+  key = jax.random.fold_in(jax.random.key(cfg["seed"]), 1)  # shot 1's key, as run_surgeon
+  runner.curvature(model.params, tokens[:cfg["batch_size"]], key=key)  # compile
+  start = time.perf_counter()
+  curvature = runner.curvature(model.params, tokens, key=key)
+  seconds = time.perf_counter() - start
+  _record(out, cfg, "timing", {"calib_tokens": int(tokens.size), "forward_seconds": round(forward, 1),
+                               "curvature_seconds": round(seconds, 1), "ratio": round(seconds / forward, 2),
+                               "batch_size": cfg["batch_size"]})
+  state = P.initial_state(model.params, model.config)
+  spec0 = P.SurgeonSpec(_pattern(todo[0]) if todo else P.Unstructured(0.5), chunk=cfg["chunk"], seed=cfg["seed"])
+  start = time.perf_counter()
+  linears, costs, inverses = P.shot_costs(state, model.config, spec0, curvature, progress=False)
+  costs_seconds = time.perf_counter() - start
+  for shape in todo:
+    spec = P.SurgeonSpec(_pattern(shape), chunk=cfg["chunk"], seed=cfg["seed"])
+    start = time.perf_counter()
+    allocation = P.allocate(model.config, spec, linears, costs, 1)
+    layers, masks, reports = P.apply_allocation(state, spec, curvature, linears, allocation, inverses,
+                                                progress=False)
+    update = time.perf_counter() - start
+    params = {**model.params, "layers": layers}
+    pruned = sum(allocation.pruned)
+    _record(out, cfg, f"surgeon:{shape}", {
+        "shots": 1, "sparsity": pruned / sum(m.size for m in allocation.masks),
+        "curvature_seconds": round(seconds, 1), "costs_seconds": round(costs_seconds, 1),
+        "allocate_and_update_seconds": round(update, 1),
+        "prune_seconds": round(seconds + costs_seconds + update, 1),
+        "per_layer_sparsity": [{p: float(1 - m.mean()) for p, m in block.items()} for block in masks],
+        "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(params, model.config, evals, cfg)})
+    del params, layers, masks, reports
+
+
+def multi_shot(cfg: dict, out: Path, case: str) -> None:
+  from jaxprune.prune import _surgeon_pass as P
+
+  shape, shots = case.split(":", 1)[1].rsplit("x", 1)
+  model, calib, evals = _setup(cfg)
+  spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"])
+  outcome = P.surgeon_prune(model.params, model.config, spec, calib.tokens, batch_size=cfg["batch_size"],
+                            progress=False)
+  meta = outcome.metadata
+  _record(out, cfg, case, {"shots": int(shots), "sparsity": meta["sparsity"], "prune_seconds": round(outcome.seconds, 1),
+                           "shots_report": meta["shots_report"], "per_layer_sparsity": meta["per_layer_sparsity"],
+                           "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(outcome.params, model.config, evals, cfg)})
+
+
+def baseline(cfg: dict, out: Path, case: str) -> None:
+  from jaxprune.prune._job import prune
+  from jaxprune.prune._sequential import PruneSpec
+
+  model, calib, evals = _setup(cfg)
+  method, pattern = parse_case(case)
+  outcome = prune(model.params, model.config, PruneSpec(method, pattern), calib.tokens, batch_size=cfg["batch_size"],
+                  progress=False)
+  _record(out, cfg, case, {"sparsity": outcome.metadata["sparsity"], "prune_seconds": round(outcome.seconds, 1),
+                           "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(outcome.params, model.config, evals, cfg)})
+
+
+def groups(cfg: dict) -> list[str]:
+  return (["one-shot"] + [f"surgeon:{p}x{t}" for p, t in cfg["multi_shot"]] + list(cfg["baselines"]))
+
+
+def done(cfg: dict, runs: dict, group: str) -> bool:
+  if group == "one-shot":
+    return "timing" in runs and all(f"surgeon:{p}" in runs for p in cfg["one_shot"])
+  return group in runs
+
+
+def table(cfg: dict, runs: dict) -> str:
+  """Perplexity per method and pattern: this folder's runs, then the quality table's (64 calibration windows)."""
+  quality = json.loads((REPO / "experiments/quality/result.json").read_text())["runs"]
+  cols = cfg["table_patterns"]
+  head = "| method | calibration | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
+  rows = []
+  n = cfg["nsamples"]
+  for label, fmt in [("surgeon, 1 shot", "surgeon:{}"), *[(f"surgeon, {t} shots", "surgeon:{}x" + str(t))
+                                                          for t in sorted({t for _, t in cfg["multi_shot"]})],
+                     *[(m, m + ":{}") for m in sorted({b.split(":")[0] for b in cfg["baselines"]})]]:
+    cells = [f"{runs[c]['perplexity']:.2f}" if (c := fmt.format(p)) in runs else "—" for p in cols]
+    if any(c != "—" for c in cells):
+      rows.append(f"| {label} | {n} × {cfg['seqlen']} | " + " | ".join(cells) + " |")
+  for method in ("magnitude", "wanda", "sparsegpt", "admm"):
+    cells = [f"{quality[c]['perplexity']:.2f}" if (c := f"{method}:{p}") in quality else "—" for p in cols]
+    rows.append(f"| {method} (quality table) | 64 × 512 | " + " | ".join(cells) + " |")
+  dense = quality["dense"]["perplexity"]
+  extra = ""
+  if "timing" in runs:
+    t = runs["timing"]
+    extra = (f"\nCurvature over {t['calib_tokens']} calibration tokens: {t['curvature_seconds']} s against "
+             f"{t['forward_seconds']} s for a forward pass over the same tokens ({t['ratio']}×), batch "
+             f"{t['batch_size']}, compiled first.\n")
+  seconds = [f"| {c} | {r['prune_seconds']} | {r['peak_rss_gb']} |" for c, r in sorted(runs.items())
+             if "prune_seconds" in r]
+  return (head + "\n".join(rows) + f"\n\nDense: {dense:.2f}. Perplexity on {cfg['eval_windows']} × {cfg['seqlen']} "
+          f"tokens of {cfg['eval']}.\n" + extra + "\n| case | prune seconds | peak RSS GB |\n|---|---|---|\n"
+          + "\n".join(seconds) + "\n")
+
+
+def plot(runs: dict, path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cases = [c for c in ("surgeon:u50", "surgeon:u70", "surgeon:u50x3") if c in runs]
+  if not cases:
+    return
+  fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.8), squeeze=False)
+  for ax, case in zip(axes[0], cases):
+    per_layer = runs[case]["per_layer_sparsity"]
+    for name in per_layer[0]:
+      ax.plot(range(len(per_layer)), [block[name] for block in per_layer], marker=".", label=name.split("/")[-1])
+    ax.set(xlabel="block", ylabel="fraction pruned", title=f"{case} (ppl {runs[case]['perplexity']:.1f})",
+           ylim=(0, 1))
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", type=Path, default=HERE / "config.json")
+  p.add_argument("--out", type=Path, default=HERE)
+  p.add_argument("--only-report", action="store_true", help="rewrite table and plot from result.json")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--group", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  cfg = json.loads(args.config.read_text())
+  out = args.out / "result.json"
+  if args.worker:
+    if args.group == "one-shot":
+      return one_shot(cfg, out)
+    if args.group.startswith("surgeon:"):
+      return multi_shot(cfg, out, args.group)
+    return baseline(cfg, out, args.group)
+  if not args.only_report:
+    import subprocess
+
+    command = f"python {Path(__file__).resolve().relative_to(REPO)} " + " ".join(sys.argv[1:])
+    env = {**os.environ, **cfg.get("env", {}), "SURGEON_COMMAND": command}
+    for group in groups(cfg):
+      if done(cfg, _load(out)["runs"], group):
+        continue
+      print(f"== group {group}", flush=True)
+      subprocess.run([sys.executable, __file__, "--worker", f"--group={group}", "--config", str(args.config),
+                      "--out", str(args.out)], env=env, check=True)
+  runs = _load(out)["runs"]
+  (args.out / "table.md").write_text(table(cfg, runs))
+  plot(runs, args.out / "per_layer_sparsity.png")
+  print(table(cfg, runs))
+
+
+if __name__ == "__main__":
+  main()
