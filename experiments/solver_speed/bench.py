@@ -57,6 +57,59 @@ def problem(d_out: int, d_in: int, tokens: int, key):
   return jax.random.normal(k3, (d_out, d_in), jnp.float32) / np.sqrt(d_in), stats
 
 
+def surgeon_timings(d_out: int, d_in: int, tokens: int, *, chunk: int = 64) -> dict:
+  """LLM Surgeon's per-linear functions (``jaxprune.prune._surgeon_pass``) on one ``(d_out, d_in)`` weight with
+  ``A`` from ``tokens`` correlated inputs and ``G`` from as many correlated output gradients: the two damped
+  inverses, the element and the row/column costs, 20 % of rows and 20 % of columns removed, and the chunked
+  element update (chunks of ``chunk``) timed on the first 16 rows at 50 % (one window of held-back rows: its
+  chunks and the one update of all rows) and extrapolated to all ``d_out / 16`` windows, plus the fixed part
+  measured with nothing removed. One compiling run, one timed run each."""
+  from jaxprune.prune import _surgeon_pass as SP
+
+  w, stats = problem(d_out, d_in, tokens, jax.random.key(0))
+  a = stats.gram / tokens
+  _, g_stats = problem(d_in, d_out, tokens, jax.random.key(1))
+  g = g_stats.gram / tokens
+  out = {}
+  inverses = functools.partial(SP.linear_inverses, damping_a=0.01, damping_g=0.1)
+  first, best = timed(inverses, a, g, repeats=1)
+  out["damped inverses of A and G"] = {"seconds": best, "compile_and_first_seconds": first}
+  inv = inverses(a, g)
+  for kind in ("element", "rows_columns"):
+    first, best = timed(functools.partial(SP.linear_costs, kind=kind), w, a, g, inv, repeats=1)
+    out[f"costs {kind}"] = {"seconds": best, "compile_and_first_seconds": first}
+  rows, cols = jnp.asarray(np.arange(d_out) % 5 != 0), jnp.asarray(np.arange(d_in) % 5 != 0)
+  first, best = timed(SP.update_rows_columns, w, a, g, inv, rows, cols, repeats=1)
+  out["update rows+columns 20 %"] = {"seconds": best, "compile_and_first_seconds": first}
+  window = 16  # rows whose update remove_elements holds back and applies at once
+  _, fixed = timed(functools.partial(SP.update_elements, chunk=chunk), w, a, g, inv,
+                   jnp.ones((d_out, d_in), bool), repeats=1)  # nothing removed: sorting the mask, the error
+  keep = jnp.asarray(~((np.arange(d_out)[:, None] < window) & (np.arange(d_in)[None, :] % 2 == 0)))
+  first, best = timed(functools.partial(SP.update_elements, chunk=chunk), w, a, g, inv, keep, repeats=1)
+  windows = -(-d_out // window)
+  out["update elements 50 %"] = {"seconds_per_window": best - fixed, "windows": windows, "chunk": chunk,
+                                 "fixed_seconds": fixed, "seconds": fixed + (best - fixed) * windows,
+                                 "extrapolated_from_rows": window, "compile_and_first_seconds": first}
+  return out
+
+
+def surgeon_table(result: dict) -> str:
+  """Markdown table of :func:`surgeon_timings` per shape."""
+  shapes = list(result.get("surgeon", {}))
+  if not shapes:
+    return ""
+  steps = list(result["surgeon"][shapes[0]])
+  rows = ["| surgeon step | " + " | ".join(shapes) + " |", "|---|" + "---|" * len(shapes)]
+  for step in steps:
+    cells = []
+    for shape in shapes:
+      r = result["surgeon"][shape][step]
+      cells.append(f"{r['seconds']:.1f} s" + (f" ({r['windows']} × {r['seconds_per_window']:.2f} s, extrapolated)"
+                                              if "windows" in r else ""))
+    rows.append(f"| {step} | " + " | ".join(cells) + " |")
+  return "\n".join(rows) + "\n"
+
+
 def table(result: dict) -> str:
   """Markdown table: seconds per solver and shape, and the solver's FLOP/s as a fraction of the matmul's."""
   shapes = sorted({k.split()[1] for k in result["solvers"]}, key=lambda s: [int(x) for x in s.split("x")])
@@ -69,7 +122,9 @@ def table(result: dict) -> str:
     fractions = [r["fraction_of_matmul"] for r in runs if r and r["fraction_of_matmul"]]
     share = f"{min(fractions):.2f}–{max(fractions):.2f}" if fractions else "—"
     rows.append(f"| {name} | " + " | ".join(cells) + f" | {share} |")
-  return "\n".join(rows) + f"\n\nPlain `jnp.matmul` 4096³: {result['matmul_4096_gflops']:.1f} GFLOP/s, same run.\n"
+  surgeon = surgeon_table(result)
+  return "\n".join(rows) + f"\n\nPlain `jnp.matmul` 4096³: {result['matmul_4096_gflops']:.1f} GFLOP/s, same run.\n" + (
+      f"\n{surgeon}\nSurgeon timed in a later run{result['surgeon_run']}.\n" if surgeon else "")
 
 
 def main() -> None:
@@ -80,6 +135,8 @@ def main() -> None:
   p.add_argument("--repeats", type=int, help="timed runs after the compiling one; the best counts [config]")
   p.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for result.json and table.md")
   p.add_argument("--only-report", action="store_true", help="rewrite table.md from result.json")
+  p.add_argument("--only-surgeon", action="store_true",
+                 help="time LLM Surgeon's per-linear functions and add them to the existing result.json")
   args = p.parse_args()
   if args.only_report:
     (args.out / "table.md").write_text(table(json.loads((args.out / "result.json").read_text())))
@@ -87,6 +144,19 @@ def main() -> None:
   cfg = json.loads(args.config.read_text())
   shapes = args.shapes.split(",") if args.shapes else cfg["shapes"]
   tokens, repeats = args.tokens or cfg["tokens"], args.repeats or cfg["repeats"]
+  if args.only_surgeon:
+    result = json.loads((args.out / "result.json").read_text())
+    _, mm_seconds = timed(jax.jit(lambda x: jnp.matmul(x, x)), jnp.ones((4096, 4096), jnp.float32), repeats=3)
+    gflops = 2 * 4096**3 / mm_seconds / 1e9
+    result["surgeon"] = {}
+    result["surgeon_run"] = f" ({command(Path(__file__))}, {machine()['date']}, matmul 4096³ {gflops:.1f} GFLOP/s)"
+    for shape in shapes:
+      result["surgeon"][shape] = surgeon_timings(*map(int, shape.split("x")), tokens)
+      print(shape, result["surgeon"][shape], flush=True)
+    write_json(args.out / "result.json", result)
+    (args.out / "table.md").write_text(table(result))
+    print(table(result))
+    return
   a = jnp.ones((4096, 4096), jnp.float32)
   mm = jax.jit(lambda x: jnp.matmul(x, x))
   _, mm_seconds = timed(mm, a, repeats=3)
