@@ -322,3 +322,22 @@ def test_reconstruction_refuses_what_cannot_fit_a_block(text, needle):
   with pytest.raises(JaxpruneError, match=needle) as e:
     R.parse_reconstruction(text)
   _one_line(e)
+
+
+def test_prune_command_reconstructs_with_zero_biases_added(files, tmp_path, capsys):
+  """``prune --reconstruct biases,norms`` on a LLaMA: zero linear biases are added (and saved with the config that
+  says so), calibration windows are read also for magnitude, and every block reports its fitted error."""
+  argv = ("prune", "--model", files / "dense", "--method", "magnitude", "--calib", files / "train.npy",
+          "--nsamples", 16, "--seqlen", SEQ, "--batch-size", BATCH, "--out", tmp_path / "ck", "--json", tmp_path / "p.json")
+  code, _, err = run(capsys, *argv, "--reconstruct", "biases,norms", "--reconstruct-steps", 3,
+                     "--reconstruct-lr", 1e-2)
+  assert code == 0, err
+  layers = json.loads((tmp_path / "p.json").read_text())["layers"]
+  assert all(r["reconstruct_error_after"] < r["reconstruct_error_before"] for r in layers)
+  loaded = importlib.import_module("jaxprune.io").load_checkpoint(tmp_path / "ck", with_masks=True)
+  assert loaded.config.qkv_bias and loaded.config.mlp_bias
+  biases = [np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(loaded.params["layers"])
+            if getattr(path[-1], "key", None) == "bias"]
+  assert len(biases) == 2 * 7 and all(np.abs(b).max() > 0 for b in biases)  # added at zero, then fitted
+  for text, needle in (("lora:4", "densify"), ("head", "outside the blocks")):
+    _one_line_error(*run(capsys, *argv, "--overwrite", "--reconstruct", text)[::2], needle)
