@@ -127,9 +127,11 @@ def one_shot(cfg: dict, out: Path) -> None:
 def multi_shot(cfg: dict, out: Path, case: str) -> None:
   from jaxprune.prune import _surgeon_pass as P
 
-  shape, shots = case.split(":", 1)[1].rsplit("x", 1)
+  _, shape, *labels = case.split(":")
+  shape, shots = shape.rsplit("x", 1)
   model, calib, evals = _setup(cfg)
-  spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"])
+  spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
+                       fisher_labels=labels[0] if labels else "sampled")
   outcome = P.surgeon_prune(model.params, model.config, spec, calib.tokens, batch_size=cfg["batch_size"],
                             progress=False)
   meta = outcome.metadata
@@ -151,7 +153,13 @@ def baseline(cfg: dict, out: Path, case: str) -> None:
 
 
 def groups(cfg: dict) -> list[str]:
-  return (["one-shot"] + [f"surgeon:{p}x{t}" for p, t in cfg["multi_shot"]] + list(cfg["baselines"]))
+  return ["one-shot"] + list(cfg["baselines"][:2]) + [multi_case(m) for m in cfg["multi_shot"][:1]] + list(
+      cfg["baselines"][2:]) + [multi_case(m) for m in cfg["multi_shot"][1:]]
+
+
+def multi_case(entry: list) -> str:
+  """``[pattern, shots]`` or ``[pattern, shots, labels]`` -> ``surgeon:PxT`` or ``surgeon:PxT:labels``."""
+  return f"surgeon:{entry[0]}x{entry[1]}" + (f":{entry[2]}" if len(entry) > 2 else "")
 
 
 def done(cfg: dict, runs: dict, group: str) -> bool:
@@ -167,8 +175,10 @@ def table(cfg: dict, runs: dict) -> str:
   head = "| method | calibration | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
   rows = []
   n = cfg["nsamples"]
-  for label, fmt in [("surgeon, 1 shot", "surgeon:{}"), *[(f"surgeon, {t} shots", "surgeon:{}x" + str(t))
-                                                          for t in sorted({t for _, t in cfg["multi_shot"]})],
+  multi = sorted({(e[1], e[2] if len(e) > 2 else "") for e in cfg["multi_shot"]})
+  for label, fmt in [("surgeon, 1 shot", "surgeon:{}"),
+                     *[(f"surgeon, {t} shot{'s' if t > 1 else ''}" + (f", {lab} labels" if lab else ""),
+                        "surgeon:{}x" + str(t) + (f":{lab}" if lab else "")) for t, lab in multi],
                      *[(m, m + ":{}") for m in sorted({b.split(":")[0] for b in cfg["baselines"]})]]:
     cells = [f"{runs[c]['perplexity']:.2f}" if (c := fmt.format(p)) in runs else "—" for p in cols]
     if any(c != "—" for c in cells):

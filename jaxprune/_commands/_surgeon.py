@@ -24,7 +24,8 @@ def add_args(p) -> None:
                  help="remove whole rows and columns of every linear (zeroed, the shapes stay); --sparsity is the "
                       "fraction of their weights, a linear losing r rows and c columns losing r*cols+c*rows-r*c")
   g.add_argument("--chunk", type=int, default=None,
-                 help="removed weights solved jointly in an element update (the reference's max_correlate) [2000]")
+                 help="removed weights solved jointly in an element update: the reference's max_correlate, "
+                      "each chunk a chunk x chunk solve; on a CPU 64 is about 50 times faster than 2000 [2000]")
 
 
 def refuse(args) -> None:
