@@ -1,5 +1,5 @@
 """GGUF files of the LLaMA family (llama; Mistral, written by llama.cpp as llama; qwen2), written here with ``gguf.GGUFWriter`` from tiny random
-transformers models: jaxprune's logits equal transformers' GGUF load of the same file; qwen3 is refused."""
+transformers models: jaxprune's logits equal transformers' GGUF load of the same file (qwen3: tests/test_qwen3.py)."""
 from __future__ import annotations
 
 import json
@@ -113,17 +113,6 @@ def test_qwen2_gguf_in_float16_exports_to_a_qwen2_directory(tmp_path):
   exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
   assert type(exported).__name__ == "Qwen2ForCausalLM"
   np.testing.assert_allclose(_logits(exported), _logits(theirs), rtol=1e-4, atol=1e-4)
-
-
-def test_qwen3_gguf_is_refused_in_one_line(tmp_path):
-  model = _hf_model("Qwen3Config", "Qwen3ForCausalLM", head_dim=8)
-  path = write_gguf(tmp_path / "m.gguf", model, "qwen3")
-  with pytest.raises(JaxpruneError, match="architecture 'qwen3' is not supported: its q/k norms") as err:
-    load_model(str(path))
-  assert "\n" not in str(err.value)
-  model.save_pretrained(tmp_path / "hf")
-  with pytest.raises(JaxpruneError, match="model type 'qwen3': its q/k norms"):
-    load_model(str(tmp_path / "hf"))
 
 
 def test_gguf_missing_a_required_field_is_one_line(tmp_path):

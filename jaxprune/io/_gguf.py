@@ -8,8 +8,14 @@ Architectures, read as transformers' GGUF loader reads them:
   so the weights equal the Hugging Face ones. GGUF stores no sliding window: attention is full, as llama.cpp
   computes it.
 - ``qwen2``: attention biases on ``q``, ``k``, ``v``; untied heads (``output.weight``); no permutation.
-- ``qwen3`` is refused: its per-head RMSNorm of queries and keys (``attn_q_norm``/``attn_k_norm``) is not part
-  of jaxprune's LLaMA-family model.
+- ``qwen3``: per-head RMSNorm of queries and keys (``attn_q_norm``/``attn_k_norm``, read as ``self_attn.q_norm``
+  and ``self_attn.k_norm``); no permutation; attention biases (on q, k, v and o, as Hugging Face's
+  ``attention_bias``) when the file has ``attn_q.bias``, none in Qwen3's own files.
+
+The size of a head is ``attention.key_length``, which llama.cpp writes from a config's ``head_dim`` (Qwen3's,
+128, is not ``embedding_length / head_count``), else ``rope.dimension_count``, else ``embedding_length /
+head_count``; RoPE must rotate whole heads. (transformers' GGUF loader reads no head size for ``qwen3`` and keeps
+``Qwen3Config``'s default 128, which every Qwen3 model has.)
 """
 from __future__ import annotations
 
@@ -22,17 +28,16 @@ from jaxprune.models._config import ModelConfig, from_hf_config
 from jaxprune.models._convert import params_from_hf
 from jaxprune.models._model import Params
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp permutes
-_REFUSED = {"qwen3": "its q/k norms (RMSNorm of each head's queries and keys) are not computed by jaxprune's "
-                     "LLaMA-family model"}
 _HF_NAMES = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
-             "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+             "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM")}
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -68,8 +73,6 @@ def _number(reader, path: Path, key: str, kind=int, default=None):
 
 def _architecture(reader, path: Path) -> str:
   arch = _field(reader, "general.architecture")
-  if arch in _REFUSED:
-    raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported: {_REFUSED[arch]}")
   if arch not in SUPPORTED_ARCHS:
     raise JaxpruneError(f"{path}: GGUF architecture {arch!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED_ARCHS)})")
@@ -93,7 +96,7 @@ def gguf_hf_config(reader, path: Path) -> dict:
       "hidden_size": hidden, "intermediate_size": _number(reader, path, f"{arch}.feed_forward_length"),
       "num_hidden_layers": _number(reader, path, f"{arch}.block_count"), "num_attention_heads": heads,
       "num_key_value_heads": _number(reader, path, f"{arch}.attention.head_count_kv", int, heads),
-      "head_dim": _number(reader, path, f"{arch}.rope.dimension_count", int, hidden // heads),
+      "head_dim": _head_dim(reader, path, arch, hidden // heads),
       "max_position_embeddings": _number(reader, path, f"{arch}.context_length", int, 2048),
       "rms_norm_eps": _number(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-6),
       "rope_theta": _number(reader, path, f"{arch}.rope.freq_base", float, 10000.0),
@@ -104,6 +107,8 @@ def gguf_hf_config(reader, path: Path) -> dict:
   }
   if model_type == "mistral":
     hf["sliding_window"] = None
+  if model_type == "qwen3":
+    hf["attention_bias"] = "blk.0.attn_q.bias" in names
   scaling = _field(reader, f"{arch}.rope.scaling.type")
   if scaling not in (None, "none"):
     if scaling != "linear":
@@ -111,6 +116,20 @@ def gguf_hf_config(reader, path: Path) -> dict:
     hf["rope_scaling"] = {"rope_type": "linear",
                           "factor": _number(reader, path, f"{arch}.rope.scaling.factor", float)}
   return hf
+
+
+def _head_dim(reader, path: Path, arch: str, default: int) -> int:
+  """The size of a head: ``attention.key_length``, else ``rope.dimension_count``, else ``default``; refuses value
+  heads of another size and RoPE over part of a head (neither is in jaxprune's model)."""
+  key = _number(reader, path, f"{arch}.attention.key_length", int, 0)
+  value = _number(reader, path, f"{arch}.attention.value_length", int, key)
+  rotated = _number(reader, path, f"{arch}.rope.dimension_count", int, 0)
+  head = key or rotated or default
+  if value != key:
+    raise JaxpruneError(f"{path}: GGUF key and value heads of different sizes ({key} and {value}) are not supported")
+  if rotated and rotated != head:
+    raise JaxpruneError(f"{path}: GGUF RoPE over {rotated} of each head's {head} dimensions is not supported")
+  return head
 
 
 def _hf_tensor_name(gguf_name: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from jaxprune.errors import JaxpruneError
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUBLAYER_MODES = ("full", "skip", "bias", "lowrank")
 
 # Attributes that do not change what a causal-LM forward pass computes in eval mode.
@@ -28,7 +28,7 @@ _IRRELEVANT = frozenset({
     "_attn_implementation_autoset", "classifier_dropout", "embd_pdrop", "resid_pdrop", "hidden_dropout",
     "tf_legacy_loss", "use_return_dict", "gradient_checkpointing", "base_model_tp_plan", "base_model_pp_plan",
 })
-# What a model's layer_types may name (Qwen2, Mistral and LLaMA in transformers 5 write it).
+# What a model's layer_types may name (Qwen2, Qwen3, Mistral and LLaMA in transformers 5 write it).
 _LAYER_KINDS = ("full_attention", "sliding_attention")
 # Keys without which a config cannot be built, per family.
 _REQUIRED = {
@@ -47,14 +47,17 @@ _OPT_KEYS = frozenset({
     "enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings",
 })
 _ROPE_TYPES = ("default", "linear", "llama3")
-# Relatives of the LLaMA family that jaxprune's model does not compute, and why.
-_REFUSED_TYPES = {"qwen3": "its q/k norms (RMSNorm of each head's queries and keys) are not computed by jaxprune's "
-                           "LLaMA-family model"}
+# Model types whose layers may use a sliding window set per layer (layer_types, or use_sliding_window from
+# max_window_layers on).
+_PER_LAYER_WINDOW_TYPES = ("qwen2", "qwen3")
+# Hugging Face architecture (class) of each model type jaxprune exports.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "opt": "OPTForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a LLaMA-family or OPT decoder.
+  """Architecture of a LLaMA-family (LLaMA, Mistral, Qwen2, Qwen3) or OPT decoder.
 
   ``sublayers`` records, per layer, how the attention and MLP sublayers are computed: ``"full"``, ``"skip"``
   (removed), ``"bias"`` (replaced by a learned additive bias) or ``"lowrank"`` (replaced by a low-rank linear
@@ -79,6 +82,9 @@ class ModelConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   sliding_window: int | None = None
+  # RMSNorm of each head's queries and keys (scales ``(head_dim,)``, the model's ``norm_eps``) after the q/k
+  # projections and before RoPE: Qwen3's ``q_norm``/``k_norm``.
+  qk_norm: bool = False
   # OPT.
   pre_norm: bool = True
   word_embed_proj_dim: int | None = None
@@ -122,11 +128,12 @@ def _check_required(hf: dict, family: str, model_type: str) -> None:
 
 def _attention_window(hf: dict, model_type: str) -> int | None:
   """The sliding window of every layer, or None for full attention, as transformers computes it: Mistral uses
-  ``sliding_window`` everywhere; Qwen2 per layer (``layer_types``, else sliding from ``max_window_layers`` on, when
-  ``use_sliding_window``); LLaMA has none. Mixed or unknown layer kinds are refused."""
+  ``sliding_window`` everywhere; Qwen2 and Qwen3 per layer (``layer_types``, else sliding from
+  ``max_window_layers`` on, when ``use_sliding_window``); LLaMA has none. Mixed or unknown layer kinds are
+  refused."""
   if model_type == "mistral":
     return hf.get("sliding_window")
-  if model_type != "qwen2":
+  if model_type not in _PER_LAYER_WINDOW_TYPES:
     return None
   window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
   kinds = hf.get("layer_types")
@@ -181,7 +188,8 @@ def from_hf_config(hf: dict) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias,
         o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window, hf_config_json=raw)
+        mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window, qk_norm=model_type == "qwen3",
+        hf_config_json=raw)
   if model_type == "opt":
     _check_allowlist(hf, _OPT_KEYS, model_type)
     _check_required(hf, "opt", model_type)
@@ -200,8 +208,6 @@ def from_hf_config(hf: dict) -> ModelConfig:
         norm_affine=bool(hf.get("layer_norm_elementwise_affine", True)), activation=act,
         qkv_bias=bool(hf.get("enable_bias", True)), o_bias=bool(hf.get("enable_bias", True)),
         mlp_bias=bool(hf.get("enable_bias", True)), hf_config_json=raw)
-  if model_type in _REFUSED_TYPES:
-    raise JaxpruneError(f"unsupported model type {model_type!r}: {_REFUSED_TYPES[model_type]}")
   raise JaxpruneError(
       f"unsupported model type {model_type!r}; supported: {', '.join(LLAMA_TYPES + ('opt',))}")
 
@@ -210,7 +216,11 @@ def to_hf_config(config: ModelConfig) -> dict:
   """The Hugging Face ``config.json`` dict of ``config`` (layer count and sizes updated after pruning)."""
   hf = json.loads(config.hf_config_json)
   if not hf:
-    hf = {"model_type": "llama" if config.family == "llama" else "opt"}
+    hf = {"model_type": "opt" if config.family == "opt" else "qwen3" if config.qk_norm else "llama"}
+  if config.family == "llama" and config.qk_norm != (hf["model_type"] == "qwen3"):
+    has = "with" if config.qk_norm else "without"
+    raise JaxpruneError(f"cannot export a {hf['model_type']} model {has} q/k norms: Hugging Face computes them in "
+                        "model_type qwen3 only, and always there")
   hf.update(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             max_position_embeddings=config.max_position_embeddings,
@@ -227,9 +237,12 @@ def to_hf_config(config: ModelConfig) -> dict:
     if hf["model_type"] == "llama":
       hf["attention_bias"] = config.qkv_bias
       hf["mlp_bias"] = config.mlp_bias
+    elif hf["model_type"] == "qwen3":
+      if config.qkv_bias != config.o_bias:
+        raise JaxpruneError("cannot export a qwen3 model with biases on q, k, v but not o_proj, or the reverse: its "
+                            "attention_bias puts one on all four")
+      hf["attention_bias"] = config.qkv_bias
   else:
     hf.update(ffn_dim=config.intermediate_size, do_layer_norm_before=config.pre_norm)
-  hf["architectures"] = ["LlamaForCausalLM" if hf["model_type"] == "llama" else
-                         {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                          "opt": "OPTForCausalLM"}[hf["model_type"]]]
+  hf["architectures"] = [_ARCHITECTURES[hf["model_type"]]]
   return hf

@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2, SmolLM) in Flax.
+"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2, Qwen3, SmolLM) in Flax.
 
 Parameter names equal the Hugging Face names; ``Dense`` kernels are ``(d_in, d_out)`` (see ``jaxprune.models._convert``
 for the one place where the layout changes). A block can ``sow`` the inputs of its linears into the ``taps``
@@ -22,6 +22,10 @@ LINEAR_GROUPS = {
 
 
 class Attention(ConfigModule):
+  """Grouped-query attention with RoPE. With ``config.qk_norm`` (Qwen3) each head's queries and keys
+  ``(b, t, heads, head_dim)`` go through an RMSNorm over ``head_dim`` (``q_norm``, ``k_norm``: scales, not linears)
+  between the projection and RoPE."""
+
   @nn.compact
   def __call__(self, x, ctx: Context):
     c = self.config
@@ -29,11 +33,15 @@ class Attention(ConfigModule):
     q_proj, k_proj, v_proj = (Linear(n * c.head_dim, c.qkv_bias, name=f"{name}_proj")
                               for name, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)))
     o_proj = Linear(c.hidden_size, c.o_bias, name="o_proj")
+    q_norm, k_norm = (RMSNorm(c.norm_eps, name=f"{name}_norm") for name in "qk")
 
     def attend(x, cos, sin, mask):
       b, t, _ = x.shape
-      q = apply_rotary(q_proj(x).reshape(b, t, c.num_heads, c.head_dim), cos, sin)
-      k = apply_rotary(k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+      q = q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+      k = k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+      if c.qk_norm:
+        q, k = q_norm(q), k_norm(k)
+      q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
       return dot_attention(q, k, v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim), mask)
 
     return tapped_projection(self, "o_in", attend, o_proj, x, ctx.cos, ctx.sin, ctx.mask)

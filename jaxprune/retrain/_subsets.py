@@ -11,8 +11,9 @@ Selectors, on the params tree ``{"embed": ..., "layers": [block, ...], "head": .
   PERP's code makes every module's ``bias`` trainable, LayerNorm biases included. LLaMA linears have none;
   :func:`with_biases` adds zero ones.
 - ``norms``: every parameter of a module whose name ends in ``norm`` (``input_layernorm``,
-  ``post_attention_layernorm``, ``norm``; OPT's ``self_attn_layer_norm``, ``final_layer_norm``), i.e. RMSNorm
-  scales and LayerNorm scales and biases. An OPT LayerNorm bias is in both ``biases`` and ``norms``.
+  ``post_attention_layernorm``, ``norm``; Qwen3's per-head ``self_attn/q_norm``, ``self_attn/k_norm``; OPT's
+  ``self_attn_layer_norm``, ``final_layer_norm``), i.e. RMSNorm scales and LayerNorm scales and biases. An OPT
+  LayerNorm bias is in both ``biases`` and ``norms``.
 - ``head``: the LM head matrix (and OPT's ``project_out``). With tied embeddings the head *is* the token embedding,
   so ``head`` selects ``embed/embed_tokens/embedding``.
 - ``embeddings``: everything under ``embed`` (token and OPT position embeddings, ``project_in``).
@@ -249,9 +250,9 @@ def with_biases(params: Mapping, config: ModelConfig) -> tuple[dict, ModelConfig
   The model is unchanged (the biases are zero); they make ``biases`` a PERP subset for LLaMA. Export: for
   ``model_type`` ``llama`` :func:`jaxprune.models.to_hf_config` writes ``attention_bias = qkv_bias`` and
   ``mlp_bias``; Hugging Face's ``attention_bias`` puts a bias on q, k, v **and** o_proj, hence both attention flags.
-  Mistral and Qwen2 configs cannot express biases on every linear (Qwen2: q, k, v only), nor OPT with
-  ``enable_bias = false`` (not written back on export): refused. Blocks of an OPT with biases, or of a LLaMA that
-  has them all already, are returned unchanged.
+  Mistral, Qwen2 and Qwen3 configs cannot express biases on every linear (Qwen2: q, k, v only; Qwen3: attention
+  only), nor OPT with ``enable_bias = false`` (not written back on export): refused. Blocks of an OPT with biases,
+  or of a LLaMA that has them all already, are returned unchanged.
   """
   flags = (config.qkv_bias, config.o_bias, config.mlp_bias)
   if all(flags):
