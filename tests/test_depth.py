@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances as tol
 
 from jaxprune import depth as D
 from jaxprune.cli import main
 from jaxprune.depth import _stages as S
 from jaxprune.errors import JaxpruneError
-from jaxprune.io._checkpoint import load_checkpoint, save_checkpoint
+from jaxprune.io._checkpoint import read_checkpoint, save_checkpoint
 from jaxprune.models import _llama as llama, _model as M
 from jaxprune.runner import Runner, _forward as F, data_mesh
 from jaxprune.models._config import ModelConfig
@@ -177,13 +178,14 @@ def test_sharded_equals_unsharded(params, tokens):
     for unit in ("block", "attention"):
       a = D.score(params, tokens, config=CONFIG, unit=unit, batch_size=2, **kw)
       b = D.score(params, tokens, config=CONFIG, unit=unit, batch_size=2, mesh=mesh, **kw)
-      np.testing.assert_allclose(a.scores, b.scores, atol=TOL, err_msg=str(kw))
+      tol.assert_reordered(b.scores, a.scores, f"{unit} {kw}")
   rec = D.Recovery("lowrank", 4, 1e-2)
   a, ea = D.fit_adapters(params, CONFIG, tokens, unit="attention", layers=[0, 2], recovery=rec, batch_size=2)
   b, eb = D.fit_adapters(params, CONFIG, tokens, unit="attention", layers=[0, 2], recovery=rec, mesh=mesh)
   for i in (0, 2):
-    np.testing.assert_allclose(a[i]["down"] @ a[i]["up"], b[i]["down"] @ b[i]["up"], atol=1e-4)
-    np.testing.assert_allclose(ea[i], eb[i], atol=1e-5)
+    tol.assert_within(b[i]["down"] @ b[i]["up"], a[i]["down"] @ a[i]["up"],
+                      tol.PASS_REORDERED * np.abs(a[i]["down"] @ a[i]["up"]).max(), f"low-rank map {i}")
+    tol.assert_reordered(eb[i], ea[i], f"recovery error {i}")
 
 
 def test_one_compilation_per_half_block_shape(params, tokens):
@@ -199,15 +201,15 @@ def test_one_compilation_per_half_block_shape(params, tokens):
 
 
 def test_pipeline_checkpoint_round_trip(params, tokens, tmp_path):
-  r = D.depth_prune(params, CONFIG, tokens, metric="angular", unit="attention", remove=2,
+  r = D.depth_prune(params, tokens, config=CONFIG, metric="angular", unit="attention", remove=2,
                     recovery=D.parse_recovery("lowrank:3", width=24), batch_size=2)
   assert [m[0] for m in r.config.sublayers].count("lowrank") == 2 and r.config.adapter_rank == 3
   assert set(r.fit_error) == set(r.removed) and all(0 <= e <= 1 for e in r.fit_error.values())
-  r2 = D.depth_prune(r.params, r.config, tokens, metric="loss", unit="block", remove=1, iterative=True,
+  r2 = D.depth_prune(r.params, tokens, config=r.config, metric="loss", unit="block", remove=1, iterative=True,
                      batch_size=2)
   assert r2.config.num_layers == 2 and r2.params_after < r2.params_before
   save_checkpoint(tmp_path / "ck", r2.config, r2.params, metadata={"depth": r2.to_json()})
-  config, loaded, _, meta = load_checkpoint(tmp_path / "ck")
+  config, loaded, _, meta = read_checkpoint(tmp_path / "ck")
   assert config == r2.config and meta["depth"]["removed"] == r2.to_json()["removed"]
   ids = jnp.asarray(tokens)
   np.testing.assert_allclose(M.forward(loaded, ids, config=config), M.forward(r2.params, ids, config=config),
@@ -215,11 +217,11 @@ def test_pipeline_checkpoint_round_trip(params, tokens, tmp_path):
 
 
 def test_iterative_reports_original_layers(params, tokens):
-  r = D.depth_prune(params, CONFIG, tokens, metric="cosine", unit="block", remove=2, iterative=True,
+  r = D.depth_prune(params, tokens, config=CONFIG, metric="cosine", unit="block", remove=2, iterative=True,
                     batch_size=5)
   assert len(r.steps) == 2 and r.steps[1].layers == tuple(i for i in range(3) if i != r.removed[0])
   assert r.config.num_layers == 1 and len(set(r.removed)) == 2
-  one = D.depth_prune(params, CONFIG, tokens, metric="cosine", unit="block", remove=2, batch_size=5)
+  one = D.depth_prune(params, tokens, config=CONFIG, metric="cosine", unit="block", remove=2, batch_size=5)
   assert one.removed == one.steps[0].order()[:2]
 
 
@@ -289,7 +291,8 @@ def test_bad_input_gives_one_line_errors(params, tokens):
     D.parse_recovery("lowrank:25", width=24)
   _one_line(err)
   with pytest.raises(JaxpruneError, match="larger than the model width 24"):
-    D.depth_prune(params, CONFIG, tokens, metric="cosine", unit="mlp", remove=1, recovery=D.Recovery("lowrank", 99))
+    D.depth_prune(params, tokens, config=CONFIG, metric="cosine", unit="mlp", remove=1,
+                  recovery=D.Recovery("lowrank", 99))
   for bad in ("lowrank", "lowrank:0", "lowrank:x", "bias:3", "svd"):
     with pytest.raises(JaxpruneError) as err:
       D.parse_recovery(bad)
@@ -314,12 +317,12 @@ def test_cli_end_to_end_and_errors(params, tmp_path, capsys):
   res = json.loads((tmp_path / "a.json").read_text())
   assert len(res["ranking"]) == 3 and res["removed"] == [res["ranking"][0]["unit"]]
   assert res["params_after"] < res["params_before"] and res["perplexity"] > 1 and res["eval"]["tokens"] == 48
-  config, _, _, meta = load_checkpoint(tmp_path / "a")
+  config, _, _, meta = read_checkpoint(tmp_path / "a")
   assert [m[0] for m in config.sublayers].count("bias") == 1 and meta["depth"][0]["recover"] == "bias"
   argv = ["depth", "--model", tmp_path / "a", "--unit", "block", "--fraction", 0.34, *common, "--out",
           tmp_path / "b"]
   assert main([str(a) for a in argv]) == 0
-  config, _, _, meta = load_checkpoint(tmp_path / "b")
+  config, _, _, meta = read_checkpoint(tmp_path / "b")
   assert config.num_layers == 2 and len(meta["depth"]) == 2
   assert main(["export", "--model", str(tmp_path / "b"), "--out", str(tmp_path / "hf")]) == 0
   capsys.readouterr()

@@ -106,15 +106,16 @@ def test_pass_in_bfloat16_prunes_as_float32_would_and_keeps_the_dtype():
   config = CONFIGS["llama"]
   narrow = jax.tree.map(np.asarray, _cast(M.init_params(config, jax.random.key(1)), jnp.bfloat16))
   spec = PruneSpec("magnitude", Unstructured(0.5))
-  got = job.prune(narrow, config, spec, None, progress=False)
-  want = job.prune(jax.tree.map(lambda x: x.astype(np.float32), narrow), config, spec, None, progress=False)
+  got = job.prune(narrow, None, config=config, spec=spec, progress=False)
+  want = job.prune(jax.tree.map(lambda x: x.astype(np.float32), narrow), None, config=config, spec=spec, progress=False)
   for a, b in zip(jax.tree.leaves(got.masks), jax.tree.leaves(want.masks)):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_array_equal(a.astype(np.float32), b)
   calib = TOKENS[:, :16]
-  out = job.prune(narrow, config, PruneSpec("sparsegpt", Unstructured(0.5)), calib, batch_size=2, progress=False)
+  out = job.prune(narrow, calib, config=config, spec=PruneSpec("sparsegpt", Unstructured(0.5)), batch_size=2,
+                  progress=False)
   assert {leaf.dtype for leaf in jax.tree.leaves(out.params)} == {jnp.dtype(jnp.bfloat16)}
   assert out.metadata["sparsity"] == 0.5
   assert all(np.isfinite(r["error"]) and r["error"] > 0 for r in out.metadata["layers"])
@@ -129,7 +130,7 @@ def test_bfloat16_pass_resumed_after_a_crash_equals_the_uninterrupted_one(tmp_pa
   config = CONFIGS["llama"]
   narrow = jax.tree.map(np.asarray, _cast(M.init_params(config, jax.random.key(2)), jnp.bfloat16))
   spec, calib = PruneSpec("wanda", Unstructured(0.5)), TOKENS[:, :16]
-  full = job.prune(narrow, config, spec, calib, batch_size=2, progress=False)
+  full = job.prune(narrow, calib, config=config, spec=spec, batch_size=2, progress=False)
   out = tmp_path / "ck"
   store = ResumeStore(out, {"model": "tiny", **spec.to_json()})
 
@@ -141,7 +142,7 @@ def test_bfloat16_pass_resumed_after_a_crash_equals_the_uninterrupted_one(tmp_pa
   with pytest.raises(_Crash):
     run_pass(narrow, config, spec, calib, batch_size=2, on_block=crash_after_two, progress=False)
   assert store.load(narrow).done == 2
-  resumed = job.prune(narrow, config, spec, calib, out=out, identity={"model": "tiny"}, batch_size=2,
+  resumed = job.prune(narrow, calib, config=config, spec=spec, out=out, identity={"model": "tiny"}, batch_size=2,
                       progress=False)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
     assert a.dtype == b.dtype == jnp.bfloat16

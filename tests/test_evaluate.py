@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+import tolerances as tol
 
 from jaxprune.errors import JaxpruneError
 from jaxprune._evaluate import data_mesh, perplexity
@@ -27,7 +28,7 @@ def test_formula_is_exp_of_mean_window_loss(setup):
   nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1)[..., 0]
   expected = np.exp(nll.mean(axis=1).mean())
   result = perplexity(params, windows, config=CONFIG, batch_size=4, progress=False)
-  assert result.perplexity == pytest.approx(expected, rel=1e-5)
+  assert result.perplexity == pytest.approx(expected, rel=tol.LOSS_F32)
   assert result.windows == 11 and result.tokens == 11 * 16 and result.window_losses.shape == (11,)
 
 
@@ -36,8 +37,8 @@ def test_same_perplexity_on_one_and_eight_devices(setup):
   one = perplexity(params, windows, config=CONFIG, batch_size=8, mesh=data_mesh(jax.devices()[:1]), progress=False)
   eight = perplexity(params, windows, config=CONFIG, batch_size=8, mesh=data_mesh(), progress=False)
   assert jax.device_count() == 8
-  np.testing.assert_allclose(one.window_losses, eight.window_losses, rtol=1e-6)
-  assert one.perplexity == pytest.approx(eight.perplexity, rel=1e-6)
+  tol.assert_reordered(eight.window_losses, one.window_losses, "window losses")
+  tol.assert_reordered(np.log(eight.perplexity), np.log(one.perplexity), "log perplexity")
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -204,7 +204,7 @@ class _Crash(Exception):
 
 def test_resume_after_a_crash_gives_the_same_bits(params, calib, tmp_path, monkeypatch):
   spec = P.SurgeonSpec(Unstructured(0.5), shots=2, chunk=64)
-  whole = P.surgeon_prune(params, CONFIG, spec, calib, batch_size=BATCH, progress=False)
+  whole = P.surgeon_prune(params, calib, config=CONFIG, spec=spec, batch_size=BATCH, progress=False)
   save = P.ShotStore.save
 
   def crash(self, state):
@@ -213,13 +213,13 @@ def test_resume_after_a_crash_gives_the_same_bits(params, calib, tmp_path, monke
 
   monkeypatch.setattr(P.ShotStore, "save", crash)
   with pytest.raises(_Crash):
-    P.surgeon_prune(params, CONFIG, spec, calib, out=tmp_path / "ck", identity={"model": "tiny"}, batch_size=BATCH,
-                    progress=False)
+    P.surgeon_prune(params, calib, config=CONFIG, spec=spec, out=tmp_path / "ck", identity={"model": "tiny"},
+                    batch_size=BATCH, progress=False)
   monkeypatch.undo()
   shots = []
   shot = P.surgeon_shot
   monkeypatch.setattr(P, "surgeon_shot", lambda state, *a, **k: shots.append(state.done) or shot(state, *a, **k))
-  again = P.surgeon_prune(params, CONFIG, spec, calib, out=tmp_path / "ck", identity={"model": "tiny"},
+  again = P.surgeon_prune(params, calib, config=CONFIG, spec=spec, out=tmp_path / "ck", identity={"model": "tiny"},
                           batch_size=BATCH, progress=False)
   assert shots == [1]  # only the second shot ran
   for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(again.params), strict=True):
@@ -229,13 +229,33 @@ def test_resume_after_a_crash_gives_the_same_bits(params, calib, tmp_path, monke
     P.ShotStore(tmp_path / "ck", CONFIG, {"model": "other"}).load(params)
 
 
+def test_layer_allocation_prunes_every_linear_by_the_same_fraction(params, calib):
+  """``allocation="layer"``: each linear loses exactly ``⌊s·size⌋`` weights (its own lowest costs), against the
+  global threshold's uneven split; rows and columns: each linear within one row or column of its share."""
+  def spec(pattern, allocation):
+    return P.SurgeonSpec(pattern, chunk=64, allocation=allocation)
+
+  state = P.run_surgeon(params, CONFIG, spec(Unstructured(0.6), "layer"), calib, batch_size=BATCH, progress=False)
+  for masks in state.masks:
+    for m in masks.values():
+      assert int((~m).sum()) == int(m.size * 0.6)
+  structured = P.run_surgeon(params, CONFIG, spec(P.RowsColumns(0.1), "layer"), calib, batch_size=BATCH,
+                             progress=False)
+  for masks in structured.masks:
+    for m in masks.values():
+      assert 0 <= int(m.size * 0.1) - int((~m).sum()) < max(m.shape)
+  with pytest.raises(JaxpruneError, match="allocation must be one of global, layer"):
+    P.run_surgeon(params, CONFIG, spec(Unstructured(0.6), "uniform"), calib, batch_size=BATCH, progress=False)
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_not_worse_than_magnitude_on_the_calibration_data(params, calib, sparsity):
   """A check that can fail: surgeon's global, curvature-aware pruning against magnitude at the same sparsity. With
   8 calibration windows instead of 32 it does fail at 50 % (2.45 against 2.33: the curvature of 128 tokens is too
   noisy); with 32 surgeon measured 2.31 against 2.36 at 50 % and 2.86 against 3.37 at 70 %."""
   surgeon = _run(params, calib, Unstructured(sparsity), 1)[-1].params
-  magnitude = job.prune(params, CONFIG, PruneSpec("magnitude", Unstructured(sparsity)), None, progress=False).params
+  magnitude = job.prune(params, None, config=CONFIG, spec=PruneSpec("magnitude", Unstructured(sparsity)),
+                        progress=False).params
   ppl = {name: perplexity(p, calib, config=CONFIG, progress=False).perplexity
          for name, p in (("dense", params), ("surgeon", surgeon), ("magnitude", magnitude))}
   assert ppl["dense"] < 3 and ppl["dense"] <= ppl["surgeon"] <= ppl["magnitude"], ppl

@@ -188,28 +188,33 @@ def model(tiny):
 ])
 def test_prune_checks_its_windows(model, windows, needle):
   with pytest.raises(jp.JaxpruneError) as err:
-    jp.prune(model.params, model.config, jp.PruneSpec("wanda", jp.Unstructured(0.5)), windows)
+    jp.prune(model.params, windows, config=model.config, spec=jp.PruneSpec("wanda", jp.Unstructured(0.5)))
   assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("spec, needle", [
-    (jp.PruneSpec("obc", jp.Unstructured(0.5)), "unknown pruning method 'obc'"),
-    (jp.PruneSpec("wanda", 0.5), "pattern must be jaxprune.Unstructured(sparsity) or jaxprune.NM(n, m)"),
-    (jp.PruneSpec("admm", jp.NM(2, 4), {"rhoo": 1.0}), "admm takes no option 'rhoo' (its options: rho, "),
-    (jp.PruneSpec("sparsegpt", jp.NM(2, 4), (("blocksize", [64]),)), "must be a hashable value"),
-    (jp.PruneSpec("magnitude", jp.NM(2, 4), true_sequential=True), "true_sequential needs calibration"),
-    ("wanda", "spec must be a jaxprune.PruneSpec"),
-])
-def test_prune_checks_its_spec(model, tiny, spec, needle):
+@pytest.mark.parametrize("make, needle", [
+    (lambda: jp.PruneSpec("obc", jp.Unstructured(0.5)), "unknown pruning method 'obc'"),
+    (lambda: jp.PruneSpec("wanda", 0.5), "pattern must be jaxprune.Unstructured(sparsity) or jaxprune.NM(n, m)"),
+    (lambda: jp.PruneSpec("admm", jp.NM(2, 4), {"rhoo": 1.0}), "admm takes no option 'rhoo' (its options: rho, "),
+    (lambda: jp.PruneSpec("sparsegpt", jp.NM(2, 4), (("blocksize", [64]),)), "must be a hashable value"),
+    (lambda: jp.PruneSpec("magnitude", jp.NM(2, 4), true_sequential=True), "true_sequential needs calibration"),
+], ids=["method", "pattern", "option", "unhashable", "true-sequential"])
+def test_prune_spec_checks_itself_when_constructed(make, needle):
   with pytest.raises(jp.JaxpruneError) as err:
-    jp.prune(model.params, model.config, spec, np.load(tiny / "calib.npy"))
+    make()
   assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prune_checks_its_spec(model, tiny):
+  with pytest.raises(jp.JaxpruneError) as err:
+    jp.prune(model.params, np.load(tiny / "calib.npy"), config=model.config, spec="wanda")
+  assert "spec must be a jaxprune.PruneSpec" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_prune_takes_token_windows_and_options_as_a_dict_and_saves_a_loadable_outcome(model, tiny, tmp_path):
   calib = jp.load_windows(str(tiny / "calib.npy"), tokenizer=None, seqlen=None, role="calib", nsamples=4)
   spec = jp.PruneSpec("sparsegpt", jp.NM(2, 4), {"blocksize": 8})
-  outcome = jp.prune(model.params, model.config, spec, calib, progress=False)
+  outcome = jp.prune(model.params, calib, config=model.config, spec=spec, progress=False)
   assert outcome.metadata["hparams"] == {"blocksize": 8} and outcome.metadata["pattern"] == "2:4"
   jp.save_outcome(outcome, tmp_path / "ck", model.config)
   loaded = jp.load_checkpoint(tmp_path / "ck", with_masks=True)

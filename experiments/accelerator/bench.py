@@ -88,7 +88,7 @@ def passes(s: dict, config, params, calib, deadline: float, out: dict, save) -> 
       out[method] = {"skipped": "time budget spent"}
       continue
     spec = jp.PruneSpec(method, jp.Unstructured(0.5))
-    outcome = jp.prune(params, config, spec, calib, batch_size=s["batch_size"], mesh=jp.data_mesh(),
+    outcome = jp.prune(params, calib, config=config, spec=spec, batch_size=s["batch_size"], mesh=jp.data_mesh(),
                        progress=False)
     out[method] = {"seconds": round(outcome.seconds, 2), "sparsity": outcome.metadata["sparsity"]}
     print(f"  {method}: {out[method]}", flush=True)

@@ -39,7 +39,7 @@ def worker(args) -> None:
   if pattern is not None:
     hparams = tuple(json.loads(args.hparams).items()) if args.hparams else ()
     spec = jp.PruneSpec(method, pattern, hparams, true_sequential=args.true_sequential)
-    outcome = jp.prune(params, model.config, spec, calib, batch_size=args.batch_size, progress=False)
+    outcome = jp.prune(params, calib, config=model.config, spec=spec, batch_size=args.batch_size, progress=False)
     params = outcome.params
     out.update(prune_seconds=outcome.seconds, measured_linear_sparsity=outcome.metadata["sparsity"],
                hparams=dict(hparams), true_sequential=args.true_sequential, pattern=repr(pattern),

@@ -30,7 +30,7 @@ def worker(args) -> None:
     method, pattern = parse_case(args.case)
     calib = jp.load_windows(cfg["calib"], tokenizer=model.tokenizer, seqlen=cfg["seqlen"], role="calib",
                             nsamples=cfg["nsamples"], seed=cfg["seed"])
-    outcome = jp.prune(params, model.config, jp.PruneSpec(method, pattern), calib.tokens, progress=False)
+    outcome = jp.prune(params, calib.tokens, config=model.config, spec=jp.PruneSpec(method, pattern), progress=False)
     params = outcome.params
     out.update(prune_seconds=outcome.seconds, sparsity=outcome.metadata["sparsity"], calib_sha256=calib.sha256)
   result = jp.perplexity(params, evals.tokens, config=model.config, progress=False)

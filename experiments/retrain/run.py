@@ -113,7 +113,8 @@ def case_prune(cfg, name, reconstruct: bool = False):
     if "biases" in recon.spec.subsets:
       params, config = with_biases(params, config)
   start = _reset_peak()
-  outcome = jp.prune(params, config, jp.PruneSpec(method, pattern), calib, progress=False, reconstruct=recon)
+  outcome = jp.prune(params, calib, config=config, spec=jp.PruneSpec(method, pattern), progress=False,
+                     reconstruct=recon)
   peak = _rss_bytes("VmHWM") - start
   out = {"seconds": round(outcome.seconds, 1), "sparsity": outcome.metadata["sparsity"],
          "calib_tokens": int(calib.size), "peak_extra_bytes": peak, **_ppl(outcome.params, config)}

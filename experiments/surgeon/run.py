@@ -132,7 +132,7 @@ def multi_shot(cfg: dict, out: Path, case: str) -> None:
   model, calib, evals = _setup(cfg)
   spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
                        fisher_labels=labels[0] if labels else "sampled")
-  outcome = P.surgeon_prune(model.params, model.config, spec, calib.tokens, batch_size=cfg["batch_size"],
+  outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec, batch_size=cfg["batch_size"],
                             progress=False)
   meta = outcome.metadata
   _record(out, cfg, case, {"shots": int(shots), "sparsity": meta["sparsity"], "prune_seconds": round(outcome.seconds, 1),
@@ -146,8 +146,8 @@ def baseline(cfg: dict, out: Path, case: str) -> None:
 
   model, calib, evals = _setup(cfg)
   method, pattern = parse_case(case)
-  outcome = prune(model.params, model.config, PruneSpec(method, pattern), calib.tokens, batch_size=cfg["batch_size"],
-                  progress=False)
+  outcome = prune(model.params, calib.tokens, config=model.config, spec=PruneSpec(method, pattern),
+                  batch_size=cfg["batch_size"], progress=False)
   _record(out, cfg, case, {"sparsity": outcome.metadata["sparsity"], "prune_seconds": round(outcome.seconds, 1),
                            "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(outcome.params, model.config, evals, cfg)})
 

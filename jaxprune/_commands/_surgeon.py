@@ -10,7 +10,7 @@ from __future__ import annotations
 from jaxprune._commands import common
 
 STRUCTURES = ("rows,cols", "rows,columns")
-FLAGS = ("shots", "fisher_labels", "structured", "chunk")
+FLAGS = ("shots", "fisher_labels", "structured", "chunk", "allocation")
 
 
 def add_args(p) -> None:
@@ -23,6 +23,9 @@ def add_args(p) -> None:
   g.add_argument("--structured", default=None, metavar="rows,cols",
                  help="remove whole rows and columns of every linear (zeroed, the shapes stay); --sparsity is the "
                       "fraction of their weights, a linear losing r rows and c columns losing r*cols+c*rows-r*c")
+  g.add_argument("--allocation", choices=("global", "layer"), default=None,
+                 help="how much each linear loses: one threshold over all layers' costs (the paper's), or the same "
+                      "fraction of every linear, chosen by its own costs [global]")
   g.add_argument("--chunk", type=int, default=None,
                  help="removed weights solved jointly in an element update: the reference's max_correlate, "
                       "each chunk a chunk x chunk solve; on a CPU 64 is about 50 times faster than 2000 [2000]")
@@ -66,14 +69,14 @@ def spec_from_args(args):
     pattern = RowsColumns(args.sparsity)
   else:
     pattern = parse_pattern(0.5 if args.sparsity is None and args.nm is None else args.sparsity, args.nm)
-  options = {"shots": args.shots, "fisher_labels": args.fisher_labels, "chunk": args.chunk}
+  options = {"shots": args.shots, "fisher_labels": args.fisher_labels, "chunk": args.chunk,
+             "allocation": args.allocation}
   return check_surgeon_spec(SurgeonSpec(pattern, seed=args.seed,
                                         **{k: v for k, v in options.items() if v is not None}))
 
 
 def run(args) -> dict:
-  from jaxprune._commands.prune import layer_table
-  from jaxprune._evaluate import data_mesh
+  from jaxprune._commands.prune import prune_and_report
   from jaxprune.prune import _job as job
   from jaxprune.prune._surgeon_pass import surgeon_prune
 
@@ -84,30 +87,13 @@ def run(args) -> dict:
                          seed=args.seed)
   identity = {"model": args.model, "seqlen": args.seqlen, "calib": calib.source, "calib_sha256": calib.sha256,
               "nsamples": int(calib.tokens.shape[0]), "seed": args.seed}
-  evals = common.eval_windows(args, model, args.eval) if args.eval else None  # bad eval data fails before work
-  mesh = data_mesh()
-  dense = None
-  if evals is not None and args.eval_dense:
-    dense = common.evaluate(args, model.params, model.config, evals, mesh=mesh, desc="eval dense")
-  outcome = surgeon_prune(model.params, model.config, spec, calib.tokens, out=args.out, identity=identity,
-                          batch_size=args.batch_size, mesh=mesh)
-  block = None
-  if evals is not None:
-    block = common.evaluate(args, outcome.params, model.config, evals, mesh=mesh)
-    outcome.metadata["eval"] = block
-  outcome.metadata.update(model.provenance)
-  job.save_outcome(outcome, args.out, model.config, tokenizer=model.tokenizer if model.tokenizer_path else None,
-                   overwrite=args.overwrite)
-  common.log(f"wrote checkpoint {args.out}")
-  common.say(args, layer_table(outcome.metadata["layers"]))
-  summary = (f"sparsity {outcome.metadata['sparsity']:.4f} of the pruned linears in {spec.shots} shot"
-             f"{'s' if spec.shots > 1 else ''}, {outcome.seconds:.1f} s")
-  if "params_after" in outcome.metadata:
-    summary += f"; parameters {outcome.metadata['params_before']} -> {outcome.metadata['params_after']}"
-  if block is not None:
-    summary += f"; perplexity {block['perplexity']:.4f} on {block['data']}"
-    if dense is not None:
-      summary += f" (dense {dense['perplexity']:.4f})"
-  common.say(args, summary)
-  kept = {k: v for k, v in outcome.metadata.items() if k not in ("eval", "generation_config", "versions")}
-  return {**kept, "prune_seconds": round(outcome.seconds, 2), **common.eval_result(block, dense)}
+
+  def describe(outcome) -> str:
+    text = f"in {spec.shots} shot{'s' if spec.shots > 1 else ''}, {outcome.seconds:.1f} s"
+    if "params_after" in outcome.metadata:
+      text += f"; parameters {outcome.metadata['params_before']} -> {outcome.metadata['params_after']}"
+    return text
+
+  return prune_and_report(args, model, lambda mesh: surgeon_prune(
+      model.params, calib.tokens, config=model.config, spec=spec, out=args.out, identity=identity,
+      batch_size=args.batch_size, mesh=mesh), describe)

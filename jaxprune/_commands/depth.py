@@ -56,7 +56,7 @@ def run(args) -> dict:
     dense = common.evaluate(args, model.params, config, evals, mesh=mesh, desc="eval dense")
   common.log(f"depth: removing {k} {args.unit} units by {args.metric}"
              f"{' (iterative)' if args.iterative else ''}, recovery {recovery}")
-  res = depth_prune(model.params, config, calib.tokens, metric=args.metric, unit=args.unit, remove=k,
+  res = depth_prune(model.params, calib.tokens, config=config, metric=args.metric, unit=args.unit, remove=k,
                     iterative=args.iterative, recovery=recovery, samples=args.samples, seed=args.seed,
                     batch_size=args.batch_size, mesh=mesh)
   record = {**res.to_json(), "model": args.model, "iterative": args.iterative, "calib": calib.source,

@@ -82,7 +82,6 @@ def run(args) -> dict:
   if args.method == "surgeon":
     return _surgeon.run(args)
   _surgeon.refuse(args)
-  from jaxprune._evaluate import data_mesh
   from jaxprune.prune import _job as job
   from jaxprune.prune._sequential import check_spec
   from jaxprune.prune._targets import select_linears
@@ -101,14 +100,26 @@ def run(args) -> dict:
                            seed=args.seed)
     identity.update(calib=calib.source, calib_sha256=calib.sha256, nsamples=int(calib.tokens.shape[0]),
                     seed=args.seed)
-  evals = common.eval_windows(args, model, args.eval) if args.eval else None  # bad eval data fails before work
+  return prune_and_report(args, model, lambda mesh: job.prune(
+      model.params, None if calib is None else calib.tokens, config=model.config, spec=spec, out=args.out,
+      identity=identity, batch_size=args.batch_size, mesh=mesh, reconstruct=recon, targets=args.targets,
+      ignore=args.ignore), lambda outcome: f"in {outcome.seconds:.1f} s")
+
+
+def prune_and_report(args, model, prune, describe) -> dict:
+  """The common end of every ``prune`` method: reads the evaluation windows (bad eval data fails before any
+  work), scores the dense model when ``--eval-dense`` asks, runs ``prune(mesh)``, scores and saves its outcome,
+  prints the per-block table and one summary line (``describe(outcome)`` after the sparsity), and returns the
+  command's JSON."""
+  from jaxprune._evaluate import data_mesh
+  from jaxprune.prune import _job as job
+
+  evals = common.eval_windows(args, model, args.eval) if args.eval else None
   mesh = data_mesh()
   dense = None
   if evals is not None and args.eval_dense:
     dense = common.evaluate(args, model.params, model.config, evals, mesh=mesh, desc="eval dense")
-  outcome = job.prune(model.params, model.config, spec, None if calib is None else calib.tokens, out=args.out,
-                      identity=identity, batch_size=args.batch_size, mesh=mesh, reconstruct=recon, targets=args.targets,
-                      ignore=args.ignore)
+  outcome = prune(mesh)
   block = None
   if evals is not None:
     block = common.evaluate(args, outcome.params, model.config, evals, mesh=mesh)
@@ -118,7 +129,7 @@ def run(args) -> dict:
                    overwrite=args.overwrite)
   common.log(f"wrote checkpoint {args.out}")
   common.say(args, layer_table(outcome.metadata["layers"]))
-  summary = f"sparsity {outcome.metadata['sparsity']:.4f} of the pruned linears in {outcome.seconds:.1f} s"
+  summary = f"sparsity {outcome.metadata['sparsity']:.4f} of the pruned linears {describe(outcome)}"
   if block is not None:
     summary += f"; perplexity {block['perplexity']:.4f} on {block['data']}"
     if dense is not None:

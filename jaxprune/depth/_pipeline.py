@@ -121,7 +121,7 @@ def fit_adapters(params, config: ModelConfig, tokens, *, unit: str, layers, reco
   return adapters, errors
 
 
-def depth_prune(params, config: ModelConfig, tokens, *, metric: str, unit: str, remove: int,
+def depth_prune(params, tokens, *, config: ModelConfig, metric: str, unit: str, remove: int,
                 iterative: bool = False, recovery: R.Recovery = R.Recovery(), samples: int = 8, seed: int = 0,
                 batch_size: int = 8, mesh: Mesh | None = None) -> DepthResult:
   """Removes the ``remove`` least important ``unit`` s by ``metric`` (see :mod:`jaxprune.depth._metrics`).

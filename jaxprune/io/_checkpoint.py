@@ -139,8 +139,3 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None):
     raise JaxpruneError(f"{path}: checkpoint is corrupt or incomplete ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
   return config, params, masks, meta.get("metadata", {})
-
-
-
-# The tuple-returning name of earlier versions, for callers not yet moved to jaxprune.io.load_checkpoint.
-load_checkpoint = read_checkpoint

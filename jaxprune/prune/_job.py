@@ -21,7 +21,7 @@ from jaxprune.prune._patterns import pattern_name
 from jaxprune.prune._resume import ResumeStore
 from jaxprune.prune._sequential import BlockState, PruneSpec, kernel_at, run_pass
 from jaxprune.prune._targets import select_linears
-from jaxprune.prune.solvers import check_options, get_solver
+from jaxprune.prune.solvers import get_solver
 
 _VERSIONED = ("jaxprune", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers", "numpy")
 
@@ -61,28 +61,28 @@ def linear_sparsity(reports: list[list[dict]], config: ModelConfig, params) -> f
 
 
 def check_prune_spec(spec: PruneSpec) -> PruneSpec:
-  """``spec`` checked (known method, a pattern, options the solver takes, magnitude not true-sequential), with its
-  options as sorted hashable pairs (a dict is accepted); one-line :class:`JaxpruneError` otherwise."""
+  """``spec`` if it is a :class:`PruneSpec` (which checks itself when constructed); one-line
+  :class:`JaxpruneError` otherwise."""
   if not isinstance(spec, PruneSpec):
     raise JaxpruneError(f"spec must be a jaxprune.PruneSpec(method, pattern, options), got {type(spec).__name__}")
-  hparams = check_options(spec.method, spec.pattern, spec.hparams)
-  if not isinstance(spec.true_sequential, bool):
-    raise JaxpruneError(f"true_sequential must be True or False, got {spec.true_sequential!r}")
-  if spec.true_sequential and not get_solver(spec.method).needs_calibration:
-    raise JaxpruneError(f"true_sequential needs calibration; {spec.method} uses none")
-  return spec if hparams == spec.hparams else dataclasses.replace(spec, hparams=hparams)
+  return spec
 
 
-def prune(params, config: ModelConfig, spec: PruneSpec, calib, *, out: Path | None = None,
+def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | None = None,
           identity: dict | None = None, batch_size: int = 8, mesh: Mesh | None = None,
           progress: bool = True, targets=None, ignore=None,
           reconstruct=None) -> PruneOutcome:
   """Prunes every linear of every block of ``params`` with ``spec``, block by block (see :func:`run_pass`).
 
+  Called as :func:`~jaxprune.perplexity` is: the parameters and the windows, then the model's ``config`` and
+  the rest by keyword, e.g. ``prune(params, calib.tokens, config=config, spec=PruneSpec("wanda",
+  Unstructured(0.5)))``.
+
   Args:
-    params, config: the model.
-    spec: method, pattern and options (options may be given as a dict).
+    params: the model's parameters.
     calib: int token windows ``[n, seqlen]`` (an array or a :class:`~jaxprune.TokenWindows`); None for magnitude.
+    config: the model's :class:`~jaxprune.ModelConfig`.
+    spec: method, pattern and options (options may be given as a dict).
     out: with a checkpoint path, progress is kept after every block in ``OUT.partial/`` and a rerun resumes.
     identity: JSON-able description of the run (model, calibration); a resume must match it.
     batch_size, mesh: windows per forward batch, and the devices' mesh.
@@ -150,9 +150,6 @@ def save_outcome(outcome: PruneOutcome, out: Path, config: ModelConfig, *, token
                                     tokenizer=tokenizer, overwrite=overwrite)
   ResumeStore(out, {}).clear()
   return path
-
-
-save = save_outcome  # the earlier name
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -37,19 +37,32 @@ from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
 from jaxprune.models._layers import MID
 from jaxprune.prune._patterns import Pattern
-from jaxprune.prune.solvers import get_solver
+from jaxprune.prune.solvers import check_options, get_solver
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneSpec:
-  """What to do to every linear: ``method`` (a key of ``SOLVERS``), ``pattern``, solver hyper-parameters."""
+  """What to do to every linear: ``method`` (a key of ``SOLVERS``), ``pattern``, solver hyper-parameters.
+
+  Checked when constructed (a known method, a pattern, options the solver takes, true-sequential only for a
+  method that uses calibration), with one-line :class:`~jaxprune.JaxpruneError` s; ``hparams`` may be given as a
+  dict and is kept as sorted ``(name, value)`` pairs, so that a spec is hashable.
+  """
 
   method: str
   pattern: Pattern
   hparams: tuple[tuple[str, Any], ...] = ()
   true_sequential: bool = False
+
+  def __post_init__(self):
+    hparams = check_options(self.method, self.pattern, self.hparams)
+    if not isinstance(self.true_sequential, bool):
+      raise JaxpruneError(f"true_sequential must be True or False, got {self.true_sequential!r}")
+    if self.true_sequential and not get_solver(self.method).needs_calibration:
+      raise JaxpruneError(f"true_sequential needs calibration; {self.method} uses none")
+    object.__setattr__(self, "hparams", hparams)
 
   def to_json(self) -> dict:
     return {"method": self.method, "pattern": repr(self.pattern), "hparams": dict(self.hparams),

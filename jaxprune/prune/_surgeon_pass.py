@@ -48,6 +48,7 @@ from jaxprune.prune.solvers import _surgeon as sg
 from jaxprune.runner import Runner
 
 FISHER_LABELS = ("sampled", "data")
+ALLOCATIONS = ("global", "layer")
 
 
 @jax.tree_util.register_static
@@ -75,6 +76,9 @@ class SurgeonSpec:
       scripts' 0.01 and 0.1).
     chunk: removed weights solved jointly in an element update (the reference's ``max_correlate``, 2000).
     seed: the key of the sampled labels (shot ``i`` uses ``fold_in(key(seed), i)``).
+    allocation: ``"global"`` (the paper: one threshold over the costs of all layers decides how much each loses)
+      or ``"layer"`` (every linear loses the same fraction, chosen by its own costs, as SparseGPT and Wanda
+      allocate; the costs and OBS updates are LLM Surgeon's).
   """
 
   pattern: Unstructured | NM | RowsColumns
@@ -84,6 +88,7 @@ class SurgeonSpec:
   damping_g: float = 0.1
   chunk: int = 2000
   seed: int = 0
+  allocation: str = "global"
 
   @property
   def kind(self) -> str:
@@ -92,7 +97,7 @@ class SurgeonSpec:
   def to_json(self) -> dict:
     return {"method": "surgeon", "pattern": surgeon_pattern_name(self.pattern), "shots": self.shots,
             "fisher_labels": self.fisher_labels, "damping_a": self.damping_a, "damping_g": self.damping_g,
-            "chunk": self.chunk, "seed": self.seed}
+            "chunk": self.chunk, "seed": self.seed, "allocation": self.allocation}
 
 
 def surgeon_pattern_name(pattern) -> str:
@@ -116,6 +121,8 @@ def check_surgeon_spec(spec: SurgeonSpec) -> SurgeonSpec:
     raise JaxpruneError("surgeon allocates one threshold over all layers; a ranking scope does not apply")
   if not _is_int(spec.shots) or spec.shots < 1:
     raise JaxpruneError(f"shots must be an integer >= 1, got {spec.shots!r}")
+  if spec.allocation not in ALLOCATIONS:
+    raise JaxpruneError(f"surgeon allocation must be one of {', '.join(ALLOCATIONS)}, got {spec.allocation!r}")
   if spec.fisher_labels not in FISHER_LABELS:
     raise JaxpruneError(f"fisher labels must be one of {', '.join(FISHER_LABELS)}, got {spec.fisher_labels!r}")
   for name in ("damping_a", "damping_g"):
@@ -285,12 +292,22 @@ def shot_costs(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, curv
 
 
 def allocate(config: ModelConfig, spec: SurgeonSpec, linears: list[Linear], costs: list, shot: int):
-  """The global allocation of shot ``shot`` (1-based) over ``costs`` (:func:`shot_costs`): ``i·s/T`` of all the
-  linears' weights (N:M: ``⌊i·groups/T⌋`` groups). Structured: refuses to remove every head of a layer."""
+  """The allocation of shot ``shot`` (1-based) over ``costs`` (:func:`shot_costs`): ``i·s/T`` of all the linears'
+  weights (N:M: ``⌊i·groups/T⌋`` groups), by one global threshold or, with ``spec.allocation == "layer"``, the
+  same fraction of each linear by its own threshold. Structured: refuses to remove every head of a layer."""
   sizes = [c.shape if spec.kind == "element" else (c[0].size, c[1].size) for c in costs]
   structure = spec.pattern if isinstance(spec.pattern, NM) else spec.kind
-  allocation = sg.global_threshold(costs, sparsity=spec.pattern.sparsity, structure=structure,
-                                   budget=_targets(spec, sizes, shot))
+  if spec.allocation == "global":
+    allocation = sg.global_threshold(costs, sparsity=spec.pattern.sparsity, structure=structure,
+                                     budget=_targets(spec, sizes, shot))
+  else:
+    parts = [sg.global_threshold([c], sparsity=spec.pattern.sparsity, structure=structure,
+                                 budget=_targets(spec, [size], shot)) for c, size in zip(costs, sizes)]
+    allocation = sg.Allocation(
+        tuple(p.masks[0] for p in parts), tuple(p.pruned[0] for p in parts), tuple(p.sparsities[0] for p in parts),
+        max(p.threshold for p in parts),
+        None if spec.kind == "element" else tuple(p.keep_rows[0] for p in parts),
+        None if spec.kind == "element" else tuple(p.keep_cols[0] for p in parts))
   if spec.kind == "rows_columns":
     _check_heads(config, linears, allocation, spec.pattern.sparsity)
   return allocation
@@ -430,7 +447,7 @@ def count_params(params) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def surgeon_prune(params, config: ModelConfig, spec: SurgeonSpec, calib, *, out: Path | None = None,
+def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out: Path | None = None,
                   identity: dict | None = None, batch_size: int = 8, mesh: Mesh | None = None,
                   progress: bool = True):
   """Prunes ``params`` with LLM Surgeon (see the module docstring); with ``out``, the state after every shot is
