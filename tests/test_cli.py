@@ -183,6 +183,7 @@ def test_corrupt_checkpoint(tiny_dir, tmp_path, capsys):
   assert_one_line_error(*run(capsys, "eval", "--model", tmp_path / "ck")[::2], "not a readable jaxprune checkpoint")
 
 
+@pytest.mark.slow  # 25 s; the pass's own resume is tested in test_sequential and test_dtypes
 def test_prune_killed_mid_way_resumes_to_the_same_checkpoint(tiny_dir, tmp_path, capsys):
   import os
   import signal

@@ -244,7 +244,7 @@ def test_model_axis_shards_parameters_and_keeps_results():
   from jaxprune.prune import Unstructured
   from jaxprune.prune._sequential import PruneSpec, kernel_at, run_pass
 
-  spec = PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
+  spec = PruneSpec("wanda", Unstructured(0.5))
   one = run_pass(params, config, spec, np.asarray(tokens), batch_size=4, progress=False)
   two_by_four = run_pass(params, config, spec, np.asarray(tokens), batch_size=4, progress=False,
                          mesh=make_mesh(model=4))

@@ -64,7 +64,8 @@ def test_one_compilation_serves_all_blocks(params, calib):
 
 @pytest.mark.parametrize("spec", [
     S.PruneSpec("sparsegpt", Unstructured(0.6), (("blocksize", 8),)),
-    S.PruneSpec("admm", Unstructured(0.5), (("iterations", 4), ("mask_iterations", 3)), true_sequential=True),
+    pytest.param(S.PruneSpec("admm", Unstructured(0.5), (("iterations", 4), ("mask_iterations", 3)),
+                             true_sequential=True), marks=pytest.mark.slow),  # 13 s
 ], ids=["sparsegpt", "admm-true-sequential"])
 def test_sharded_pass_equals_unsharded(params, calib, spec):
   assert jax.device_count() == 8
@@ -151,7 +152,7 @@ def _true_sequential_by_full_forwards(params, config, spec, calib):
   return layers, masks
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("opt", marks=pytest.mark.slow)])  # 7 s each
 def test_true_sequential_equals_group_by_group_full_forwards(calib, family):
   config = CONFIG if family == "llama" else OPT_CONFIG
   params = jax.tree.map(np.asarray, M.init_params(config, jax.random.key(1)))
