@@ -73,14 +73,17 @@ def _evaluate(params, config, evals, cfg) -> dict:
           "eval_sha256": evals.sha256}
 
 
-def one_shot(cfg: dict, out: Path) -> None:
-  """Timing of forward against curvature, then every one-shot pattern from one curvature and one set of costs."""
+def one_shot(cfg: dict, out: Path, allocation: str = "global") -> None:
+  """Timing of forward against curvature, then every one-shot pattern from one curvature and one set of costs
+  (``allocation="layer"``: the patterns of ``one_shot_layer``, each linear pruned by the same fraction)."""
   import jax
 
   from jaxprune.prune import _surgeon_pass as P
   from jaxprune.runner import Runner
 
-  todo = [p for p in cfg["one_shot"] if f"surgeon:{p}" not in _load(out)["runs"]]
+  prefix, patterns = ("surgeon", cfg["one_shot"]) if allocation == "global" else ("surgeon-layer",
+                                                                                   cfg["one_shot_layer"])
+  todo = [p for p in patterns if f"{prefix}:{p}" not in _load(out)["runs"]]
   if any(p.startswith("rc") for p in todo):
     raise SystemExit("one_shot shares element costs; give rows-and-columns patterns as multi_shot [P, 1]")
   if not todo and "timing" in _load(out)["runs"]:
@@ -97,16 +100,17 @@ def one_shot(cfg: dict, out: Path) -> None:
   start = time.perf_counter()
   curvature = runner.curvature(model.params, tokens, key=key)
   seconds = time.perf_counter() - start
-  _record(out, cfg, "timing", {"calib_tokens": int(tokens.size), "forward_seconds": round(forward, 1),
-                               "curvature_seconds": round(seconds, 1), "ratio": round(seconds / forward, 2),
-                               "batch_size": cfg["batch_size"]})
+  timing = "timing" if allocation == "global" else "timing-layer"
+  _record(out, cfg, timing, {"calib_tokens": int(tokens.size), "forward_seconds": round(forward, 1),
+                             "curvature_seconds": round(seconds, 1), "ratio": round(seconds / forward, 2),
+                             "batch_size": cfg["batch_size"]})
   state = P.initial_state(model.params, model.config)
   spec0 = P.SurgeonSpec(_pattern(todo[0]) if todo else P.Unstructured(0.5), chunk=cfg["chunk"], seed=cfg["seed"])
   start = time.perf_counter()
   linears, costs, inverses = P.shot_costs(state, model.config, spec0, curvature, progress=False)
   costs_seconds = time.perf_counter() - start
   for shape in todo:
-    spec = P.SurgeonSpec(_pattern(shape), chunk=cfg["chunk"], seed=cfg["seed"])
+    spec = P.SurgeonSpec(_pattern(shape), chunk=cfg["chunk"], seed=cfg["seed"], allocation=allocation)
     start = time.perf_counter()
     allocation = P.allocate(model.config, spec, linears, costs, 1)
     layers, masks, reports = P.apply_allocation(state, spec, curvature, linears, allocation, inverses,
@@ -114,7 +118,7 @@ def one_shot(cfg: dict, out: Path) -> None:
     update = time.perf_counter() - start
     params = {**model.params, "layers": layers}
     pruned = sum(allocation.pruned)
-    _record(out, cfg, f"surgeon:{shape}", {
+    _record(out, cfg, f"{prefix}:{shape}", {
         "shots": 1, "sparsity": pruned / sum(m.size for m in allocation.masks),
         "curvature_seconds": round(seconds, 1), "costs_seconds": round(costs_seconds, 1),
         "allocate_and_update_seconds": round(update, 1),
@@ -153,8 +157,8 @@ def baseline(cfg: dict, out: Path, case: str) -> None:
 
 
 def groups(cfg: dict) -> list[str]:
-  return ["one-shot"] + list(cfg["baselines"][:2]) + [multi_case(m) for m in cfg["multi_shot"][:1]] + list(
-      cfg["baselines"][2:]) + [multi_case(m) for m in cfg["multi_shot"][1:]]
+  return (["one-shot"] + list(cfg["baselines"][:2]) + [multi_case(m) for m in cfg["multi_shot"][:1]]
+          + list(cfg["baselines"][2:]) + ["one-shot-layer"] + [multi_case(m) for m in cfg["multi_shot"][1:]])
 
 
 def multi_case(entry: list) -> str:
@@ -165,6 +169,8 @@ def multi_case(entry: list) -> str:
 def done(cfg: dict, runs: dict, group: str) -> bool:
   if group == "one-shot":
     return "timing" in runs and all(f"surgeon:{p}" in runs for p in cfg["one_shot"])
+  if group == "one-shot-layer":
+    return all(f"surgeon-layer:{p}" in runs for p in cfg["one_shot_layer"])
   return group in runs
 
 
@@ -177,6 +183,7 @@ def table(cfg: dict, runs: dict) -> str:
   n = cfg["nsamples"]
   multi = sorted({(e[1], e[2] if len(e) > 2 else "") for e in cfg["multi_shot"]})
   for label, fmt in [("surgeon, 1 shot", "surgeon:{}"),
+                     ("surgeon, 1 shot, per-layer allocation", "surgeon-layer:{}"),
                      *[(f"surgeon, {t} shot{'s' if t > 1 else ''}" + (f", {lab} labels" if lab else ""),
                         "surgeon:{}x" + str(t) + (f":{lab}" if lab else "")) for t, lab in multi],
                      *[(m, m + ":{}") for m in sorted({b.split(":")[0] for b in cfg["baselines"]})]]:
@@ -233,8 +240,8 @@ def main() -> None:
   cfg = json.loads(args.config.read_text())
   out = args.out / "result.json"
   if args.worker:
-    if args.group == "one-shot":
-      return one_shot(cfg, out)
+    if args.group in ("one-shot", "one-shot-layer"):
+      return one_shot(cfg, out, "global" if args.group == "one-shot" else "layer")
     if args.group.startswith("surgeon:"):
       return multi_shot(cfg, out, args.group)
     return baseline(cfg, out, args.group)
