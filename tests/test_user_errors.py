@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+import tolerances as tol
 
 import jaxprune as jp
+from jaxprune.prune import _sequential as S
 from jaxprune.cli import build_parser, main
 
 torch = pytest.importorskip("torch")
@@ -92,8 +94,17 @@ def test_prune_reports_dense_and_pruned_perplexity_and_a_layer_table(tiny, tmp_p
   doc = json.loads((tmp_path / "p.json").read_text())
   assert doc["dense_perplexity"] == doc["eval_dense"]["perplexity"] != doc["perplexity"]
   table = out.splitlines()
-  assert table[0].split()[:3] == ["block", "sparsity", "error"] and len(table) >= 3
+  assert table[0].split() == ["block", "sparsity", "error", "rel.", "error"] and len(table) >= 3
   assert table[1].split()[:2] == ["0", "0.5000"]
+  # Magnitude: no statistics, so the relative error is the fraction of each kernel's squared weights removed.
+  dense, pruned = jp.load_model(str(tiny / "hf")).params, jp.load_model(str(tmp_path / "p")).params
+  for r in doc["layers"]:
+    w = np.asarray(S.kernel_at(dense["layers"][r["layer"]], r["name"]), np.float64)
+    kept = np.asarray(S.kernel_at(pruned["layers"][r["layer"]], r["name"]))
+    want = np.sum(w[kept == 0] ** 2) / np.sum(w ** 2)
+    assert r["relative_error"] == pytest.approx(want, rel=tol.LOSS_F32), r
+  assert float(table[1].split()[-1]) == pytest.approx(max(r["relative_error"] for r in doc["layers"]
+                                                          if r["layer"] == 0), rel=1e-3)
 
 
 def test_version(capsys):

@@ -37,7 +37,7 @@ from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
 from jaxprune.models._layers import MID
 from jaxprune.prune._patterns import Pattern
-from jaxprune.prune.solvers import check_options, get_solver
+from jaxprune.prune.solvers import check_options, get_solver, reconstruction_error
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner
 
@@ -158,13 +158,25 @@ def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   return from_hf_layout(result.w).astype(kernel.dtype), from_hf_layout(result.mask), result
 
 
+@jax.jit
+def _output_energy(kernel, stats) -> jax.Array:
+  """``tr(W G Wᵀ)`` of a kernel ``(d_in, d_out)``: the dense output's energy on the statistics, the unit of a
+  relative reconstruction error (``G = I`` without statistics)."""
+  w = to_hf_layout(kernel)
+  return reconstruction_error(w, jnp.zeros_like(w), stats)
+
+
 def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
-  """Prunes the linears ``paths`` (one input group) from ``stats``; adds to ``masks``/``reports``."""
+  """Prunes the linears ``paths`` (one input group) from ``stats``; adds to ``masks``/``reports`` (sparsity, the
+  solver's error ``tr(ΔW G ΔWᵀ)`` and that error relative to the dense output's energy)."""
   for path in paths:
-    kernel, mask, result = _solve(spec, kernel_at(block_params, path), stats, row_mesh)
+    dense = kernel_at(block_params, path)
+    kernel, mask, result = _solve(spec, dense, stats, row_mesh)
     block_params = _set_kernel(block_params, path, kernel)
     masks[path] = np.asarray(mask)
-    reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": float(result.error)})
+    energy = float(_output_energy(dense, stats))
+    reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": float(result.error),
+                    "relative_error": float(result.error) / energy if energy > 0 else 0.0})
   return block_params
 
 
