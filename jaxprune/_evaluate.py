@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxprune.errors import JaxpruneError
+from jaxprune.data._windows import as_windows
 from jaxprune.models._config import ModelConfig
 from jaxprune.runner import Runner, data_mesh
 
@@ -37,17 +37,10 @@ class EvalResult:
             "tokens_per_second": round(self.tokens / self.seconds, 1)}
 
 
-def check_windows(windows: np.ndarray, config: ModelConfig) -> None:
-  """One-line errors for token windows the model cannot evaluate."""
-  if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-    raise JaxpruneError(f"token windows must be a non-empty (n, seqlen >= 2) array, got shape {windows.shape}")
-  seqlen = windows.shape[1]
-  limit = config.max_position_embeddings
-  if seqlen > limit:
-    raise JaxpruneError(f"seqlen {seqlen} exceeds the model's {limit} positions (max_position_embeddings)")
-  lo, hi = int(windows.min()), int(windows.max())
-  if lo < 0 or hi >= config.vocab_size:
-    raise JaxpruneError(f"token ids must lie in [0, {config.vocab_size}); found ids in [{lo}, {hi}]")
+def check_windows(windows, config: ModelConfig, what: str = "token windows") -> np.ndarray:
+  """``windows`` (an integer array ``(n, seqlen)`` or a :class:`~jaxprune.data.TokenWindows`) as int32, with
+  one-line errors for windows the model cannot evaluate (see :func:`~jaxprune.data._windows.as_windows`)."""
+  return as_windows(windows, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings, what=what)
 
 
 def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 8, mesh: Mesh | None = None,
@@ -57,15 +50,14 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   With ``mesh``, each batch is split over its ``data`` axis; ``batch_size`` is rounded up to a multiple of that
   axis and the last batch padded (padded windows are dropped from the mean).
   """
-  windows = np.asarray(windows)
-  check_windows(windows, config)
+  windows = check_windows(windows, config)
   n, seqlen = windows.shape
   runner = Runner(config, mesh=mesh, batch_size=batch_size)
   batches = runner.batches(n, seqlen)
   params = runner.place(params)  # once, not per batch
   losses = []
   start = time.perf_counter()
-  bar = tqdm(batches.chunks(windows.astype(np.int32)), total=len(batches), desc=desc, unit="batch",
+  bar = tqdm(batches.chunks(windows), total=len(batches), desc=desc, unit="batch",
              disable=not progress, leave=False)
   for tokens, _, real in bar:
     losses.append(np.asarray(runner.window_losses(params, tokens))[:real])

@@ -45,6 +45,7 @@ def test_same_perplexity_on_one_and_eight_devices(setup):
     (np.zeros((2, 64), np.int32), "exceeds the model's 32 positions"),
     (np.full((2, 8), 61, np.int32), "token ids must lie in"),
     (np.zeros((0, 8), np.int32), "non-empty"),
+    (np.zeros((2, 8), np.float32), "must hold integer token ids, got dtype float32"),
 ])
 def test_bad_windows(setup, bad, message):
   with pytest.raises(JaxpruneError, match=message):

@@ -279,9 +279,7 @@ def retrain(params, config: ModelConfig, masks, spec: TrainSpec | str, windows, 
                                         allow_densify=allow_densify, merge_adapters=merge_adapters)
   steps, accumulate = _check_int("steps", steps), _check_int("accumulate", accumulate)
   batch_size, save_every = _check_int("batch_size", batch_size), _check_int("save_every", save_every)
-  windows = np.asarray(getattr(windows, "tokens", windows))
-  check_windows(windows, config)
-  windows = np.ascontiguousarray(windows, dtype=np.int32)
+  windows = check_windows(windows, config, "training windows")
   n, seq = windows.shape
   runner = Runner(config, mesh=mesh, batch_size=batch_size)
   batches = runner.batches(batch_size, seq)
