@@ -136,12 +136,15 @@ def multi_shot(cfg: dict, out: Path, case: str) -> None:
   model, calib, evals = _setup(cfg)
   spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
                        fisher_labels=labels[0] if labels else "sampled")
-  outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec, batch_size=cfg["batch_size"],
-                            progress=False)
+  outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec,
+                            batch_size=cfg["batch_size"], progress=False)
   meta = outcome.metadata
-  _record(out, cfg, case, {"shots": int(shots), "sparsity": meta["sparsity"], "prune_seconds": round(outcome.seconds, 1),
-                           "shots_report": meta["shots_report"], "per_layer_sparsity": meta["per_layer_sparsity"],
-                           "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(outcome.params, model.config, evals, cfg)})
+  sizes = {k: meta[k] for k in ("params_before", "params_after") if k in meta}
+  _record(out, cfg, case, {"shots": int(shots), "sparsity": meta["sparsity"],
+                           "prune_seconds": round(outcome.seconds, 1), "shots_report": meta["shots_report"],
+                           "per_layer_sparsity": meta["per_layer_sparsity"], **sizes,
+                           "peak_rss_gb": round(peak_rss_gb(), 2),
+                           **_evaluate(outcome.params, model.config, evals, cfg)})
 
 
 def baseline(cfg: dict, out: Path, case: str) -> None:
@@ -153,12 +156,33 @@ def baseline(cfg: dict, out: Path, case: str) -> None:
   outcome = prune(model.params, calib.tokens, config=model.config, spec=PruneSpec(method, pattern),
                   batch_size=cfg["batch_size"], progress=False)
   _record(out, cfg, case, {"sparsity": outcome.metadata["sparsity"], "prune_seconds": round(outcome.seconds, 1),
-                           "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(outcome.params, model.config, evals, cfg)})
+                           "peak_rss_gb": round(peak_rss_gb(), 2),
+                           **_evaluate(outcome.params, model.config, evals, cfg)})
+
+
+def depth(cfg: dict, out: Path, case: str) -> None:
+  """``depth:UNIT:K:RECOVERY``: depth pruning of ``K`` units ranked by cosine (the structured comparison)."""
+  import time as _time
+
+  from jaxprune.depth import Recovery, depth_prune
+  from jaxprune.prune._surgeon_pass import count_params
+
+  _, unit, k, recovery = case.split(":")
+  model, calib, evals = _setup(cfg)
+  kind, _, rank = recovery.partition("-")
+  start = _time.perf_counter()
+  res = depth_prune(model.params, calib.tokens, config=model.config, metric="cosine", unit=unit, remove=int(k),
+                    recovery=Recovery(kind, int(rank or 0)), batch_size=cfg["batch_size"])
+  seconds = _time.perf_counter() - start
+  _record(out, cfg, case, {"removed": list(res.removed), "params_before": count_params(model.params),
+                           "params_after": count_params(res.params), "prune_seconds": round(seconds, 1),
+                           "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(res.params, res.config, evals, cfg)})
 
 
 def groups(cfg: dict) -> list[str]:
   return (["one-shot"] + list(cfg["baselines"][:2]) + [multi_case(m) for m in cfg["multi_shot"][:1]]
-          + list(cfg["baselines"][2:]) + ["one-shot-layer"] + [multi_case(m) for m in cfg["multi_shot"][1:]])
+          + ["one-shot-layer"] + list(cfg["baselines"][2:]) + [multi_case(m) for m in cfg["multi_shot"][1:2]]
+          + list(cfg.get("depth", [])) + [multi_case(m) for m in cfg["multi_shot"][2:]])
 
 
 def multi_case(entry: list) -> str:
@@ -244,6 +268,8 @@ def main() -> None:
       return one_shot(cfg, out, "global" if args.group == "one-shot" else "layer")
     if args.group.startswith("surgeon:"):
       return multi_shot(cfg, out, args.group)
+    if args.group.startswith("depth:"):
+      return depth(cfg, out, args.group)
     return baseline(cfg, out, args.group)
   if not args.only_report:
     import subprocess
