@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tolerances as tol
 
 from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
@@ -325,6 +326,25 @@ def test_cli_writes_checkpoint_and_json(files, capsys, tmp_path):
   code, _ = _cli(files, capsys, "--structured", "rows,cols", "--sparsity", 0.05, "--out", tmp_path / "s",
                  "--json", tmp_path / "s.json")
   doc = json.loads((tmp_path / "s.json").read_text())
-  removed = doc["params_before"] - doc["params_after"]
-  assert code == 0 and doc["pattern"] == "rows_columns:0.05" and 0 < removed
+  assert code == 0 and doc["pattern"] == "rows_columns:0.05"
   assert doc["params_before"] == sum(np.size(x) for x in jax.tree.leaves(M.init_params(CONFIG, jax.random.key(0))))
+  assert doc["params_kept"] <= doc["params_after"] <= doc["params_before"]  # hidden-size rows stay as zeros
+  from jaxprune.io import load_checkpoint
+
+  saved = load_checkpoint(tmp_path / "s")
+  assert sum(np.size(x) for x in jax.tree.leaves(saved.params)) == doc["params_after"]
+  assert [list(saved.config.widths(i)) for i in range(CONFIG.num_layers)] == doc["layer_widths"]
+
+
+def test_structured_model_shrinks_and_computes_what_the_zeroed_one_does(params, calib):
+  """Rows and columns, a quarter of every linear: the MLP units and head groups whose rows or columns went leave
+  the model (per-layer widths); its logits equal those of the pruned model before shrinking."""
+  from jaxprune.models._compact import compact
+
+  state = P.run_surgeon(params, CONFIG, P.SurgeonSpec(P.RowsColumns(0.25), chunk=64, allocation="layer"), calib,
+                        batch_size=BATCH, progress=False)
+  small, config, _ = compact(state.params, CONFIG)
+  assert config.layer_widths and any(w != (CONFIG.intermediate_size, CONFIG.num_heads, CONFIG.num_kv_heads)
+                                     for w in config.layer_widths)
+  want = M.forward(state.params, jnp.asarray(calib[:2]), config=CONFIG)
+  tol.assert_reordered(M.forward(small, jnp.asarray(calib[:2]), config=config), want, "logits")

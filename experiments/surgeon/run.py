@@ -139,12 +139,12 @@ def multi_shot(cfg: dict, out: Path, case: str) -> None:
   outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec,
                             batch_size=cfg["batch_size"], progress=False)
   meta = outcome.metadata
-  sizes = {k: meta[k] for k in ("params_before", "params_after") if k in meta}
+  sizes = {k: meta[k] for k in ("params_before", "params_after", "params_kept", "layer_widths") if k in meta}
   _record(out, cfg, case, {"shots": int(shots), "sparsity": meta["sparsity"],
                            "prune_seconds": round(outcome.seconds, 1), "shots_report": meta["shots_report"],
                            "per_layer_sparsity": meta["per_layer_sparsity"], **sizes,
                            "peak_rss_gb": round(peak_rss_gb(), 2),
-                           **_evaluate(outcome.params, model.config, evals, cfg)})
+                           **_evaluate(outcome.params, outcome.config or model.config, evals, cfg)})
 
 
 def baseline(cfg: dict, out: Path, case: str) -> None:

@@ -122,7 +122,7 @@ def prune_and_report(args, model, prune, describe) -> dict:
   outcome = prune(mesh)
   block = None
   if evals is not None:
-    block = common.evaluate(args, outcome.params, model.config, evals, mesh=mesh)
+    block = common.evaluate(args, outcome.params, outcome.config or model.config, evals, mesh=mesh)
     outcome.metadata["eval"] = block
   outcome.metadata.update(model.provenance)
   job.save_outcome(outcome, args.out, model.config, tokenizer=model.tokenizer if model.tokenizer_path else None,

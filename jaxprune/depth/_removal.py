@@ -46,6 +46,7 @@ def remove_blocks(params, config: ModelConfig, layers) -> tuple[dict, ModelConfi
   if isinstance(hf.get("layer_types"), list) and len(hf["layer_types"]) == config.num_layers:
     hf["layer_types"] = [hf["layer_types"][i] for i in keep]
   new_config = config.replace(num_layers=len(keep), sublayers=_sublayers([modes[i] for i in keep]),
+                              layer_widths=tuple(config.widths(i) for i in keep) if config.layer_widths else (),
                               hf_config_json=json.dumps(hf, sort_keys=True))
   return {**params, "layers": [params["layers"][i] for i in keep]}, new_config
 

@@ -11,6 +11,7 @@ import numpy as np
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
+from jaxprune.models._compact import pad
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.models._convert import params_from_hf, params_to_hf
 from jaxprune.models._model import Params
@@ -257,7 +258,9 @@ def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None, 
   Args:
     out: the directory; if it exists and is not empty, ``overwrite`` is needed and it must be a Hugging Face
       model directory.
-    config, params: the model.
+    config, params: the model; a structurally pruned one (``config.layer_widths``) is written at the uniform
+      widths, the removed MLP units and heads as zeros (:func:`jaxprune.models._compact.pad`), which computes
+      the same function.
     tokenizer: a Hugging Face tokenizer to save beside it, or None.
     dtype: ``float32``, ``bfloat16`` or ``float16``: the stored weights and the config's ``dtype``.
     max_shard_size: above it the weights go to several ``model-*-of-*.safetensors`` files with an index.
@@ -268,6 +271,7 @@ def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None, 
   check_export_dtype(dtype)
   max_bytes = parse_size(max_shard_size)
   check_hf_out(out, overwrite)
+  params, config = pad(params, config)  # per-layer widths: zero units and heads back to the uniform shapes
   hf_config = to_hf_config(config)
   hf_config.pop("torch_dtype", None)  # transformers 5 warns about it; 4.x falls back to the weights' dtype
   hf_config["dtype"] = dtype

@@ -62,6 +62,10 @@ class ModelConfig:
   ``sublayers`` records, per layer, how the attention and MLP sublayers are computed: ``"full"``, ``"skip"``
   (removed), ``"bias"`` (replaced by a learned additive bias) or ``"lowrank"`` (replaced by a low-rank linear
   adapter of rank ``adapter_rank``). Empty means every sublayer is ``"full"``.
+
+  ``layer_widths`` records, per layer, ``(intermediate_size, num_heads, num_kv_heads)`` of a structurally pruned
+  model whose layers lost MLP units or whole groups of heads (:mod:`jaxprune.models._compact`); empty means every
+  layer has the uniform widths above, which stay those of the model it came from (export pads back to them).
   """
 
   family: str  # "llama" or "opt"
@@ -93,12 +97,24 @@ class ModelConfig:
   # Structure edits (depth pruning).
   sublayers: tuple[tuple[str, str], ...] = ()
   adapter_rank: int = 0
+  # Structure edits (structured pruning): per layer (intermediate_size, num_heads, num_kv_heads).
+  layer_widths: tuple[tuple[int, int, int], ...] = ()
   # The original Hugging Face config, as JSON, so export writes back what it read.
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
   def sublayer_modes(self, layer: int) -> tuple[str, str]:
     """``(attention_mode, mlp_mode)`` of ``layer``."""
     return self.sublayers[layer] if self.sublayers else ("full", "full")
+
+  def widths(self, layer: int) -> tuple[int, int, int]:
+    """``(intermediate_size, num_heads, num_kv_heads)`` of ``layer``."""
+    return self.layer_widths[layer] if self.layer_widths else (self.intermediate_size, self.num_heads,
+                                                               self.num_kv_heads)
+
+  def for_layer(self, layer: int) -> ModelConfig:
+    """The config one block of ``layer`` is built from: that layer's widths, no per-layer records."""
+    inter, heads, kv = self.widths(layer)
+    return self.replace(intermediate_size=inter, num_heads=heads, num_kv_heads=kv, layer_widths=())
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -111,6 +127,7 @@ class ModelConfig:
     d = json.loads(text)
     d["rope_scaling"] = tuple((k, v) for k, v in d["rope_scaling"])
     d["sublayers"] = tuple(tuple(s) for s in d["sublayers"])
+    d["layer_widths"] = tuple(tuple(w) for w in d.get("layer_widths", ()))
     return cls(**d)
 
 

@@ -75,7 +75,7 @@ def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConf
   them is not computed. ``deltas`` = ``{linear path: (batch, seq, d_out)}`` is added to those linears' outputs
   (zeros give, by differentiation, the gradient with respect to the outputs).
   """
-  module = block_module(config, modes)
+  module = block_module(block_config(config, block_params), modes)
   variables = {"params": block_params}
   if given:
     variables["given"] = _scoped(config, given)
@@ -85,6 +85,26 @@ def block(block_params: Params, h: jax.Array, ctx: Context, *, config: ModelConf
     return module.apply(variables, h, ctx)
   out, state = module.apply(variables, h, ctx, mutable=["taps"])
   return out, _sown(state.get("taps", {}))
+
+
+def block_config(config: ModelConfig, block_params: Params) -> ModelConfig:
+  """``config`` with the widths of ``block_params`` (a structurally pruned block may be narrower than the
+  config's uniform widths): MLP units from its first MLP linear, heads and KV heads from its query and key
+  projections. Shapes only, so it works on abstract params and costs nothing under ``jit``."""
+  changes = {}
+  attn, mlp = block_params.get("self_attn"), block_params.get("mlp")
+  if config.family == "opt":
+    mlp = block_params.get("fc1")
+  if isinstance(attn, dict) and "q_proj" in attn and "kernel" in attn["q_proj"]:
+    changes["num_heads"] = attn["q_proj"]["kernel"].shape[1] // config.head_dim
+    changes["num_kv_heads"] = attn["k_proj"]["kernel"].shape[1] // config.head_dim
+  if isinstance(mlp, dict):
+    first = mlp.get("gate_proj", mlp)
+    if "kernel" in first:
+      changes["intermediate_size"] = first["kernel"].shape[1]
+  if all(getattr(config, k) == v for k, v in changes.items()) and not config.layer_widths:
+    return config
+  return config.replace(layer_widths=(), **changes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +167,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
   embed_args = (tokens, jnp.zeros((1, 2), jnp.int32)) if config.family == "opt" else (tokens,)
   params = {
       "embed": fam.Embed(config).init(keys[0], *embed_args)["params"],
-      "layers": [block_module(config, config.sublayer_modes(i)).init(keys[i + 2], h, ctx)["params"]
+      "layers": [block_module(config.for_layer(i), config.sublayer_modes(i)).init(keys[i + 2], h, ctx)["params"]
                  for i in range(config.num_layers)],
   }
   emb = params["embed"]["embed_tokens"]["embedding"]

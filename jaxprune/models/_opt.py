@@ -34,7 +34,7 @@ class Attention(ConfigModule):
   def __call__(self, x, ctx: Context):
     c = self.config
     x = tap(self, "attn_in", x)
-    projections = [Linear(c.hidden_size, c.qkv_bias, name=f"{name}_proj") for name in "qkv"]
+    projections = [Linear(c.num_heads * c.head_dim, c.qkv_bias, name=f"{name}_proj") for name in "qkv"]
     out_proj = Linear(c.hidden_size, c.o_bias, name="out_proj")
 
     def attend(x, mask):

@@ -28,10 +28,14 @@ _VERSIONED = ("jaxprune", "jax", "jaxlib", "flax", "orbax-checkpoint", "transfor
 
 @dataclasses.dataclass
 class PruneOutcome:
+  """A pruned model: params, keep masks, metadata (spec, per-linear reports, sparsity), seconds, and its config
+  when pruning changed the model's shapes (structured removal; None: the input model's config)."""
+
   params: dict
   masks: dict  # {"layers": [{path: {"kernel": bool (d_in, d_out)}}]}
   metadata: dict
   seconds: float
+  config: ModelConfig | None = None
 
 
 def versions() -> dict[str, str]:
@@ -145,8 +149,9 @@ def _refiner(reconstruct):
 def save_outcome(outcome: PruneOutcome, out: Path, config: ModelConfig, *, tokenizer=None,
                  overwrite: bool = False) -> Path:
   """Writes the pruned model of ``outcome`` as a jaxprune checkpoint (params, masks, metadata, tokenizer)
-  atomically, then drops the resume state of a :func:`prune` run that wrote to ``out``."""
-  path = checkpoint.save_checkpoint(out, config, outcome.params, masks=outcome.masks, metadata=outcome.metadata,
+  atomically, then drops the resume state of a :func:`prune` run that wrote to ``out``. ``config`` is the input
+  model's; ``outcome.config`` replaces it when pruning changed the shapes."""
+  path = checkpoint.save_checkpoint(out, outcome.config or config, outcome.params, masks=outcome.masks, metadata=outcome.metadata,
                                     tokenizer=tokenizer, overwrite=overwrite)
   ResumeStore(out, {}).clear()
   return path

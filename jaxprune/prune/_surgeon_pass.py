@@ -456,8 +456,14 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
   Returns a :class:`~jaxprune.prune._job.PruneOutcome` whose metadata holds the spec, per-linear ``layers``
   reports (last shot), ``per_layer_sparsity`` (per block ``{path: fraction}``), one report per shot
   (``shots_report``), the measured ``sparsity`` of the linears and, for :class:`RowsColumns`, ``params_before``
-  and ``params_after`` (the parameters left when removed rows and columns, and the biases of removed rows, are
-  not counted).
+  and ``params_after``.
+
+  Rows and columns: the pruned model is then shrunk (:func:`jaxprune.models._compact.compact`): every MLP unit
+  whose ``gate``/``up`` row or ``down`` column was removed, and every group of heads (a KV head and its query
+  heads) whose value rows or output-projection columns were all removed, leaves the model, whose config then
+  holds per-layer widths (``outcome.config``). ``params_after`` counts the parameters of that smaller model;
+  ``params_kept`` counts those outside removed rows and columns (what a format able to drop any row or column
+  would keep: removed rows and columns of the hidden size stay in the model as zeros).
   """
   from jaxprune.data._windows import as_windows
   from jaxprune.prune._job import PruneOutcome, mask_tree, versions
@@ -477,7 +483,14 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
   seconds = time.perf_counter() - start
   final = jax.tree.map(np.asarray, state.params)
   meta = {**spec.to_json(), **_summary(final, state, spec), "versions": versions(), **(identity or {})}
-  return PruneOutcome(final, mask_tree(state.masks), meta, seconds)
+  masks, new_config = mask_tree(state.masks), None
+  if spec.kind == "rows_columns":
+    from jaxprune.models._compact import compact
+
+    final, new_config, masks = compact(final, config, masks)
+    meta["params_after"] = count_params(final)
+    meta["layer_widths"] = [list(new_config.widths(i)) for i in range(new_config.num_layers)]
+  return PruneOutcome(final, masks, meta, seconds, new_config)
 
 
 def _summary(params, state: SurgeonState, spec: SurgeonSpec) -> dict:
@@ -499,5 +512,5 @@ def _summary(params, state: SurgeonState, spec: SurgeonSpec) -> dict:
          "shots_report": [{k: v for k, v in r.items() if k != "layers"} for r in state.reports]}
   if spec.kind == "rows_columns":
     before = count_params(params)
-    out.update(params_before=before, params_after=before - removed)
+    out.update(params_before=before, params_kept=before - removed)
   return out

@@ -25,9 +25,9 @@ CE_CHUNK = 128  # positions whose logits are alive at once in the cross-entropy
 
 
 def static_config(config: ModelConfig) -> ModelConfig:
-  """``config`` without its structure edits (per-layer sublayer modes, depth): what one block, the embedding
-  or the head depends on."""
-  return config.replace(sublayers=(), num_layers=1)
+  """``config`` without its structure edits (per-layer sublayer modes, depth, per-layer widths): what one block,
+  the embedding or the head depends on (a block's widths come from its parameters' shapes)."""
+  return config.replace(sublayers=(), num_layers=1, layer_widths=())
 
 
 def _window_by_window(fn, windowed: bool, *xs):
