@@ -280,8 +280,10 @@ def main() -> None:
       if done(cfg, _load(out)["runs"], group):
         continue
       print(f"== group {group}", flush=True)
-      subprocess.run([sys.executable, __file__, "--worker", f"--group={group}", "--config", str(args.config),
-                      "--out", str(args.out)], env=env, check=True)
+      done_run = subprocess.run([sys.executable, __file__, "--worker", f"--group={group}", "--config",
+                                 str(args.config), "--out", str(args.out)], env=env)
+      if done_run.returncode:
+        print(f"== group {group} failed (exit {done_run.returncode}); going on", flush=True)
   runs = _load(out)["runs"]
   (args.out / "table.md").write_text(table(cfg, runs))
   plot(runs, args.out / "per_layer_sparsity.png")
