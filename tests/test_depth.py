@@ -1,5 +1,7 @@
 """Depth pruning on tiny random models: metrics against NumPy, removal equals a model built without the unit,
-recovery against closed forms, sharded equals unsharded, one compilation, checkpoint/HF round trips, bad input."""
+Shapley estimates against brute force over the same sub-networks, recovery against closed forms, trained recovery
+against the closed-form optimum and no recovery, sharded equals unsharded, one compilation, checkpoint/HF round
+trips, bad input (library and CLI)."""
 import itertools
 import json
 import math
@@ -61,13 +63,18 @@ def _streams(params, tokens):
   return out
 
 
+@pytest.fixture(scope="module")
+def streams(params, tokens):
+  return _streams(params, tokens)
+
+
 def _cos(a, b):
   return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def test_similarities_match_numpy(params, tokens):
+def test_similarities_match_numpy(params, tokens, streams):
   got = D.similarities(params, tokens, config=CONFIG, batch_size=2)
-  for i, (h, mid, out) in enumerate(_streams(params, tokens)):
+  for i, (h, mid, out) in enumerate(streams):
     for unit, (a, b) in {"block": (h, out), "attention": (h, mid), "mlp": (mid, out)}.items():
       cos = _cos(a, b)
       np.testing.assert_allclose(got[unit][0][i], cos.mean(), atol=TOL, err_msg=f"{unit} {i}")
@@ -122,8 +129,7 @@ def test_shapley_matches_exact_enumeration(params, tokens):
   assert np.all(se > 0) and np.all(np.abs(phi - exact) <= 4 * se + TOL), (phi, exact, se)
 
 
-def test_bias_recovery_is_the_mean_update(params, tokens):
-  streams = _streams(params, tokens)
+def test_bias_recovery_is_the_mean_update(params, tokens, streams):
   adapters, errors = D.fit_adapters(params, CONFIG, tokens, unit="mlp", layers=[1], recovery=D.Recovery("bias"),
                                     batch_size=2)
   y = (streams[1][2] - streams[1][1]).reshape(-1, 24)
@@ -333,3 +339,148 @@ def test_cli_end_to_end_and_errors(params, tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+# --- near-full Shapley, last-token angular distance, learned recovery -------------------------------------------
+
+
+def test_angular_last_matches_numpy(params, tokens, streams):
+  got = D.similarities(params, tokens, config=CONFIG, batch_size=2)
+  for i, (h, mid, out) in enumerate(streams):
+    for unit, (a, b) in {"block": (h, out), "attention": (h, mid), "mlp": (mid, out)}.items():
+      last = np.arccos(np.clip(_cos(a, b)[:, -1], -1, 1)) / np.pi  # (windows,): the last position only
+      np.testing.assert_allclose(got[unit].angular_last[i], last.mean(), atol=TOL, err_msg=f"{unit} {i}")
+  s = D.score(params, tokens, config=CONFIG, metric="angular_last", unit="attention", batch_size=2)
+  np.testing.assert_allclose(s.scores, got["attention"].angular_last, atol=1e-12)
+
+
+def test_near_full_coalitions_remove_k_units_uniformly():
+  rows = D.coalitions(7, 3, 4, seed=5)
+  assert rows.shape == (4 * 3, 7) and np.all((~rows).sum(1) == 3)
+  absent = (~rows).reshape(4, 3, 7).sum(1)
+  assert np.all(absent >= 1)  # every unit left out at least once per round (the filled-up group may repeat one)
+  assert np.all((~rows).reshape(4, 3, 7)[:, :2].sum(1) <= 1)  # the full groups partition a permutation
+  rows = D.coalitions(5, 2, 3000, seed=0)  # 3 groups per round, the last filled up: still uniform over C(5, 2)
+  _, counts = np.unique(rows, axis=0, return_counts=True)
+  assert len(counts) == 10 and np.all(np.abs(counts / 900 - 1) < 0.1), counts  # 9000 draws: ±3.3 % is one sd
+  assert D.near_count(30) == 3 and D.near_count(3) == 1 and D.near_count(10) == 1  # n - floor(0.9 n)
+  for n, near in ((1, None), (4, 0), (4, 4)):
+    with pytest.raises(JaxpruneError, match="shapley_near") as err:
+      D.near_count(n, near)
+    _one_line(err)
+  with pytest.raises(JaxpruneError, match="at least 2 candidate units, the model has 1"):  # before any work
+    D.depth_prune({"layers": []}, np.zeros((1, 2)), config=CONFIG, metric="shapley_near", unit="block", remove=3,
+                  iterative=True)
+
+
+def _model_loss(params, config, tokens):
+  """``_loss`` block by block, the head given only its own params, so that models of other depths and structure
+  edits reuse every compilation."""
+  runner = Runner(config)
+  ids = jnp.asarray(tokens)
+  h = runner.embed(params, ids)
+  for block, modes in zip(params["layers"], runner.layer_modes):
+    h = runner.block(block, h, modes=modes)
+  head = {k: v for k, v in params.items() if k != "layers"}
+  return float(np.mean(np.asarray(runner.head_losses(head, h, ids), np.float64)))
+
+
+def test_shapley_near_matches_brute_force_over_the_same_coalitions(tokens):
+  config = CONFIG.replace(num_layers=7)  # same block shapes: no new compilation
+  params7 = _random_norms(M.init_params(config, jax.random.key(4)), jax.random.key(5))
+  # 7 units, 3 removed: groups of 3, 3 and 1 + 2 filled up, so some units are left out twice in a round.
+  phi, se = D.shapley_near(params7, tokens, config=config, unit="attention", samples=2, near=3, seed=2, batch_size=2)
+  rows = D.coalitions(7, 3, 2, seed=2)
+  loss = {}
+  for row in map(tuple, rows):  # every sub-network built as a model and run whole
+    if row not in loss:
+      p, c = D.replace_units(params7, config, unit="attention", adapters={i: {} for i in range(7) if not row[i]},
+                             recovery=D.Recovery())
+      loss[row] = _model_loss(p, c, tokens)
+  losses = np.array([loss[tuple(r)] for r in rows], np.float64)
+  assert np.any((~rows).reshape(2, 3, 7).sum(1) == 2)  # the seed exercises the filled-up group
+  for u in range(7):
+    out, inn = losses[~rows[:, u]], losses[rows[:, u]]
+    np.testing.assert_allclose(phi[u], out.mean() - inn.mean(), atol=TOL, err_msg=f"unit {u}")
+    ref = math.sqrt(np.var(out, ddof=1) / len(out) + np.var(inn, ddof=1) / len(inn))
+    np.testing.assert_allclose(se[u], ref, rtol=1e-3, atol=TOL, err_msg=f"unit {u}")
+  s = D.score(params7, tokens, config=config, metric="shapley_near", unit="attention", samples=2, seed=2, near=3,
+              batch_size=2)
+  np.testing.assert_allclose(s.scores, phi, atol=1e-12)
+  assert s.near == 3 and s.to_json()["near"] == 3 and s.to_json()["samples"] == 2
+
+
+@pytest.mark.parametrize("kind", ["bias", "lowrank:3"])
+def test_learned_mse_recovery_approaches_the_closed_form_optimum(params, tokens, kind):
+  """Trained on the unit's update, the adapter explains most of what the least-squares optimum explains, and never
+  more: the closed forms (damp 0) are that optimum."""
+  _, best = D.fit_adapters(params, CONFIG, tokens, unit="mlp", layers=[1], recovery=D.parse_recovery(kind, damp=0.0),
+                           batch_size=2)
+  rec = D.parse_recovery(kind, fit="mse", steps=150, lr=0.05)
+  adapters, learned = D.fit_adapters(params, CONFIG, tokens, unit="mlp", layers=[1], recovery=rec, batch_size=2)
+  assert set(adapters[1]) == ({"bias"} if kind == "bias" else {"bias", "down", "up"})
+  assert best[1] * (1 - 1e-4) <= learned[1] <= best[1] + 0.1 * (1 - best[1]), (learned, best)  # skip: 1
+
+
+def test_learned_lm_recovery_lowers_the_calibration_loss_and_trains_only_adapters(params, tokens, tmp_path):
+  rec = D.parse_recovery("bias", fit="lm", steps=30, lr=0.05)
+  r = D.depth_prune(params, tokens, config=CONFIG, metric="cosine", unit="mlp", remove=2, recovery=rec, batch_size=2)
+  assert r.to_json()["recover_fit"] == "lm" and r.to_json()["recover_steps"] == 30
+  none = _without(params, "mlp", r.removed)  # the same units skipped: no recovery
+  assert _model_loss(*none, tokens) - _model_loss(r.params, r.config, tokens) > 0.05  # measured 0.54
+  for i, block in enumerate(r.params["layers"]):  # the model's own weights are the input's, bit for bit
+    kept = {k: v for k, v in block.items() if k != "mlp_adapter"}
+    assert jax.tree.structure(kept) == jax.tree.structure(none[0]["layers"][i])
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(none[0]["layers"][i])))
+    assert ("mlp_adapter" in block) == (i in r.removed)
+  for key in ("embed", "head", "norm"):
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(r.params.get(key)),
+                                                     jax.tree.leaves(params.get(key))))
+  save_checkpoint(tmp_path / "ck", r.config, r.params, metadata={"depth": r.to_json()})  # as closed-form adapters
+  config, loaded, _, meta = read_checkpoint(tmp_path / "ck")
+  assert config == r.config and meta["depth"]["recover_fit"] == "lm"
+  assert jax.tree.structure(loaded) == jax.tree.structure(r.params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(r.params)))
+  c, p = D.hf_compatible(r.config, r.params)  # exported as any bias adapter: the down projection's bias
+  for i in r.removed:
+    bias = r.params["layers"][i]["mlp_adapter"]["bias"]
+    np.testing.assert_array_equal(p["layers"][i]["mlp"]["down_proj"]["bias"], bias)
+
+
+def test_bad_recovery_fits_give_one_line_errors():
+  for kw, needle in ((dict(fit="sgd"), "unknown recovery fit"), (dict(init="random"), "unknown recovery init"),
+                     (dict(steps=0), "steps"), (dict(lr=0.0), "learning rate")):
+    with pytest.raises(JaxpruneError, match=needle) as err:
+      D.parse_recovery("bias", **kw)
+    _one_line(err)
+  with pytest.raises(JaxpruneError, match="not none") as err:
+    D.parse_recovery("none", fit="mse")
+  _one_line(err)
+
+
+def test_cli_learned_recovery_and_near_shapley(params, tmp_path, capsys):
+  from test_cli import assert_one_line_error, run
+
+  rng = np.random.default_rng(1)
+  np.save(tmp_path / "calib.npy", rng.integers(0, 61, size=(4, 16)).astype(np.int32))
+  save_checkpoint(tmp_path / "dense", CONFIG, params)
+  common = ["--model", tmp_path / "dense", "--calib", tmp_path / "calib.npy", "--nsamples", 4, "--seqlen", 16,
+            "--batch-size", 2]
+  code, _, err = run(capsys, "depth", *common, "--metric", "shapley_near", "--samples", 2, "--unit", "attention",
+                     "--remove", 1, "--recover", "lowrank:2", "--recover-fit", "mse", "--recover-steps", 5,
+                     "--recover-lr", 0.01, "--out", tmp_path / "a", "--json", tmp_path / "a.json")
+  assert code == 0, err
+  res = json.loads((tmp_path / "a.json").read_text())
+  assert res["metric"] == "shapley_near" and res["near"] == 1 and res["samples"] == 2
+  assert all("stderr" in row for row in res["ranking"]) and res["removed"] == [res["ranking"][0]["unit"]]
+  assert (res["recover"], res["recover_fit"], res["recover_steps"], res["recover_lr"]) == ("lowrank:2", "mse", 5, 0.01)
+  assert read_checkpoint(tmp_path / "a")[0].adapter_rank == 2
+  for extra, needle in ((["--recover", "bias", "--recover-fit", "sgd"], "unknown recovery fit"),
+                        (["--recover", "bias", "--recover-init", "random"], "unknown recovery init"),
+                        (["--recover", "bias", "--recover-fit", "mse", "--recover-steps", 0], "steps"),
+                        (["--recover", "bias", "--recover-fit", "lm", "--recover-lr", -1], "learning rate"),
+                        (["--recover-fit", "lm"], "not none"),
+                        (["--metric", "shapley_near", "--near", 0], "--near"),
+                        (["--metric", "shapley_near", "--near", 3], "between 1 and 2")):
+    code, _, err = run(capsys, "depth", *common, "--remove", 1, *extra, "--out", tmp_path / "c")
+    assert_one_line_error(code, err, needle)

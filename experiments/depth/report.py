@@ -23,29 +23,50 @@ def _cell(value: float | None, dense: float) -> str:
   return f"{mark}{value:.2f}{mark}"
 
 
+def _metrics(cfg: dict) -> list[str]:
+  return cfg["metrics"] + cfg.get("extra_metrics", [])
+
+
 def setup(result: dict) -> str:
-  d, m = result["data"], result["machine"]
+  d = result["data"]
   c, e = d["calib"], d["eval"]
-  return (f"Model `{result['config']['model']}`; calibration `{c['data']}` {c['nsamples']} windows x {c['seqlen']} "
-          f"tokens = {c['tokens']} tokens (seed {c['seed']}; loss and Shapley use the first "
-          f"{result['config']['adaptive_windows']} windows = {d['adaptive_calib_tokens']} tokens); evaluation "
-          f"`{e['data']}` {e['windows']} windows x {e['seqlen']} = {e['tokens']} tokens. Machine: {m['note']} "
-          f"({m['cpu']}, {m['cores']} cores), {m['date']}; this run took {result.get('total_seconds', 0) / 60:.1f} "
-          f"min, peak RSS {result.get('peak_rss_gb', 0):.1f} GB. Dense perplexity "
-          f"{result['cases']['dense']['perplexity']:.3f}.\n")
+  out = (f"Model `{result['config']['model']}`; calibration `{c['data']}` {c['nsamples']} windows x {c['seqlen']} "
+         f"tokens = {c['tokens']} tokens (seed {c['seed']}; loss and both Shapley estimates use the first "
+         f"{result['config']['adaptive_windows']} windows = {d['adaptive_calib_tokens']} tokens); evaluation "
+         f"`{e['data']}` {e['windows']} windows x {e['seqlen']} = {e['tokens']} tokens. Dense perplexity "
+         f"{result['cases']['dense']['perplexity']:.3f}.\n\n"
+         "| run | date | machine | load (1 min) at start / end | minutes | peak RSS | cases |\n"
+         "|---|---|---|---|---|---|---|\n")
+  for i, run in enumerate(result.get("runs", [])):
+    m = run["machine"]
+    load = f"{run['load_average_start'][0]:.1f} / {run.get('load_average_end', [float('nan')])[0]:.1f}"
+    out += (f"| {i + 1} | {m['date']} | {m['note']} ({m['cpu']}, {m['cores']} cores) | {load} | "
+            f"{run.get('seconds', 0) / 60:.1f} | {run.get('peak_rss_gb', 0):.1f} GB | "
+            f"{_describe(run.get('cases', []))} |\n")
+  return out
+
+
+def _describe(cases: list[str]) -> str:
+  """The cases of a run, grouped by kind: ``scores/…``, ``ppl/…``, others by name."""
+  kinds = {}
+  for key in cases:
+    kinds.setdefault(key.split("/")[0], []).append(key)
+  return ", ".join(f"{len(v)} {k}" for k, v in kinds.items()) or "—"
 
 
 def metric_times(result: dict) -> str:
   cfg, cases = result["config"], result["cases"]
   out = "| metric | " + " | ".join(cfg["units"]) + " | calibration tokens |\n|---|" + "---|" * (
       len(cfg["units"]) + 1) + "\n"
-  for metric in cfg["metrics"]:
+  for metric in _metrics(cfg):
     cells = []
     for unit in cfg["units"]:
       s = cases.get(f"scores/{metric}/{unit}")
       cells.append("—" if s is None else f"{s['seconds']:.1f} s")
     s = cases.get(f"scores/{metric}/{cfg['units'][0]}", {})
-    extra = f" ({cfg['shapley_samples']} permutations)" if metric == "shapley" else ""
+    extra = {"shapley": f" ({cfg['shapley_samples']} permutations)",
+             "shapley_near": f" ({cfg['shapley_samples']} rounds, {s.get('near', '?')} units removed per "
+                             f"sub-network)"}.get(metric, "")
     out += f"| {metric} | " + " | ".join(cells) + f" | {s.get('calib_tokens', '—')}{extra} |\n"
   return out
 
@@ -59,7 +80,7 @@ def perplexity_tables(result: dict) -> str:
     ks = sorted(set(cfg["grid"][unit]) | set(rc["grid"][unit]))
     out += f"\n**{unit}** (perplexity after removing k units; dense {dense:.2f}; bold: within +5 %)\n\n"
     out += "| ranking | recovery | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|---|" + "---|" * len(ks) + "\n"
-    rows = [(m, "none") for m in cfg["metrics"]] + [(rc["metric"], r) for r in rc["kinds"]]
+    rows = [(m, "none") for m in _metrics(cfg)] + [(rc["metric"], r) for r in rc["kinds"]]
     for metric, recover in rows:
       cells = [_cell(_ppl(cases, metric, unit, k, recover), dense) for k in ks]
       out += f"| {metric} | {recover} | " + " | ".join(cells) + " |\n"
@@ -71,12 +92,14 @@ def removable(result: dict, unit: str = "attention") -> str:
   cfg, cases = result["config"], result["cases"]
   dense = cases["dense"]["perplexity"]
   rc = cfg["recovery"]
-  rows = [(m, "none") for m in cfg["metrics"]] + [(rc["metric"], r) for r in rc["kinds"]]
+  rows = [(m, "none") for m in _metrics(cfg)] + [(rc["metric"], r) for r in rc["kinds"]]
   out = f"| ranking | recovery | largest k tried (of {result.get('num_layers', '?')}) with perplexity <= 1.05 x " \
         f"dense | perplexity there |\n|---|---|---|---|\n"
   for metric, recover in rows:
     ks = sorted(k for k in set(cfg["grid"][unit]) | set(rc["grid"][unit])
                 if _ppl(cases, metric, unit, k, recover) is not None)
+    if not ks:
+      continue
     ok = [k for k in ks if _ppl(cases, metric, unit, k, recover) <= 1.05 * dense]
     if ok:
       out += f"| {metric} | {recover} | {max(ok)} | {_ppl(cases, metric, unit, max(ok), recover):.2f} |\n"
@@ -107,6 +130,37 @@ def buy_back(result: dict) -> str:
   return out
 
 
+def learned_table(result: dict) -> str:
+  """Closed-form against trained recovery per (unit, k) of ``learned_recovery``: perplexity, the share of the
+  perplexity increase it removes, the calibration fit error and the fitting time."""
+  cfg, cases = result["config"], result["cases"]
+  lr = cfg.get("learned_recovery")
+  if not lr:
+    return "(not run)\n"
+  dense = cases["dense"]["perplexity"]
+  out = ("| unit | k | recovery | fit | perplexity | share of the gap | fit error (calibration) | fit seconds |\n"
+         "|---|---|---|---|---|---|---|---|\n")
+  settings = sorted({(u, k) for f in lr["fits"].values() for u, ks in f["grid"].items() for k in ks},
+                    key=lambda x: (cfg["units"].index(x[0]), x[1]))
+  for unit, k in settings:
+    base = _ppl(cases, lr["metric"], unit, k, "none")
+    if base is None:
+      continue
+    out += f"| {unit} | {k} | none | — | {base:.2f} | 0 % | 1 | — |\n"
+    for kind in lr["kinds"]:
+      names = [""] + [n for n, f in lr["fits"].items() if k in f["grid"].get(unit, [])]
+      for name in names:
+        c = cases.get(f"ppl/{lr['metric']}/{unit}/{k}/{kind}{'+' + name if name else ''}")
+        if c is None:
+          continue
+        how = "closed form" if not name else (f"{c['recover_fit']} from {c['recover_init']}, {c['recover_steps']} "
+                                              f"steps, lr {c['recover_lr']:g}")
+        gap = (base - c["perplexity"]) / (base - dense) * 100
+        out += (f"| {unit} | {k} | {kind} | {how} | {c['perplexity']:.2f} | {gap:+.0f} % | "
+                f"{c.get('fit_error_mean', float('nan')):.3f} | {c.get('fit_seconds', 0):.0f} |\n")
+  return out
+
+
 def speed_table(result: dict) -> str:
   sp = result["cases"].get("speed")
   if not sp:
@@ -127,7 +181,7 @@ def rankings(result: dict, first: int = 8) -> str:
         "|---|---|---|---|---|\n"
   for unit in cfg["units"]:
     ref = cases.get(f"scores/cosine/{unit}")
-    for metric in cfg["metrics"]:
+    for metric in _metrics(cfg):
       s = cases.get(f"scores/{metric}/{unit}")
       if s is None:
         continue
@@ -166,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
   rc = cfg["recovery"]
   fig, axes = plt.subplots(1, len(cfg["units"]) + 1, figsize=(4.6 * (len(cfg["units"]) + 1), 4.2))
   styles = {"none": "-", **{r: s for r, s in zip(rc["kinds"], ("--", ":", "-."))}}
-  rows = [(m, "none") for m in cfg["metrics"]] + [(rc["metric"], r) for r in rc["kinds"]]
+  rows = [(m, "none") for m in _metrics(cfg)] + [(rc["metric"], r) for r in rc["kinds"]]
   for ax, unit in zip(axes, cfg["units"]):
     for metric, recover in rows:
       ks = sorted(k for k in set(cfg["grid"][unit]) | set(rc["grid"][unit])
@@ -191,8 +245,9 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper left")
   axes[0].set_ylabel("perplexity (austen)")
-  m = result["machine"]
-  fig.suptitle(f"{cfg['model']}, one-shot depth pruning; {m['note']}, {m['date']}", fontsize=9)
+  dates = ", ".join(run["machine"]["date"] for run in result.get("runs", []))
+  fig.suptitle(f"{cfg['model']}, one-shot depth pruning; {result['runs'][0]['machine']['note']}, {dates}",
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -200,7 +255,8 @@ def plot(result: dict, path: Path) -> None:
 def write_report(result: dict, out: Path) -> None:
   text = ("# Depth pruning results\n\n" + setup(result) + "\n## Metric wall-clock\n\n" + metric_times(result)
           + "\n## Perplexity\n" + perplexity_tables(result) + "\n## Attention sublayers removable within +5 %\n\n"
-          + removable(result) + "\n## Recovery\n\n" + buy_back(result) + "\n## Evaluation speed\n\n"
+          + removable(result) + "\n## Recovery\n\n" + buy_back(result)
+          + "\n## Closed-form against trained recovery\n\n" + learned_table(result) + "\n## Evaluation speed\n\n"
           + speed_table(result) + "\n## Rankings\n\n" + rankings(result))
   (out / "table.md").write_text(text)
   plot(result, out / "perplexity.png")

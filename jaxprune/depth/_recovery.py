@@ -12,6 +12,9 @@ unit and ``y = unit(x) - x`` its residual update, both ``(tokens, d)``:
   Eckart-Young optimum ``‖Y - Ŷ‖² + Σ_{i>R} σ_i(Ŷ)²`` with ``Ŷ`` the least-squares fit. ``λ = damp · mean
   diag(XᵀX)``.
 
+These are the closed-form fits (``fit="closed"``). ``fit="mse"`` trains the same adapters to emulate the unit's
+update and ``fit="lm"`` trains them on the language-modelling loss (:mod:`jaxprune.depth._learned`).
+
 Statistics and solvers run in float32 with ``precision=HIGHEST``; second moments are centred in a second pass
 over the (held) activations, which avoids the cancellation of ``Σxxᵀ - n x̄x̄ᵀ`` on residual streams with
 large means.
@@ -19,6 +22,7 @@ large means.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -29,14 +33,28 @@ from jaxprune.models._layers import Adapter
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 KINDS = ("none", "bias", "lowrank")
+FITS = ("closed", "mse", "lm")
+INITS = ("zero", "closed")
 
 
 class Recovery(NamedTuple):
-  """What replaces a removed unit: ``kind`` none (skip), bias or lowrank; ``rank`` for lowrank; ridge ``damp``."""
+  """What replaces a removed unit and how it is fitted.
+
+  ``kind`` none (skip), bias or lowrank; ``rank`` for lowrank; ridge ``damp`` of the closed-form lowrank fit.
+  ``fit``: ``closed`` (the closed forms of this module), ``mse`` (AdamW on the mean squared error between the
+  adapter's and the unit's update, unit by unit) or ``lm`` (AdamW on the calibration LM loss, all adapters
+  together); see :mod:`jaxprune.depth._learned`. The learned fits start from ``init`` (``zero``: the adapter
+  outputs 0, i.e. the skip; ``closed``: the closed-form fit) and take ``steps`` updates at peak learning rate
+  ``lr``.
+  """
 
   kind: str = "none"
   rank: int = 0
   damp: float = 1e-2
+  fit: str = "closed"
+  init: str = "zero"
+  steps: int = 200
+  lr: float = 1e-2
 
   @property
   def mode(self) -> str:
@@ -46,16 +64,44 @@ class Recovery(NamedTuple):
   def __str__(self) -> str:
     return f"lowrank:{self.rank}" if self.kind == "lowrank" else self.kind
 
+  @property
+  def learned(self) -> bool:
+    return self.kind != "none" and self.fit != "closed"
 
-def parse_recovery(text: str, *, width: int | None = None, damp: float = 1e-2) -> Recovery:
-  """``"none"``, ``"bias"`` or ``"lowrank:R"`` -> :class:`Recovery`; ``R`` must lie in ``[1, width]``."""
+  def to_json(self) -> dict:
+    """How the adapters were fitted, for a result record (empty for closed-form fits and no recovery)."""
+    if not self.learned:
+      return {}
+    return {"recover_fit": self.fit, "recover_init": self.init, "recover_steps": self.steps, "recover_lr": self.lr}
+
+
+def check_fit(*, fit: str = "closed", init: str = "zero", steps: int = 200, lr: float = 1e-2) -> None:
+  """One-line errors for fitting options outside ``FITS``, ``INITS``, ``steps >= 1``, ``lr > 0``."""
+  if fit not in FITS:
+    raise JaxpruneError(f"unknown recovery fit {fit!r}; choose one of: {', '.join(FITS)}")
+  if init not in INITS:
+    raise JaxpruneError(f"unknown recovery init {init!r}; choose one of: {', '.join(INITS)}")
+  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    raise JaxpruneError(f"recovery steps must be an integer >= 1, got {steps!r}")
+  if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and lr > 0):
+    raise JaxpruneError(f"recovery learning rate must be positive, got {lr!r}")
+
+
+def parse_recovery(text: str, *, width: int | None = None, damp: float = 1e-2, fit: str = "closed",
+                   init: str = "zero", steps: int = 200, lr: float = 1e-2) -> Recovery:
+  """``"none"``, ``"bias"`` or ``"lowrank:R"`` and the fitting options -> a checked :class:`Recovery`; ``R`` must
+  lie in ``[1, width]``; a learned ``fit`` needs bias or lowrank."""
   kind, _, rank = str(text).partition(":")
   if kind not in KINDS or (kind == "lowrank") != bool(rank):
     raise JaxpruneError(f"unknown recovery {text!r}; use none, bias or lowrank:R (R a positive integer)")
   if damp < 0:
     raise JaxpruneError(f"ridge damping must be >= 0, got {damp}")
+  check_fit(fit=fit, init=init, steps=steps, lr=lr)
+  if kind == "none" and fit != "closed":
+    raise JaxpruneError(f"recovery fit {fit!r} trains adapters: use it with bias or lowrank:R, not none")
+  options = dict(damp=damp, fit=fit, init=init, steps=int(steps), lr=float(lr))
   if kind != "lowrank":
-    return Recovery(kind, 0, damp)
+    return Recovery(kind, 0, **options)
   try:
     r = int(rank)
   except ValueError:
@@ -64,7 +110,7 @@ def parse_recovery(text: str, *, width: int | None = None, damp: float = 1e-2) -
     raise JaxpruneError(f"lowrank rank must be at least 1, got {r}")
   if width is not None and r > width:
     raise JaxpruneError(f"lowrank rank {r} is larger than the model width {width}")
-  return Recovery("lowrank", r, damp)
+  return Recovery("lowrank", r, **options)
 
 
 class Moments(NamedTuple):

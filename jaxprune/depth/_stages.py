@@ -94,13 +94,14 @@ def candidates(config: ModelConfig, unit: str) -> tuple[int, ...]:
 
 @jax.jit
 def similarity(a, b, weights):
-  """``(Σ w·cos(a_t, b_t), Σ w·arccos(cos)/π)`` over all tokens of ``a, b`` ``(b, t, d)``; f32."""
+  """``(Σ w·cos(a_t, b_t), Σ w·arccos(cos)/π, Σ_windows w·arccos(cos_last)/π)`` of ``a, b`` ``(b, t, d)``: the
+  first two over all tokens, the third over the last position of each window only; f32."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dot = jnp.sum(a * b, axis=-1)
   norms = jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
   cos = jnp.clip(dot / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny), -1.0, 1.0)
-  w = weights[:, None]
-  return jnp.sum(cos * w), jnp.sum(jnp.arccos(cos) / jnp.pi * w)
+  angle = jnp.arccos(cos) / jnp.pi
+  return jnp.sum(cos * weights[:, None]), jnp.sum(angle * weights[:, None]), jnp.sum(angle[:, -1] * weights)
 
 
 @jax.jit
