@@ -131,11 +131,12 @@ def one_shot(cfg: dict, out: Path, allocation: str = "global") -> None:
 def multi_shot(cfg: dict, out: Path, case: str) -> None:
   from jaxprune.prune import _surgeon_pass as P
 
-  _, shape, *labels = case.split(":")
+  _, shape, *options = case.split(":")
   shape, shots = shape.rsplit("x", 1)
   model, calib, evals = _setup(cfg)
   spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
-                       fisher_labels=labels[0] if labels else "sampled")
+                       fisher_labels=options[0] if options else "sampled",
+                       allocation=options[1] if len(options) > 1 else "global")
   outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec,
                             batch_size=cfg["batch_size"], progress=False)
   meta = outcome.metadata
@@ -186,8 +187,9 @@ def groups(cfg: dict) -> list[str]:
 
 
 def multi_case(entry: list) -> str:
-  """``[pattern, shots]`` or ``[pattern, shots, labels]`` -> ``surgeon:PxT`` or ``surgeon:PxT:labels``."""
-  return f"surgeon:{entry[0]}x{entry[1]}" + (f":{entry[2]}" if len(entry) > 2 else "")
+  """``[pattern, shots]``, ``[pattern, shots, labels]`` or ``[pattern, shots, labels, allocation]`` ->
+  ``surgeon:PxT``, ``surgeon:PxT:labels`` or ``surgeon:PxT:labels:allocation``."""
+  return f"surgeon:{entry[0]}x{entry[1]}" + "".join(f":{e}" for e in entry[2:])
 
 
 def done(cfg: dict, runs: dict, group: str) -> bool:
@@ -205,11 +207,12 @@ def table(cfg: dict, runs: dict) -> str:
   head = "| method | calibration | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
   rows = []
   n = cfg["nsamples"]
-  multi = sorted({(e[1], e[2] if len(e) > 2 else "") for e in cfg["multi_shot"]})
+  multi = sorted({(e[1], tuple(e[2:])) for e in cfg["multi_shot"]})
   for label, fmt in [("surgeon, 1 shot", "surgeon:{}"),
                      ("surgeon, 1 shot, per-layer allocation", "surgeon-layer:{}"),
-                     *[(f"surgeon, {t} shot{'s' if t > 1 else ''}" + (f", {lab} labels" if lab else ""),
-                        "surgeon:{}x" + str(t) + (f":{lab}" if lab else "")) for t, lab in multi],
+                     *[(f"surgeon, {t} shot{'s' if t > 1 else ''}" + (f", {opts[0]} labels" if opts else "")
+                        + (f", {opts[1]} allocation" if len(opts) > 1 else ""),
+                        "surgeon:{}x" + str(t) + "".join(f":{o}" for o in opts)) for t, opts in multi],
                      *[(m, m + ":{}") for m in sorted({b.split(":")[0] for b in cfg["baselines"]})]]:
     cells = [f"{runs[c]['perplexity']:.2f}" if (c := fmt.format(p)) in runs else "—" for p in cols]
     if any(c != "—" for c in cells):
@@ -219,11 +222,18 @@ def table(cfg: dict, runs: dict) -> str:
     rows.append(f"| {method} (quality table) | 64 × 512 | " + " | ".join(cells) + " |")
   dense = quality["dense"]["perplexity"]
   extra = ""
-  if "timing" in runs:
-    t = runs["timing"]
-    extra = (f"\nCurvature over {t['calib_tokens']} calibration tokens: {t['curvature_seconds']} s against "
-             f"{t['forward_seconds']} s for a forward pass over the same tokens ({t['ratio']}×), batch "
-             f"{t['batch_size']}, compiled first.\n")
+  for name in ("timing", "timing-layer"):
+    if name in runs:
+      t = runs[name]
+      extra += (f"\nCurvature over {t['calib_tokens']} calibration tokens ({name}): {t['curvature_seconds']} s "
+                f"against {t['forward_seconds']} s for a forward pass over the same tokens ({t['ratio']}×), batch "
+                f"{t['batch_size']}, compiled first.\n")
+  structured = [c for c in sorted(runs) if "params_after" in runs[c]]
+  if structured:
+    extra += ("\n| structured case | parameters before | after | removed | perplexity |\n|---|---|---|---|---|\n"
+              + "\n".join(f"| {c} | {runs[c]['params_before']} | {runs[c]['params_after']} | "
+                          f"{1 - runs[c]['params_after'] / runs[c]['params_before']:.1%} | "
+                          f"{runs[c]['perplexity']:.2f} |" for c in structured) + "\n")
   seconds = [f"| {c} | {r['prune_seconds']} | {r['peak_rss_gb']} |" for c, r in sorted(runs.items())
              if "prune_seconds" in r]
   return (head + "\n".join(rows) + f"\n\nDense: {dense:.2f}. Perplexity on {cfg['eval_windows']} × {cfg['seqlen']} "
