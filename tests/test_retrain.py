@@ -239,6 +239,36 @@ def test_command_end_to_end_writes_a_checkpoint_eval_reads(files, tmp_path, caps
   assert arrays.exists()
 
 
+def test_command_killed_mid_way_resumes_to_the_same_checkpoint(files, tmp_path, capsys, monkeypatch):
+  """``jaxprune retrain`` killed after its train state was saved at step 2: the same command resumes (saying so on
+  stderr) and writes the checkpoint of an uninterrupted run, bit for bit."""
+  from jaxprune.io import load_checkpoint
+
+  code, _, err = run(capsys, *_args(files, tmp_path / "whole", "--train", "biases,norms"))
+  assert code == 0, err
+  argv = _args(files, tmp_path / "ck", "--train", "biases,norms", "--save-every", 2)
+
+  class Killed(BaseException):
+    pass
+
+  save = R._state.save_state
+
+  def save_then_die(state_dir, state, progress):
+    save(state_dir, state, progress)
+    raise Killed
+
+  with monkeypatch.context() as m:
+    m.setattr(R._state, "save_state", save_then_die)
+    with pytest.raises(Killed):
+      run(capsys, *argv)
+  assert R._state.read_progress(tmp_path / "ck.retrain-partial")["step"] == 2
+  code, _, err = run(capsys, *argv)
+  assert code == 0 and "resum" in err, err
+  whole, resumed = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "ck")
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
+    np.testing.assert_array_equal(a, b)  # the same computation: the same bits
+
+
 def _one_line_error(code, err, *needles):
   assert code == 2
   errors = [line for line in err.splitlines() if "error:" in line]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -297,6 +298,8 @@ def retrain(params, config: ModelConfig, masks, spec: TrainSpec | str, windows, 
   run = _Run(runner, batches, optimizer, update, frozen, Assemble(spec),
              {**settings, **(identity or {})}, micro_steps, batch, remat)
   state, losses, start = _resume_or_init(run, trainable, state_dir)
+  if start and progress:
+    print(f"resuming from step {start} of {micro_steps} ({state_dir})", file=sys.stderr, flush=True)
   begin = time.perf_counter()
   state, losses = _loop(run, state, losses, start, windows, seed=seed, state_dir=state_dir, save_every=save_every,
                         progress=progress, desc=f"retrain {spec}", on_step=on_step)
