@@ -240,8 +240,8 @@ def test_command_end_to_end_writes_a_checkpoint_eval_reads(files, tmp_path, caps
 
 
 def test_command_killed_mid_way_resumes_to_the_same_checkpoint(files, tmp_path, capsys, monkeypatch):
-  """``jaxprune retrain`` killed after its train state was saved at step 2: the same command resumes (saying so on
-  stderr) and writes the checkpoint of an uninterrupted run, bit for bit."""
+  """``jaxprune retrain`` killed after step 4, its train state saved at step 2: the same command resumes from step 2
+  (saying so on stderr) and writes the checkpoint of an uninterrupted run, bit for bit."""
   from jaxprune.io import load_checkpoint
 
   code, _, err = run(capsys, *_args(files, tmp_path / "whole", "--train", "biases,norms"))
@@ -251,14 +251,16 @@ def test_command_killed_mid_way_resumes_to_the_same_checkpoint(files, tmp_path, 
   class Killed(BaseException):
     pass
 
-  save = R._state.save_state
+  save, calls = R._state.save_state, []
 
-  def save_then_die(state_dir, state, progress):
+  def die_at_the_second_save(state_dir, state, progress):  # killed after step 4, its state unsaved
+    calls.append(progress["step"])
+    if len(calls) == 2:
+      raise Killed
     save(state_dir, state, progress)
-    raise Killed
 
   with monkeypatch.context() as m:
-    m.setattr(R._state, "save_state", save_then_die)
+    m.setattr(R._state, "save_state", die_at_the_second_save)
     with pytest.raises(Killed):
       run(capsys, *argv)
   assert R._state.read_progress(tmp_path / "ck.retrain-partial")["step"] == 2
