@@ -46,7 +46,11 @@ def write_gguf(path, model, arch: str, *, name: str | None = None, matrix_type=n
   writer.add_head_count_kv(c.num_key_value_heads)
   writer.add_layer_norm_rms_eps(c.rms_norm_eps)
   writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-  writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+  if arch == "qwen3":  # llama.cpp writes Qwen3's head size (not hidden / heads) as the key and value lengths
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+  else:
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
   writer.add_vocab_size(c.vocab_size)
   for key, value in model.state_dict().items():
     if key == "lm_head.weight" and c.tie_word_embeddings:  # the state dict lists the shared tensor twice

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from test_gguf import _GLOBAL, _LAYER  # noqa: E402 - llama.cpp's tensor names, q/k norms included
+from test_gguf import write_gguf  # noqa: E402 - llama.cpp's layout, q/k norms and Qwen3's head size included
 from test_models import TOL  # noqa: E402 - the model-parity tolerance
 
 # The tolerance of the GGUF tests (test_gguf): jaxprune against transformers' GGUF load of the same file.
@@ -105,42 +105,11 @@ def test_config_round_trip_and_what_cannot_be_exported():
   assert to_hf_config(llama.replace(qk_norm=True, hf_config_json="{}"))["model_type"] == "qwen3"
 
 
-def _write_qwen3_gguf(path, model):
-  """``model`` as a qwen3 GGUF file with the metadata llama.cpp's converter writes for Qwen3: the head size as
-  ``attention.key_length``/``value_length`` (no ``rope.dimension_count``); q/k rows unpermuted."""
-  c = model.config
-  writer = gguf.GGUFWriter(str(path), "qwen3")
-  writer.add_context_length(c.max_position_embeddings)
-  writer.add_block_count(c.num_hidden_layers)
-  writer.add_embedding_length(c.hidden_size)
-  writer.add_feed_forward_length(c.intermediate_size)
-  writer.add_head_count(c.num_attention_heads)
-  writer.add_head_count_kv(c.num_key_value_heads)
-  writer.add_key_length(c.head_dim)
-  writer.add_value_length(c.head_dim)
-  writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-  writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-  writer.add_vocab_size(c.vocab_size)
-  for key, value in model.state_dict().items():
-    if key == "lm_head.weight" and c.tie_word_embeddings:
-      continue
-    if key.startswith("model.layers."):
-      _, _, layer, rest = key.split(".", 3)
-      module, kind = rest.rsplit(".", 1)
-      name = f"blk.{layer}.{_LAYER[module]}.{kind}"
-    else:
-      name = _GLOBAL[key]
-    writer.add_tensor(name, np.ascontiguousarray(value.float().numpy()))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
 
 
 def test_qwen3_gguf_logits_equal_transformers_gguf_load(tmp_path):
   model = _qwen3(tie_word_embeddings=False)
-  path = _write_qwen3_gguf(tmp_path / "m.gguf", model)
+  path = write_gguf(tmp_path / "m.gguf", model, "qwen3")
   theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
   loaded = load_model(str(path))
   assert loaded.config.qk_norm and loaded.config.head_dim == 128 and not loaded.config.tie_word_embeddings
