@@ -163,18 +163,16 @@ def baseline(cfg: dict, out: Path, case: str) -> None:
 
 def depth(cfg: dict, out: Path, case: str) -> None:
   """``depth:UNIT:K:RECOVERY``: depth pruning of ``K`` units ranked by cosine (the structured comparison)."""
-  import time as _time
-
   from jaxprune.depth import Recovery, depth_prune
   from jaxprune.prune._surgeon_pass import count_params
 
   _, unit, k, recovery = case.split(":")
   model, calib, evals = _setup(cfg)
   kind, _, rank = recovery.partition("-")
-  start = _time.perf_counter()
+  start = time.perf_counter()
   res = depth_prune(model.params, calib.tokens, config=model.config, metric="cosine", unit=unit, remove=int(k),
                     recovery=Recovery(kind, int(rank or 0)), batch_size=cfg["batch_size"])
-  seconds = _time.perf_counter() - start
+  seconds = time.perf_counter() - start
   _record(out, cfg, case, {"removed": list(res.removed), "params_before": count_params(model.params),
                            "params_after": count_params(res.params), "prune_seconds": round(seconds, 1),
                            "peak_rss_gb": round(peak_rss_gb(), 2), **_evaluate(res.params, res.config, evals, cfg)})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxprune import _tree as tree
 from jaxprune.models._config import ModelConfig
 
 Params = dict
@@ -41,17 +42,9 @@ def _attn_paths(config: ModelConfig) -> tuple[str, str, str, str]:
 
 
 def _get(block: dict, path: str) -> dict | None:
-  node = block
-  for part in path.split("/"):
-    if not isinstance(node, dict) or part not in node:
-      return None
-    node = node[part]
+  """The linear at ``path`` (a dict with a ``kernel``), or None where the block has none (a removed sublayer)."""
+  node = tree.get(block, path)
   return node if isinstance(node, dict) and "kernel" in node else None
-
-
-def _set(block: dict, path: str, value: dict) -> dict:
-  head, _, rest = path.partition("/")
-  return {**block, head: _set(block[head], rest, value) if rest else value}
 
 
 def _zero_out(node: dict, groups: int) -> np.ndarray:
@@ -105,23 +98,23 @@ def block_keep(block: dict, config: ModelConfig, layer: int) -> tuple[np.ndarray
   return units, groups
 
 
-def shrink_block(tree: dict, config: ModelConfig, layer: int, units, groups) -> dict:
+def shrink_block(node: dict, config: ModelConfig, layer: int, units, groups) -> dict:
   """Applies :func:`block_keep`'s flags to a block's params (or a tree of the same layout, e.g. its masks)."""
-  inter, heads, kv = config.widths(layer)
+  _, heads, kv = config.widths(layer)
   hd = config.head_dim
   if units is not None and not units.all():
     ins, out = _mlp_paths(config)
     for p in ins:
-      tree = _set(tree, p, _take(_get(tree, p), units, 1, 1))
-    tree = _set(tree, out, _take(_get(tree, out), units, 0, 1))
+      node = tree.set_at(node, p, _take(_get(node, p), units, 1, 1))
+    node = tree.set_at(node, out, _take(_get(node, out), units, 0, 1))
   if groups is not None and not groups.all():
     q, k, v, o = _attn_paths(config)
     per = heads // kv
-    tree = _set(tree, q, _take(_get(tree, q), groups, 1, per * hd))
+    node = tree.set_at(node, q, _take(_get(node, q), groups, 1, per * hd))
     for p in (k, v):
-      tree = _set(tree, p, _take(_get(tree, p), groups, 1, hd))
-    tree = _set(tree, o, _take(_get(tree, o), groups, 0, per * hd))
-  return tree
+      node = tree.set_at(node, p, _take(_get(node, p), groups, 1, hd))
+    node = tree.set_at(node, o, _take(_get(node, o), groups, 0, per * hd))
+  return node
 
 
 def compact(params: Params, config: ModelConfig, masks: dict | None = None):
@@ -172,14 +165,14 @@ def pad(params: Params, config: ModelConfig) -> tuple[Params, ModelConfig]:
     if inter < config.intermediate_size and _get(block, out) is not None:
       extra = config.intermediate_size - inter
       for p in ins:
-        block = _set(block, p, _pad(_get(block, p), extra, 1))
-      block = _set(block, out, _pad(_get(block, out), extra, 0))
+        block = tree.set_at(block, p, _pad(_get(block, p), extra, 1))
+      block = tree.set_at(block, out, _pad(_get(block, out), extra, 0))
     if kv < config.num_kv_heads and _get(block, o) is not None:
       extra_kv = config.num_kv_heads - kv
       per = config.num_heads // config.num_kv_heads
-      block = _set(block, q, _pad(_get(block, q), extra_kv * per * hd, 1))
+      block = tree.set_at(block, q, _pad(_get(block, q), extra_kv * per * hd, 1))
       for p in (k, v):
-        block = _set(block, p, _pad(_get(block, p), extra_kv * hd, 1))
-      block = _set(block, o, _pad(_get(block, o), extra_kv * per * hd, 0))
+        block = tree.set_at(block, p, _pad(_get(block, p), extra_kv * hd, 1))
+      block = tree.set_at(block, o, _pad(_get(block, o), extra_kv * per * hd, 0))
     layers.append(block)
   return {**params, "layers": layers}, config.replace(layer_widths=())
