@@ -14,6 +14,8 @@ half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,19 @@ def _save_tree(path: Path, tree) -> None:
     ckptr.wait_until_finished()
 
 
-def _ignore_closed_loop_callbacks() -> None:
-  """After a failed restore, tensorstore reads still in flight finish on their own threads and call back into
-  Orbax's event loop, already closed; Python prints each ``RuntimeError: Event loop is closed`` as an unraisable
-  exception, after the one-line error. This drops exactly those (once installed, for the rest of the process)."""
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z_]+: ")  # absl status codes: "OUT_OF_RANGE: ...", "DATA_LOSS: ..."
+
+
+def quiet_stray_reads() -> None:
+  """Silences what reads still in flight print after a restore fails; called before every restore.
+
+  When one tensorstore read of a damaged checkpoint fails, the others finish on their own threads: their callbacks
+  into Orbax's event loop, already closed, raise ``RuntimeError: Event loop is closed`` (printed as unraisable
+  exceptions), and their failed tasks, garbage-collected unread, are logged by ``asyncio`` as "Task exception was
+  never retrieved" with a tensorstore status. Both can come before or after the one-line error that already says
+  the checkpoint is damaged. This drops exactly those two messages: the closed-loop ``RuntimeError`` and unread
+  tasks whose exception is a tensorstore status. Installed once, for the rest of the process.
+  """
   previous = sys.unraisablehook
   if getattr(previous, "jaxprune_closed_loop", False):
     return
@@ -56,24 +67,27 @@ def _ignore_closed_loop_callbacks() -> None:
       return
     previous(unraisable)
 
+  def keep(record: logging.LogRecord) -> bool:
+    err = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved")
+                and isinstance(err, ValueError) and _TENSORSTORE_STATUS.match(str(err)))
+
   hook.jaxprune_closed_loop = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(keep)
 
 
 def _restore_tree(path: Path, abstract, dtype=None) -> Any:
   """The tree at ``path`` shaped like ``abstract``, each leaf in ``dtype`` or else in the dtype it was saved in."""
   import orbax.checkpoint as ocp
 
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      if abstract is not None:
-        saved = ckptr.metadata(path.absolute()).item_metadata.tree
-        abstract = jax.tree.map(lambda like, meta: jax.ShapeDtypeStruct(like.shape, dtype or meta.dtype),
-                                abstract, saved)
-      return ckptr.restore(path.absolute(), abstract)
-  except Exception:
-    _ignore_closed_loop_callbacks()
-    raise
+  quiet_stray_reads()
+  with ocp.StandardCheckpointer() as ckptr:
+    if abstract is not None:
+      saved = ckptr.metadata(path.absolute()).item_metadata.tree
+      abstract = jax.tree.map(lambda like, meta: jax.ShapeDtypeStruct(like.shape, dtype or meta.dtype),
+                              abstract, saved)
+    return ckptr.restore(path.absolute(), abstract)
 
 
 def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=None, metadata: dict | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._checkpoint import _ignore_closed_loop_callbacks
+from jaxprune.io._checkpoint import quiet_stray_reads
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -83,12 +83,12 @@ def load_state(state_dir: Path | str, template: Any, identity: dict) -> tuple[An
                         "remove it or write elsewhere")
   leaves, treedef = jax.tree.flatten(template)
   abstract = {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for k, x in zip(_keys(len(leaves)), leaves)}
+  quiet_stray_reads()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore((path / "arrays").absolute(), abstract)
     restored = [np.asarray(restored[k]) for k in _keys(len(leaves))]
   except Exception as err:  # Orbax raises many types for missing, truncated or mismatching files
-    _ignore_closed_loop_callbacks()
     first = str(err).splitlines()[0] if str(err) else ""
     raise JaxpruneError(f"{path}: train state is corrupt or incomplete ({type(err).__name__}: {first[:160]}); "
                         "remove it to start over") from None
