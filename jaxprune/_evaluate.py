@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxprune.data._windows import as_windows
+from jaxprune.io._stream import is_streamed, split
 from jaxprune.models._config import ModelConfig
 from jaxprune.runner import Runner, data_mesh
+from jaxprune.runner._distributed import fetch
 
 __all__ = ["EvalResult", "check_windows", "data_mesh", "perplexity"]
 
@@ -48,20 +51,42 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   """Perplexity of ``params`` on token ``windows`` ``(n, seqlen)`` int32.
 
   With ``mesh``, each batch is split over its ``data`` axis; ``batch_size`` is rounded up to a multiple of that
-  axis and the last batch padded (padded windows are dropped from the mean).
+  axis and the last batch padded (padded windows are dropped from the mean). A streamed model (blocks read from
+  disk when used) is run block by block over all windows, so that each block is read once: the same programs
+  on the same batches, with the residual stream of every window kept on the host in float32 between blocks.
   """
   windows = check_windows(windows, config)
   n, seqlen = windows.shape
   runner = Runner(config, mesh=mesh, batch_size=batch_size)
   batches = runner.batches(n, seqlen)
-  params = runner.place(params)  # once, not per batch
-  losses = []
   start = time.perf_counter()
-  bar = tqdm(batches.chunks(windows), total=len(batches), desc=desc, unit="batch",
-             disable=not progress, leave=False)
-  for tokens, _, real in bar:
-    losses.append(np.asarray(runner.window_losses(params, tokens))[:real])
-  per_window = np.concatenate(losses).astype(np.float32)
+  if is_streamed(params):
+    per_window = _streamed_losses(runner, params, windows, progress=progress, desc=desc)
+  else:
+    params = runner.place(params)  # once, not per batch
+    losses = []
+    bar = tqdm(batches.chunks(windows), total=len(batches), desc=desc, unit="batch",
+               disable=not progress, leave=False)
+    for tokens, _, real in bar:
+      losses.append(fetch(runner.window_losses(params, tokens))[:real])
+    per_window = np.concatenate(losses).astype(np.float32)
   seconds = time.perf_counter() - start
   mean = float(np.mean(per_window, dtype=np.float64))
   return EvalResult(float(np.exp(mean)), mean, per_window, n, seqlen, n * seqlen, seconds)
+
+
+def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: bool, desc: str) -> np.ndarray:
+  """Per-window losses of a streamed model: every window through one block before the next block is read."""
+  rest, layers = split(params)
+  rest = runner.place(rest)
+  h = runner.map_windows(lambda tokens: runner.embed(rest, tokens), windows)
+  for i in tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False):
+    block = runner.place(layers[i])
+    dtype = min((leaf.dtype for leaf in jax.tree.leaves(block)), key=lambda d: d.itemsize, default=h.dtype)
+    h = runner.map_windows(lambda x: runner.block(block, x.astype(dtype), modes=runner.config.sublayer_modes(i)), h)
+    del block
+  batches = runner.batches(*windows.shape)
+  dtype = min((leaf.dtype for leaf in jax.tree.leaves(rest)), key=lambda d: d.itemsize, default=h.dtype)
+  losses = [np.asarray(runner.head_losses(rest, x.astype(dtype), tokens))[:real]
+            for (tokens, _, real), (x, _, _) in zip(batches.chunks(windows), batches.chunks(h))]
+  return np.concatenate(losses).astype(np.float32)

@@ -80,6 +80,11 @@ def run(args) -> dict:
   from jaxprune.prune import _job as job
   from jaxprune.prune._surgeon_pass import surgeon_prune
 
+  from jaxprune.errors import JaxpruneError
+
+  for flag in ("stream", "blocks"):
+    if getattr(args, flag, None):
+      raise JaxpruneError(f"--{flag} does not apply to --method surgeon (its curvature needs the whole model)")
   spec = spec_from_args(args)
   job.check_out(args.out, args.overwrite)
   model = common.load(args.model, **({"dtype": args.dtype} if getattr(args, "dtype", None) else {}))

@@ -61,6 +61,14 @@ def add_dtype_arg(p) -> None:
                       "GGUF]")
 
 
+def add_stream_arg(p) -> None:
+  """``--stream``: decoder blocks read from disk when used, a pruned model written block by block."""
+  p.add_argument("--stream", action="store_true",
+                 help="read the decoder blocks from disk when they are used and write results block by block: "
+                      "host memory about one block plus the embeddings, for models larger than memory (Hugging "
+                      "Face safetensors directories and checkpoints written with --stream)")
+
+
 def add_batch_arg(p) -> None:
   p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward batch [default: %(default)s]")
 

@@ -10,6 +10,7 @@ def add_parser(sub) -> None:
   common.add_dtype_arg(p)
   common.add_eval_args(p, data_flag="--data")
   common.add_batch_arg(p)
+  common.add_stream_arg(p)
   common.add_json_arg(p)
   p.set_defaults(run=run)
 
@@ -17,9 +18,14 @@ def add_parser(sub) -> None:
 def run(args) -> dict:
   from jaxprune._evaluate import data_mesh
 
-  model = common.load(args.model, dtype=args.dtype)
+  model = common.load(args.model, dtype=args.dtype, stream=args.stream)
   data = common.eval_windows(args, model, args.data)
   block = common.evaluate(args, model.params, model.config, data, mesh=data_mesh())
   common.say(args, f"perplexity {block['perplexity']:.4f} on {data.source} ({block['windows']} windows x "
                    f"{block['seqlen']} tokens)")
-  return common.eval_result(block)
+  doc = common.eval_result(block)
+  if args.stream:
+    from jaxprune.io._stream import IO_SECONDS
+
+    doc["io_seconds"] = {k: round(v, 2) for k, v in IO_SECONDS.items()}
+  return doc

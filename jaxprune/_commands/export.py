@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
                       "files) [default: %(default)s]")
   p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
                  help="larger weights are split into model-*-of-*.safetensors with an index [default: %(default)s]")
+  common.add_stream_arg(p)
   common.add_json_arg(p)
   p.set_defaults(run=run)
 
@@ -30,9 +31,13 @@ def run(args) -> dict:
 
   parse_size(args.max_shard_size)  # every check that needs no model comes before loading one
   check_hf_out(args.out, args.overwrite)
-  model = common.load(args.model)
+  model = common.load(args.model, stream=args.stream)
   tokenizer = model.tokenizer if model.tokenizer_path is not None else None
   config, params = model.config, model.params
+  if config.sublayers and args.stream:
+    from jaxprune.errors import JaxpruneError
+
+    raise JaxpruneError("--stream: a model with removed sublayers exports without --stream")
   if config.sublayers:  # removed sublayers become zero weights (and output biases) a HF model computes exactly
     from jaxprune.depth import hf_compatible
 

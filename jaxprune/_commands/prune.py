@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
                       "[default: every linear]")
   p.add_argument("--ignore", nargs="+", action="extend", default=None, metavar="PATTERN",
                  help="leave these linears dense (same patterns), e.g. --ignore down_proj 'layers.0.*'")
+  p.add_argument("--blocks", type=block_range, default=None, metavar="FIRST:STOP",
+                 help="prune only blocks FIRST <= i < STOP (the others stay as they are), e.g. 0:2 to try a slow "
+                      "method on the first blocks of a large model [default: all]")
+  common.add_stream_arg(p)
   common.add_output_args(p)
   add_reconstruct_args(p)
   g = p.add_argument_group("method options (defaults: each reference implementation's)")
@@ -88,8 +92,10 @@ def run(args) -> dict:
 
   spec = spec_from_args(args)
   job.check_out(args.out, args.overwrite)
-  model = common.load(args.model, dtype=args.dtype)
+  model = common.load(args.model, dtype=args.dtype, stream=args.stream)
   recon, model = reconstruction(args, model)  # checked before any work
+  if args.blocks is not None:
+    job.check_blocks(args.blocks, model.config.num_layers)
   if args.targets or args.ignore:
     select_linears(model.config, args.targets, args.ignore)  # a pattern matching nothing fails before any work
   check_spec(spec, model.config, model.params)  # a pattern or option the solver cannot take fails before any work
@@ -103,7 +109,20 @@ def run(args) -> dict:
   return prune_and_report(args, model, lambda mesh: job.prune(
       model.params, None if calib is None else calib.tokens, config=model.config, spec=spec, out=args.out,
       identity=identity, batch_size=args.batch_size, mesh=mesh, reconstruct=recon, targets=args.targets,
-      ignore=args.ignore), lambda outcome: f"in {outcome.seconds:.1f} s")
+      ignore=args.ignore, blocks=args.blocks), lambda outcome: f"in {outcome.seconds:.1f} s")
+
+
+def block_range(text: str) -> tuple[int, int]:
+  """``FIRST:STOP`` -> ``(FIRST, STOP)`` (checked against the model once it is loaded)."""
+  import argparse
+
+  first, sep, stop = text.partition(":")
+  try:
+    if not sep:
+      raise ValueError
+    return int(first), int(stop)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected FIRST:STOP (e.g. 0:2), got {text!r}") from None
 
 
 def prune_and_report(args, model, prune, describe) -> dict:
@@ -136,7 +155,12 @@ def prune_and_report(args, model, prune, describe) -> dict:
       summary += f" (dense {dense['perplexity']:.4f})"
   common.say(args, summary)
   kept = {k: v for k, v in outcome.metadata.items() if k not in ("eval", "generation_config", "versions")}
-  return {**kept, "prune_seconds": round(outcome.seconds, 2), **common.eval_result(block, dense)}
+  doc = {**kept, "prune_seconds": round(outcome.seconds, 2), **common.eval_result(block, dense)}
+  if getattr(args, "stream", False):
+    from jaxprune.io._stream import IO_SECONDS
+
+    doc["io_seconds"] = {k: round(v, 2) for k, v in IO_SECONDS.items()}  # the whole command's reads and writes
+  return doc
 
 
 def layer_table(layers: list[dict]) -> str:

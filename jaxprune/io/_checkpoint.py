@@ -8,6 +8,11 @@ Layout of a checkpoint directory::
   masks/          Orbax tree of the pruning masks (optional)
   tokenizer/      the tokenizer, saved with ``save_pretrained`` (optional)
 
+A streamed model (``params["layers"]`` a :class:`~jaxprune.io._stream.Blocks`) is written block by block
+instead, each block read, written and dropped in turn: ``params/`` then holds everything but the blocks, and
+``layers/NNNNN/params/`` (and ``layers/NNNNN/masks/``) one Orbax tree per block. Both layouts read the same;
+:func:`read_checkpoint` with ``lazy=True`` gives the blocks of the second as a ``Blocks`` again.
+
 Everything is written into a temporary sibling directory and renamed into place, so a crash never leaves a
 half-written checkpoint under the final name.
 """
@@ -25,10 +30,12 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
+from jaxprune.io._stream import Blocks, is_streamed, join, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 
-FORMAT = "jaxprune-checkpoint/1"
+FORMAT = "jaxprune-checkpoint/1"  # one Orbax tree of all params (and one of all masks)
+BLOCKED_FORMAT = "jaxprune-checkpoint/2"  # written block by block: see save_checkpoint
 META_FILE = "jaxprune.json"
 
 
@@ -39,7 +46,7 @@ def is_checkpoint(path: Path) -> bool:
 def _save_tree(path: Path, tree) -> None:
   import orbax.checkpoint as ocp
 
-  with ocp.StandardCheckpointer() as ckptr:
+  with timed("write"), ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path.absolute(), jax.tree.map(np.asarray, tree))
     ckptr.wait_until_finished()
 
@@ -82,7 +89,7 @@ def _restore_tree(path: Path, abstract, dtype=None) -> Any:
   import orbax.checkpoint as ocp
 
   quiet_stray_reads()
-  with ocp.StandardCheckpointer() as ckptr:
+  with timed("read"), ocp.StandardCheckpointer() as ckptr:
     if abstract is not None:
       saved = ckptr.metadata(path.absolute()).item_metadata.tree
       abstract = jax.tree.map(lambda like, meta: jax.ShapeDtypeStruct(like.shape, dtype or meta.dtype),
@@ -99,16 +106,42 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
       raise JaxpruneError(f"output directory {out} exists and is not a jaxprune checkpoint")
     if not overwrite:
       raise JaxpruneError(f"checkpoint {out} exists; pass --overwrite to replace it")
+  blocked = is_streamed(params)
   with atomic_dir(out, replace=True) as tmp:
-    _save_tree(tmp / "params", params)
-    if masks is not None:
-      _save_tree(tmp / "masks", masks)
+    if blocked:
+      dtype = _save_blocks(tmp, params, masks)
+    else:
+      dtype = tree_dtype(params)
+      _save_tree(tmp / "params", params)
+      if masks is not None:
+        _save_tree(tmp / "masks", masks)
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    meta = {"format": FORMAT, "config": json.loads(config.to_json()), "dtype": tree_dtype(params),
-            "has_masks": masks is not None, "metadata": metadata or {}}
+    meta = {"format": BLOCKED_FORMAT if blocked else FORMAT, "config": json.loads(config.to_json()),
+            "dtype": dtype, "has_masks": masks is not None, "metadata": metadata or {}}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
   return out
+
+
+def _block_dir(root: Path, i: int) -> Path:
+  return root / "layers" / f"{i:05d}"
+
+
+def _save_blocks(root: Path, params: dict, masks: dict | None) -> str:
+  """Writes ``params`` (and ``masks``) block by block (the blocked layout); returns the params' dtype."""
+  rest, layers = split(params)
+  sizes: dict[str, int] = {}
+  _save_tree(root / "params", rest)
+  for i in range(len(layers)):
+    block = layers[i]
+    _save_tree(_block_dir(root, i) / "params", block)
+    for leaf in jax.tree.leaves(block):
+      sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
+    block_masks = masks["layers"][i] if masks is not None else None
+    if block_masks:
+      _save_tree(_block_dir(root, i) / "masks", block_masks)
+    del block, block_masks
+  return max(sorted(sizes), key=sizes.__getitem__) if sizes else tree_dtype(rest)
 
 
 def read_meta(path: Path) -> dict:
@@ -117,23 +150,30 @@ def read_meta(path: Path) -> dict:
     meta = json.loads((path / META_FILE).read_text())
   except (OSError, json.JSONDecodeError) as err:
     raise JaxpruneError(f"{path} is not a readable jaxprune checkpoint: {err}") from None
-  if meta.get("format") != FORMAT:
-    raise JaxpruneError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+  if meta.get("format") not in (FORMAT, BLOCKED_FORMAT):
+    raise JaxpruneError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT} or "
+                        f"{BLOCKED_FORMAT})")
   return meta
 
 
 def tree_dtype(params: Params) -> str:
   """The name of the float dtype holding most parameters of ``params`` (``float32``, ``bfloat16``, ...)."""
   sizes: dict[str, int] = {}
-  for leaf in jax.tree.leaves(params):
+  leaves = jax.tree.leaves(params)
+  if is_streamed(params):
+    rest, layers = split(params)
+    leaves = jax.tree.leaves(rest) + [x for i in range(len(layers)) for x in jax.tree.leaves(layers.abstract(i))]
+  for leaf in leaves:
     sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
   return max(sorted(sizes), key=sizes.__getitem__) if sizes else "float32"
 
 
-def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None):
+def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None, lazy: bool = False):
   """Returns ``(config, params, masks or None, metadata)``; a damaged checkpoint gives a one-line error.
 
-  The params come in ``dtype``, or else each in the dtype it was saved in.
+  The params come in ``dtype``, or else each in the dtype it was saved in. ``lazy``: the blocks of a checkpoint
+  written block by block come as a :class:`~jaxprune.io._stream.Blocks`, each read when used (a damaged block
+  then gives the one-line error when it is read); a checkpoint written in one piece is read whole either way.
 
   :func:`jaxprune.io.load_checkpoint` returns the same as a :class:`~jaxprune.io.LoadedModel`.
   """
@@ -144,12 +184,36 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None):
   except (KeyError, TypeError) as err:
     raise JaxpruneError(f"{path}: checkpoint config is damaged: {err}") from None
   abstract = abstract_params(config)
-  try:
-    params = _restore_tree(path / "params", abstract, dtype)
-    masks = _restore_tree(path / "masks", None) if with_masks and meta.get("has_masks") else None
-  except JaxpruneError:
-    raise
-  except Exception as err:  # Orbax raises many types for missing or truncated files
-    raise JaxpruneError(f"{path}: checkpoint is corrupt or incomplete ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+  want_masks = with_masks and meta.get("has_masks")
+  if meta["format"] == FORMAT:
+    params = _restore_or_fail(path, path / "params", abstract, dtype)
+    masks = _restore_or_fail(path, path / "masks", None) if want_masks else None
+    return config, params, masks, meta.get("metadata", {})
+  rest, abstract_layers = split(abstract)
+  saved_dtype = dtype or meta.get("dtype")
+
+  def block(i: int):
+    return lambda: _restore_or_fail(path, _block_dir(path, i) / "params", abstract_layers[i], dtype)
+
+  def block_masks(i: int):
+    return lambda: (_restore_or_fail(path, _block_dir(path, i) / "masks", None)
+                    if (_block_dir(path, i) / "masks").exists() else {})
+
+  def abstract_block(i: int):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype or x.dtype), abstract_layers[i])
+
+  n = len(abstract_layers)
+  layers = Blocks([block(i) for i in range(n)], abstract=abstract_block)
+  mask_layers = Blocks([block_masks(i) for i in range(n)]) if want_masks else None
+  params = join(_restore_or_fail(path, path / "params", rest, dtype), layers if lazy else layers[:])
+  masks = None if mask_layers is None else {"layers": mask_layers if lazy else mask_layers[:]}
   return config, params, masks, meta.get("metadata", {})
+
+
+def _restore_or_fail(checkpoint: Path, tree_path: Path, abstract, dtype=None):
+  """:func:`_restore_tree`, with any failure a one-line error naming the checkpoint."""
+  try:
+    return _restore_tree(tree_path, abstract, dtype)
+  except Exception as err:  # Orbax raises many types for missing or truncated files
+    raise JaxpruneError(f"{checkpoint}: checkpoint is corrupt or incomplete ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None

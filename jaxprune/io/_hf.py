@@ -5,16 +5,19 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
+from jaxprune.io._stream import Blocks, SafetensorsFiles, is_streamed, materialize, split, timed
 from jaxprune.models._compact import pad
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
-from jaxprune.models._convert import params_from_hf, params_to_hf
-from jaxprune.models._model import Params
+from jaxprune.models._convert import hf_name, params_from_hf, params_to_hf, tree_from_hf
+from jaxprune.models._model import Params, abstract_params
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _TENSOR_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "torch.float32": "float32",
@@ -135,6 +138,53 @@ def read_hf_dir(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
   return config, params, provenance
 
 
+def read_hf_dir_streamed(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
+  """As :func:`read_hf_dir`, with the decoder blocks read from the safetensors files only when used (a
+  :class:`~jaxprune.io._stream.Blocks`); the embeddings and the head are read now."""
+  path = Path(path)
+  hf_config = read_hf_config(path)
+  config = from_hf_config(hf_config)
+  shards = sorted(path.glob("*.safetensors"))
+  if not shards:
+    raise JaxpruneError(f"{path}: streaming reads safetensors weights, and there are none (convert the model, or "
+                        "load it without streaming)")
+  files = SafetensorsFiles(shards)
+  names = set(files.dtypes)
+  if config.tie_word_embeddings is False and "lm_head.weight" not in names:
+    raise JaxpruneError(f"{path}: untied model without lm_head.weight")
+  provenance = {"source_dtype": stored_dtype(files.dtypes, hf_config)}
+  dtype = jnp.dtype(dtype or provenance["source_dtype"])
+  abstract = abstract_params(config, dtype)
+  rest = {k: tree_from_hf(files.get, names, config, v, prefix=(k,), dtype=dtype)
+          for k, v in abstract.items() if k != "layers"}
+
+  def read(i: int):
+    with np.errstate(over="ignore"):
+      block = tree_from_hf(files.get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype)
+    if dtype == jnp.float16 and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(block)):
+      raise JaxpruneError(f"{path} cannot be held in float16: block {i} has weights beyond its range (±65504) "
+                          "that become infinite; use bfloat16 or float32")
+    return block
+
+  def block(i: int):
+    return lambda: read(i)
+
+  missing = [n for i in range(config.num_layers) for n in _block_names(config, abstract["layers"][i], i)
+             if n not in names]
+  if missing:
+    raise JaxpruneError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+  params = {**rest, "layers": Blocks([block(i) for i in range(config.num_layers)],
+                                     abstract=lambda i: abstract["layers"][i])}
+  generation = read_generation_config(path)
+  if generation is not None:
+    provenance["generation_config"] = generation
+  return config, params, provenance
+
+
+def _block_names(config: ModelConfig, abstract_block, i: int) -> list[str]:
+  return [hf_name(config, ("layers", str(i)) + p) for p, _ in tree.items(abstract_block)]
+
+
 HUB_PATTERNS = ("*.json", "*.model", "*.txt")
 
 
@@ -231,6 +281,32 @@ def _shards(tensors: dict[str, tuple[tuple[int, ...], int]], max_bytes: int) -> 
   return shards
 
 
+def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) -> None:
+  """The weights of a streamed model, one ``model-*-of-*.safetensors`` file for the embeddings and head and one
+  per block (each block read, converted, written and dropped in turn), and ``model.safetensors.index.json``."""
+  from safetensors.numpy import save_file
+
+  target = np.dtype(jnp.dtype(dtype))
+  rest, layers = split(params)
+  parts = [lambda: params_to_hf(rest, config)]
+  parts += [lambda i=i: params_to_hf({"layers": {str(i): layers[i]}}, config) for i in range(len(layers))]
+  weight_map, total = {}, 0
+  for k, part in enumerate(parts):
+    file = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+    state = part()
+    if config.tie_word_embeddings:
+      state.pop("lm_head.weight", None)
+    tensors = {name: np.ascontiguousarray(np.asarray(v, np.float32).astype(target)) for name, v in state.items()}
+    del state
+    with timed("write"):
+      save_file(tensors, str(out / file), metadata={"format": "pt"})
+    total += sum(t.nbytes for t in tensors.values())
+    weight_map.update(dict.fromkeys(tensors, file))
+    del tensors
+  index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+  (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def _write_weights(out: Path, state: dict[str, np.ndarray], dtype: str, max_bytes: int) -> None:
   """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``."""
   from safetensors.numpy import save_file
@@ -271,15 +347,20 @@ def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None, 
   check_export_dtype(dtype)
   max_bytes = parse_size(max_shard_size)
   check_hf_out(out, overwrite)
+  if is_streamed(params) and config.layer_widths:
+    params = materialize(params)  # padding needs every block's widths at once
   params, config = pad(params, config)  # per-layer widths: zero units and heads back to the uniform shapes
   hf_config = to_hf_config(config)
   hf_config.pop("torch_dtype", None)  # transformers 5 warns about it; 4.x falls back to the weights' dtype
   hf_config["dtype"] = dtype
-  state = params_to_hf(params, config)
-  if config.tie_word_embeddings:
-    state.pop("lm_head.weight", None)
   with atomic_dir(out, replace=True) as tmp:
-    _write_weights(tmp, state, dtype, max_bytes)
+    if is_streamed(params):
+      _write_blocks(tmp, params, config, dtype)
+    else:
+      state = params_to_hf(params, config)
+      if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+      _write_weights(tmp, state, dtype, max_bytes)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     if generation_config is not None:
       (tmp / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2, sort_keys=True))

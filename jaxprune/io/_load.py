@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _checkpoint as checkpoint, _gguf as gguf_file, _hf as hf
+from jaxprune.io._stream import is_streamed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params
 
@@ -114,8 +115,8 @@ def check_dtype(dtype) -> np.dtype | None:
 def _check_range(model: LoadedModel, dtype) -> LoadedModel:
   """``model``, unless casting to a narrower ``dtype`` turned finite weights into infinities (float16 holds
   magnitudes up to 65504)."""
-  if dtype is None or np.finfo(dtype).max >= np.finfo(np.float32).max:
-    return model
+  if dtype is None or np.finfo(dtype).max >= np.finfo(np.float32).max or is_streamed(model.params):
+    return model  # a streamed model's blocks are checked as they are read
   for leaf in jax.tree.leaves(model.params):
     if not np.all(np.isfinite(leaf)):
       raise JaxpruneError(f"{model.source} cannot be held in {np.dtype(dtype).name}: weights beyond its range "
@@ -123,16 +124,22 @@ def _check_range(model: LoadedModel, dtype) -> LoadedModel:
   return model
 
 
-def load_model(spec: str, *, dtype=None, with_masks: bool = False) -> LoadedModel:
+def load_model(spec: str, *, dtype=None, with_masks: bool = False, stream: bool = False) -> LoadedModel:
   """Loads the model named by ``spec`` (see module docstring) with its params in ``dtype`` (``"float32"``,
-  ``"bfloat16"`` or ``"float16"``; None: the source's dtype, float32 for GGUF files)."""
+  ``"bfloat16"`` or ``"float16"``; None: the source's dtype, float32 for GGUF files).
+
+  ``stream``: the decoder blocks are read from disk when used (``params["layers"]`` is a
+  :class:`~jaxprune.io._stream.Blocks`), so that a model larger than memory can be pruned and evaluated; for
+  Hugging Face directories with safetensors weights, GGUF files and checkpoints written block by block (the
+  embedded model and other sources are read whole).
+  """
   dtype = check_dtype(dtype)
   with np.errstate(over="ignore"):  # a cast beyond the dtype's range is reported by _check_range, in one line
-    model = _load(spec, dtype, with_masks)
+    model = _load(spec, dtype, with_masks, stream)
   return _check_range(model, dtype)
 
 
-def _load(spec: str, dtype, with_masks: bool) -> LoadedModel:
+def _load(spec: str, dtype, with_masks: bool, stream: bool = False) -> LoadedModel:
   if spec in EMBEDDED:
     path = embedded_path(spec)
     config, params, provenance = gguf_file.read_gguf(path, dtype)
@@ -146,9 +153,9 @@ def _load(spec: str, dtype, with_masks: bool) -> LoadedModel:
                           f"({', '.join(EMBEDDED)})")
   if path.is_dir():
     if checkpoint.is_checkpoint(path):
-      return load_checkpoint(path, with_masks=with_masks, dtype=dtype)
+      return load_checkpoint(path, with_masks=with_masks, dtype=dtype, lazy=stream)
     if hf.is_hf_dir(path):
-      config, params, provenance = hf.read_hf_dir(path, dtype)
+      config, params, provenance = (hf.read_hf_dir_streamed if stream else hf.read_hf_dir)(path, dtype)
       tokenizer = path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
       return LoadedModel(config, params, str(path), tokenizer, {"source": spec, **provenance})
     raise JaxpruneError(f"{path} is not a model directory (no config.json, no {checkpoint.META_FILE})")
@@ -158,11 +165,13 @@ def _load(spec: str, dtype, with_masks: bool) -> LoadedModel:
   raise JaxpruneError(f"{path} is not a model: expected a directory or a .gguf file")
 
 
-def load_checkpoint(path: Path | str, *, with_masks: bool = False, dtype=None) -> LoadedModel:
+def load_checkpoint(path: Path | str, *, with_masks: bool = False, dtype=None, lazy: bool = False) -> LoadedModel:
   """A jaxprune checkpoint as a :class:`LoadedModel` (``metadata``: what it recorded; ``masks`` with
-  ``with_masks``; params in ``dtype``, by default as saved). A damaged checkpoint gives a one-line
+  ``with_masks``; params in ``dtype``, by default as saved; ``lazy``: see
+  :func:`~jaxprune.io._checkpoint.read_checkpoint`). A damaged checkpoint gives a one-line
   :class:`JaxpruneError`."""
   path = Path(path).expanduser()
-  config, params, masks, meta = checkpoint.read_checkpoint(path, with_masks=with_masks, dtype=check_dtype(dtype))
+  config, params, masks, meta = checkpoint.read_checkpoint(path, with_masks=with_masks, dtype=check_dtype(dtype),
+                                                           lazy=lazy)
   tok = path / "tokenizer"
   return LoadedModel(config, params, str(path), tok if tok.is_dir() else None, meta, masks)

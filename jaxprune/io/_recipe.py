@@ -27,29 +27,31 @@ _PRUNE_KEYS = ("method", "pattern", "hparams", "true_sequential", "targets", "ig
 _CALIB_KEYS = {"calib": "data", "calib_sha256": "sha256", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
 
 
-def block_linears(config: ModelConfig, params) -> list[tuple[int, str, object]]:
-  """``(layer, path, kernel (d_in, d_out))`` of every linear present in the blocks of ``params``, in order."""
+def block_linears(config: ModelConfig, block) -> list[tuple[str, object]]:
+  """``(path, kernel (d_in, d_out))`` of every linear present in one block, in order."""
   found = []
-  for i, block in enumerate(params["layers"]):
-    for paths in M.linear_groups(config).values():
-      for path in paths:
-        node = block
-        for part in path.split("/"):
-          node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and "kernel" in node:
-          found.append((i, path, node["kernel"]))
+  for paths in M.linear_groups(config).values():
+    for path in paths:
+      node = block
+      for part in path.split("/"):
+        node = node.get(part) if isinstance(node, dict) else None
+      if isinstance(node, dict) and "kernel" in node:
+        found.append((path, node["kernel"]))
   return found
 
 
 def measured_sparsity(config: ModelConfig, params) -> tuple[float, int]:
-  """``(fraction of exact zeros over all block linears, number of linears)``."""
-  zeros = total = 0
-  linears = block_linears(config, params)
-  for _, _, kernel in linears:
-    k = np.asarray(kernel)
-    zeros += int(np.count_nonzero(k == 0))
-    total += k.size
-  return zeros / max(total, 1), len(linears)
+  """``(fraction of exact zeros over all block linears, number of linears)``, block by block (a streamed model
+  holds one block at a time)."""
+  zeros = total = count = 0
+  layers = params["layers"]
+  for i in range(len(layers)):
+    for _, kernel in block_linears(config, layers[i]):
+      k = np.asarray(kernel)
+      zeros += int(np.count_nonzero(k == 0))
+      total += k.size
+      count += 1
+  return zeros / max(total, 1), count
 
 
 def _version() -> str | None:

@@ -66,9 +66,15 @@ def params_from_hf(get: Callable[[str], np.ndarray], names: Mapping[str, object]
   ``get(name)`` returns one tensor ``(d_out, d_in)`` as an array; ``names`` holds the available keys. Shapes are
   checked against the config; missing tensors are named in the error.
   """
-  abstract = abstract_params(config)
+  return tree_from_hf(get, names, config, abstract_params(config), dtype=dtype)
+
+
+def tree_from_hf(get: Callable[[str], np.ndarray], names: Mapping[str, object] | set, config: ModelConfig,
+                 abstract, *, prefix: tuple[str, ...] = (), dtype=np.float32):
+  """The part ``abstract`` of the params (a ``ShapeDtypeStruct`` tree found at ``prefix`` in the whole params,
+  e.g. ``("layers", "3")`` for block 3) from a Hugging Face state dict, as :func:`params_from_hf`."""
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
-  paths = [p for p, _ in tree.items(abstract)]
+  paths = [prefix + p for p, _ in tree.items(abstract)]
   missing = [hf_name(config, p) for p in paths if hf_name(config, p) not in names]
   if missing:
     raise JaxpruneError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")

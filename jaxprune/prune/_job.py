@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from jaxprune.data._windows import as_windows
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _checkpoint as checkpoint
+from jaxprune.io._stream import Blocks, is_streamed
 from jaxprune.models._config import ModelConfig
 from jaxprune.prune._patterns import pattern_name
 from jaxprune.prune._resume import ResumeStore
@@ -48,16 +48,27 @@ def versions() -> dict[str, str]:
   return out
 
 
-def mask_tree(masks: list[dict[str, np.ndarray]]) -> dict:
-  """Per-block ``{path: mask}`` -> a tree shaped like the params' pruned kernels."""
-  return {"layers": [tree.unflatten({f"{path}/kernel": mask for path, mask in block.items()}) for block in masks]}
+def mask_tree(masks: list) -> dict:
+  """Per-block ``{path: mask}`` -> a tree shaped like the params' pruned kernels. Blocks given as loaders (a
+  streamed pass) stay loaders: the ``"layers"`` are then a :class:`~jaxprune.io._stream.Blocks`."""
+  def block_tree(block: dict) -> dict:
+    return tree.unflatten({f"{path}/kernel": mask for path, mask in block.items()})
+
+  if any(callable(block) for block in masks):
+    return {"layers": Blocks([(lambda b=block: block_tree(b())) if callable(block) else block_tree(block)
+                              for block in masks])}
+  return {"layers": [block_tree(block) for block in masks]}
 
 
 def linear_sparsity(reports: list[list[dict]], config: ModelConfig, params) -> float:
-  """Measured fraction of exact zeros over all pruned linears."""
+  """Measured fraction of exact zeros over all pruned linears (counted by the pass; read from the kernels for
+  reports without counts)."""
   zeros = total = 0
   for i, block in enumerate(reports):
     for r in block:
+      if "zeros" in r:
+        zeros, total = zeros + r["zeros"], total + r["params"]
+        continue
       k = np.asarray(kernel_at(params["layers"][i], r["name"]))
       zeros += int(np.sum(k == 0))
       total += k.size
@@ -74,7 +85,7 @@ def check_prune_spec(spec: PruneSpec) -> PruneSpec:
 
 def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | None = None,
           identity: dict | None = None, batch_size: int = 8, mesh: Mesh | None = None,
-          progress: bool = True, targets=None, ignore=None,
+          progress: bool = True, targets=None, ignore=None, blocks: tuple[int, int] | None = None,
           reconstruct=None) -> PruneOutcome:
   """Prunes every linear of every block of ``params`` with ``spec``, block by block (see :func:`run_pass`).
 
@@ -94,6 +105,8 @@ def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | No
       subset to the dense block's outputs (layer-wise reconstruction; needs ``calib``, also for magnitude).
     targets, ignore: module-name patterns of the linears to prune and to leave dense (see
       :func:`~jaxprune.prune._targets.select_linears`); by default every linear is pruned.
+    blocks: ``(first, stop)``: prune only blocks ``first <= i < stop`` (the pass ends after block ``stop - 1``;
+      the other blocks stay as they are), e.g. to try a slow method on the first blocks of a large model.
 
   Returns:
     :class:`PruneOutcome`: params, masks, metadata (spec, per-linear reports, measured sparsity) and seconds.
@@ -107,15 +120,23 @@ def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | No
   elif get_solver(spec.method).needs_calibration or reconstruct is not None:
     raise JaxpruneError(f"{spec.method}{' with reconstruction' if reconstruct else ''} needs calibration windows")
   chosen = {}
-  if targets or ignore:
-    chosen = {"targets": list(_as_list(targets)), "ignore": list(_as_list(ignore))}
+  if targets or ignore or blocks is not None:
     linears = select_linears(config, targets, ignore)
-    if "linears" not in inspect.signature(run_pass).parameters:
-      raise JaxpruneError("targets/ignore: this version's pruning pass cannot leave linears out yet")
+    if targets or ignore:
+      chosen = {"targets": list(_as_list(targets)), "ignore": list(_as_list(ignore))}
+    if blocks is not None:
+      first, stop = check_blocks(blocks, config.num_layers)
+      linears = frozenset((layer, path) for layer, path in linears if first <= layer < stop)
+      if not linears:
+        raise JaxpruneError(f"blocks {first}:{stop} hold no linear to prune")
+      chosen["blocks"] = [first, stop]
     chosen["linears"] = len(linears)
   identity = {**(identity or {}), **chosen}
   if reconstruct is not None:
     identity = {**(identity or {}), "reconstruct": reconstruct.to_json()}
+  streamed = is_streamed(params)
+  if streamed and out is None:
+    raise JaxpruneError("a streamed model is pruned into a checkpoint: pass out=")
   store = ResumeStore(out, {**identity, **spec.to_json()}) if out is not None else None
   state: BlockState | None = store.load(params) if store is not None else None
   if state is not None and progress:
@@ -123,14 +144,30 @@ def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | No
   start = time.perf_counter()
   selection = {"linears": linears} if chosen else {}
   state = run_pass(params, config, spec, calib, batch_size=batch_size, mesh=mesh, state=state,
-                   on_block=store.save if store is not None else None, progress=progress,
+                   on_block=(store.save_and_release if streamed else store.save) if store is not None else None,
+                   progress=progress,
                    refine=_refiner(reconstruct), **selection)
-  params = jax.tree.map(np.asarray, state.params)
+  params = state.params if streamed else jax.tree.map(np.asarray, state.params)
+  untouched = config.num_layers - len(state.masks)  # blocks after the last one pruned
+  state.masks.extend([{}] * untouched)
+  state.reports.extend([[] for _ in range(untouched)])
   seconds = time.perf_counter() - start
   layers = [dict(r) for block in state.reports for r in block]
   meta = {**spec.to_json(), "pattern": pattern_name(spec.pattern), "layers": layers,
           "sparsity": linear_sparsity(state.reports, config, params), "versions": versions(), **identity}
   return PruneOutcome(params, mask_tree(state.masks), meta, seconds)
+
+
+def check_blocks(blocks, num_layers: int) -> tuple[int, int]:
+  """``(first, stop)`` of a block range within ``num_layers`` blocks; a one-line error otherwise."""
+  try:
+    first, stop = (int(b) for b in blocks)
+  except (TypeError, ValueError):
+    raise JaxpruneError(f"blocks must be (first, stop), got {blocks!r}") from None
+  if not 0 <= first < stop <= num_layers:
+    raise JaxpruneError(f"blocks {first}:{stop} is not a range of this model's {num_layers} blocks "
+                        f"(0 <= first < stop <= {num_layers})")
+  return first, stop
 
 
 def _as_list(patterns) -> tuple:
@@ -151,8 +188,8 @@ def save_outcome(outcome: PruneOutcome, out: Path, config: ModelConfig, *, token
   """Writes the pruned model of ``outcome`` as a jaxprune checkpoint (params, masks, metadata, tokenizer)
   atomically, then drops the resume state of a :func:`prune` run that wrote to ``out``. ``config`` is the input
   model's; ``outcome.config`` replaces it when pruning changed the shapes."""
-  path = checkpoint.save_checkpoint(out, outcome.config or config, outcome.params, masks=outcome.masks, metadata=outcome.metadata,
-                                    tokenizer=tokenizer, overwrite=overwrite)
+  path = checkpoint.save_checkpoint(out, outcome.config or config, outcome.params, masks=outcome.masks,
+                                    metadata=outcome.metadata, tokenizer=tokenizer, overwrite=overwrite)
   ResumeStore(out, {}).clear()
   return path
 

@@ -24,6 +24,7 @@ import numpy as np
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_write
+from jaxprune.io._stream import is_streamed, timed, with_layer
 from jaxprune.prune._sequential import BlockState
 
 
@@ -49,14 +50,39 @@ class ResumeStore:
     arrays = {f"params/{k}": v for k, v in tree.flatten(jax.device_get(state.params["layers"][i])).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
     arrays["report"] = np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)
-    atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
-    if state.inputs is not None:
-      atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, state.inputs))
+    with timed("write"):
+      atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
+      if state.inputs is not None:
+        atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, state.inputs))
     progress = {"identity": self.identity, "done": state.done}
     atomic_write(self.dir / "progress.json", json.dumps(progress))
 
+  def save_and_release(self, state: BlockState) -> BlockState:
+    """:meth:`save`, then the state with the finished block's params and masks replaced by loaders of the saved
+    file: a streamed pass keeps no pruned block in memory."""
+    self.save(state)
+    i = state.done - 1
+    layers = with_layer(state.params["layers"], i, self._loader(i, "params/"))
+    masks = state.masks[:i] + [self._loader(i, "masks/")]
+    return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
+
+  def _loader(self, i: int, prefix: str):
+    file = self.dir / f"block_{i:03d}.npz"
+
+    def load():
+      try:
+        with timed("read"), np.load(file) as z:
+          flat = {k[len(prefix):]: _float(z[k]) for k in z.files if k.startswith(prefix)}
+      except (OSError, ValueError, KeyError) as err:
+        raise JaxpruneError(f"{self.dir}: resume state is damaged ({err}); remove it to start over") from None
+      return tree.unflatten(flat) if prefix == "params/" else flat
+
+    return load
+
   def load(self, params: dict) -> BlockState | None:
-    """The saved state on top of the original ``params``, or None if there is nothing to resume."""
+    """The saved state on top of the original ``params``, or None if there is nothing to resume (the finished
+    blocks of a streamed model stay on disk, read when used)."""
+    streamed = is_streamed(params)
     progress_file = self.dir / "progress.json"
     if not progress_file.is_file():
       return None
@@ -64,13 +90,15 @@ class ResumeStore:
       progress = json.loads(progress_file.read_text())
       if progress["identity"] != self.identity:
         raise JaxpruneError(f"{self.dir} holds progress of a different run; remove it or use another --out")
-      layers, masks, reports = list(params["layers"]), [], []
+      layers, masks, reports = params["layers"], [], []
       for i in range(progress["done"]):
         with np.load(self.dir / f"block_{i:03d}.npz") as z:
-          flat = {k: z[k] for k in z.files}
-        layers[i] = tree.unflatten({k[len("params/"):]: _float(v) for k, v in flat.items() if k.startswith("params/")})
-        masks.append({k[len("masks/"):]: v for k, v in flat.items() if k.startswith("masks/")})
-        reports.append(json.loads(flat["report"].tobytes()))
+          reports.append(json.loads(z["report"].tobytes()))
+        if streamed:
+          layers, block_masks = with_layer(layers, i, self._loader(i, "params/")), self._loader(i, "masks/")
+        else:
+          layers, block_masks = with_layer(layers, i, self._loader(i, "params/")()), self._loader(i, "masks/")()
+        masks.append(block_masks)
       inputs_file = self.dir / "inputs.npy"
       inputs = np.load(inputs_file) if inputs_file.is_file() else None
     except JaxpruneError:

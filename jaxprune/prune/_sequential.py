@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._stream import layer_abstract, split, with_layer
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
@@ -40,6 +41,7 @@ from jaxprune.prune._patterns import Pattern
 from jaxprune.prune.solvers import check_options, get_solver, reconstruction_error
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner
+from jaxprune.runner._distributed import fetch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,8 @@ def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
   that a pattern or hyper-parameter it cannot take raises its one-line :class:`JaxpruneError` before any work."""
   solver = jitted_solver(spec)
   needs_gram = get_solver(spec.method).needs_gram
-  shapes = {kernel_at(block, path).shape for block in params["layers"]
+  blocks = [layer_abstract(params["layers"], i) for i in range(len(params["layers"]))]
+  shapes = {kernel_at(block, path).shape for block in blocks
             for paths in block_linears(config, block).values() for path in paths}
   for d_in, d_out in sorted(shapes):
     stats = None if spec.method == "magnitude" else jax.eval_shape(functools.partial(init_stats, d_in, gram=needs_gram))
@@ -173,10 +176,11 @@ def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: d
     dense = kernel_at(block_params, path)
     kernel, mask, result = _solve(spec, dense, stats, row_mesh)
     block_params = _set_kernel(block_params, path, kernel)
-    masks[path] = np.asarray(mask)
+    masks[path] = fetch(mask)
     energy = float(_output_energy(dense, stats))
     reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": float(result.error),
-                    "relative_error": float(result.error) / energy if energy > 0 else 0.0})
+                    "relative_error": float(result.error) / energy if energy > 0 else 0.0,
+                    "params": int(kernel.size), "zeros": int(jnp.sum(kernel == 0))})
   return block_params
 
 
@@ -250,24 +254,26 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
       given[tap] = values
     block_params = _prune_group(block_params, paths, _counted(stats[tap], inputs), spec, _row_mesh(runner), masks,
                                 reports)
-  outputs = [np.asarray(runner.block(block_params, _as_input(h, block_params), modes=modes, given=_batch(given, b)),
-                        np.float32)[:real] for b, (h, _, real) in enumerate(chunks)]
+  outputs = [fetch(runner.block(block_params, _as_input(h, block_params), modes=modes, given=_batch(given, b)),
+                   np.float32)[:real] for b, (h, _, real) in enumerate(chunks)]
   return block_params, masks, reports, np.concatenate(outputs)
 
 
 def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
              mesh: Mesh | None = None, state: BlockState | None = None,
-             on_block: Callable[[BlockState], None] | None = None, progress: bool = True,
+             on_block: Callable[[BlockState], BlockState | None] | None = None, progress: bool = True,
              refine: Callable | None = None, linears=None) -> BlockState:
   """Prunes all blocks of ``params``; ``calib`` ``(n, seqlen)`` int32 token windows (None for magnitude).
 
   ``state`` resumes a pass from a finished block; ``on_block(state)`` is called after every block (the
-  checkpointing hook of :mod:`jaxprune.prune._job`). ``refine(i, dense block, pruned block, {path: mask}, inputs,
-  runner=, modes=) -> (block, report)`` changes each pruned block before its outputs feed the next one (layer-wise
+  checkpointing hook of :mod:`jaxprune.prune._job`); when it returns a state (the same, with the finished
+  block replaced by a loader of where it was written: streaming), the pass goes on from that one.
+  ``params["layers"]`` may be a :class:`~jaxprune.io._stream.Blocks` (blocks read from disk when used).
+  ``refine(i, dense block, pruned block, {path: mask}, inputs, runner=, modes=) -> (block, report)`` changes each pruned block before its outputs feed the next one (layer-wise
   reconstruction, :func:`jaxprune.retrain.make_refiner`; it needs calibration inputs, also for magnitude); the
   report's keys join the block's per-linear reports. ``linears``: a set of ``(layer, path)`` to prune (default:
-  every linear; see ``select_linears`` in :mod:`jaxprune.prune._targets`); the others stay dense. Returns the final
-  :class:`BlockState`.
+  every linear; see ``select_linears`` in :mod:`jaxprune.prune._targets`); the others stay dense, and the pass
+  ends after the last block holding one of them. Returns the final :class:`BlockState`.
   """
   needs_calib = spec.method != "magnitude"
   needs_inputs = needs_calib or refine is not None
@@ -278,11 +284,12 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   if state is None:
     inputs = None
     if needs_inputs:
-      inputs = runner.map_windows(lambda tokens: runner.embed(params, tokens), calib)
+      rest = split(params)[0]
+      inputs = runner.map_windows(lambda tokens: runner.embed(rest, tokens), calib)
     state = BlockState(0, params, [], [], inputs)
-  bar = tqdm(total=config.num_layers, initial=state.done, desc=f"prune {spec.method}", unit="block",
-             disable=not progress)
-  for i in range(state.done, config.num_layers):
+  stop = config.num_layers if linears is None else max(layer for layer, _ in linears) + 1
+  bar = tqdm(total=stop, initial=state.done, desc=f"prune {spec.method}", unit="block", disable=not progress)
+  for i in range(state.done, stop):
     start = time.perf_counter()
     modes = config.sublayer_modes(i)
     block_params = runner.place(state.params["layers"][i])
@@ -301,8 +308,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     if needs_inputs and (refine is not None or not (needs_calib and spec.true_sequential)):
       inputs = runner.map_windows(lambda h: runner.block(new_block, _as_input(h, new_block), modes=modes),
                                   state.inputs)
-    layers = list(state.params["layers"])
-    layers[i] = jax.device_get(new_block)  # the devices hold one block at a time
+    layers = with_layer(state.params["layers"], i, jax.tree.map(fetch, new_block))  # the devices hold one block
     for r in reports:
       r["layer"] = i
     state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],
@@ -311,6 +317,6 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
                     error=f"{sum(r['error'] for r in reports):.3g}")
     bar.update()
     if on_block is not None:
-      on_block(state)
+      state = on_block(state) or state
   bar.close()
   return state

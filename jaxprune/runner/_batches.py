@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.runner._distributed import fetch
 from jaxprune.runner._mesh import data_size
 
 
@@ -46,5 +47,6 @@ class Batches:
       yield self.put(part), self.put(weights), real
 
   def map(self, fn, x: np.ndarray) -> np.ndarray:
-    """``fn`` over the batches of ``x``, outputs gathered to host float32 ``(n, ...)``."""
-    return np.concatenate([np.asarray(fn(batch), np.float32)[:real] for batch, _, real in self.chunks(x)])
+    """``fn`` over the batches of ``x``, outputs gathered to host float32 ``(n, ...)`` (whole on every process of
+    a multi-process run)."""
+    return np.concatenate([fetch(fn(batch), np.float32)[:real] for batch, _, real in self.chunks(x)])

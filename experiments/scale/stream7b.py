@@ -1,0 +1,176 @@
+"""Prunes a LLaMA-2-7B-shaped model (random bfloat16 weights, 13.5 GB) on a machine whose memory it would not fit
+in as float32, streaming its blocks from disk: peak resident memory, seconds, and their split into reading,
+computing and writing, against the disk's own sequential bandwidth measured in the same run.
+
+    python experiments/scale/stream7b.py [--work DIR]      # -> stream7b.json, stream7b.md
+
+Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
+  1. the model: a Hugging Face directory with LLaMA-2-7B's config and random N(0, 0.02) bfloat16 weights, written
+     block by block (kept in ``--work`` for later runs);
+  2. ``prune --stream --method wanda`` of every block on ``--nsamples`` x ``--seqlen`` calibration tokens, with
+     the pruned perplexity on ``--eval-windows`` windows;
+  3. ``prune --stream --method sparsegpt --blocks 0:2``: SparseGPT on the first two blocks only, the others copied;
+  4. ``eval --stream`` of the Wanda checkpoint;
+  5. ``dd``: sequential write and read of a 4 GiB file with direct I/O, the disk's own bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import command, machine, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+             "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+             "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def write_model(out: Path, config: dict, seed: int = 0) -> float:
+  """A Hugging Face directory with ``config`` and random bfloat16 weights, one safetensors file per block."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+
+  if (out / "model.safetensors.index.json").is_file():
+    return 0.0
+  start = time.perf_counter()
+  tmp = out.with_name(out.name + ".tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  rng = np.random.default_rng(seed)
+  h, f, v, n = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
+
+  def normal(*shape):
+    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+  def ones(*shape):
+    return np.ones(shape, ml_dtypes.bfloat16)
+
+  parts = [{"model.embed_tokens.weight": lambda: normal(v, h), "model.norm.weight": lambda: ones(h),
+            "lm_head.weight": lambda: normal(v, h)}]
+  for i in range(n):
+    p = f"model.layers.{i}."
+    parts.append({p + "self_attn.q_proj.weight": lambda: normal(h, h), p + "self_attn.k_proj.weight": lambda: normal(h, h),
+                  p + "self_attn.v_proj.weight": lambda: normal(h, h), p + "self_attn.o_proj.weight": lambda: normal(h, h),
+                  p + "mlp.gate_proj.weight": lambda: normal(f, h), p + "mlp.up_proj.weight": lambda: normal(f, h),
+                  p + "mlp.down_proj.weight": lambda: normal(h, f), p + "input_layernorm.weight": lambda: ones(h),
+                  p + "post_attention_layernorm.weight": lambda: ones(h)})
+  weight_map, total = {}, 0
+  for k, part in enumerate(parts):
+    name = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+    tensors = {key: make() for key, make in part.items()}
+    save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    total += sum(t.nbytes for t in tensors.values())
+    weight_map.update(dict.fromkeys(tensors, name))
+    print(f"  wrote {name}", flush=True)
+  (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                "weight_map": weight_map}))
+  (tmp / "config.json").write_text(json.dumps(config, indent=1))
+  tmp.rename(out)
+  return time.perf_counter() - start
+
+
+def run(argv: list[str]) -> dict:
+  """``python -m jaxprune ARGV --json F`` in a fresh process: its JSON, wall seconds and peak RSS (GB)."""
+  out = Path(argv[argv.index("--out") + 1] if "--out" in argv else "/tmp/jaxprune-stream-eval") .with_suffix(".json")
+  start = time.perf_counter()
+  proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *argv, "--json", str(out)])
+  _, status, usage = os.wait4(proc.pid, 0)
+  seconds = time.perf_counter() - start
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise SystemExit(f"jaxprune {' '.join(argv)} failed")
+  doc = json.loads(out.read_text())
+  return {"argv": argv, "seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3),
+          "result": doc}
+
+
+def disk_bandwidth(work: Path, gib: int = 4) -> dict:
+  """Sequential write and read of ``gib`` GiB with direct I/O (``dd``), in GB/s."""
+  file = work / "dd.bin"
+  out = {}
+  for kind, args in (("write", ["if=/dev/zero", f"of={file}", "oflag=direct"]),
+                     ("read", [f"if={file}", "of=/dev/null", "iflag=direct"])):
+    start = time.perf_counter()
+    subprocess.run(["dd", *args, "bs=16M", f"count={gib * 64}", "status=none"], check=True)
+    if kind == "write":
+      os.sync()
+    out[f"{kind}_gb_per_s"] = round(gib * 2**30 / 1e9 / (time.perf_counter() - start), 3)
+  file.unlink()
+  return out
+
+
+def split(step: dict) -> dict:
+  """Seconds of a step split into reading, writing and the rest (computing, compiling, start-up)."""
+  io = step["result"].get("io_seconds", {})
+  read, write = io.get("read", 0.0), io.get("write", 0.0)
+  return {"seconds": step["seconds"], "read": read, "write": write,
+          "compute_and_rest": round(step["seconds"] - read - write, 1)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--work", type=Path, default=Path("/tmp/jaxprune-7b"), help="model and checkpoints")
+  parser.add_argument("--nsamples", type=int, default=2)
+  parser.add_argument("--seqlen", type=int, default=128)
+  parser.add_argument("--eval-windows", type=int, default=2)
+  parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+  args = parser.parse_args()
+  work = args.work
+  work.mkdir(parents=True, exist_ok=True)
+  model = work / "llama2-7b-shaped"
+  generated = write_model(model, LLAMA2_7B)
+  rng = np.random.default_rng(1)
+  np.save(work / "calib.npy", rng.integers(0, 32000, (args.nsamples, args.seqlen)).astype(np.int32))
+  np.save(work / "eval.npy", rng.integers(0, 32000, (args.eval_windows, args.seqlen)).astype(np.int32))
+  common = ["--calib", str(work / "calib.npy"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+  steps = {}
+  for name in ("wanda", "sparsegpt_blocks_0_2"):
+    shutil.rmtree(work / name, ignore_errors=True)
+  steps["wanda"] = run(["prune", "--model", str(model), "--stream", "--method", "wanda", "--sparsity", "0.5",
+                        *common, "--out", str(work / "wanda"), "--eval", str(work / "eval.npy")])
+  print(json.dumps({k: v for k, v in steps["wanda"].items() if k != "result"}), flush=True)
+  steps["eval_wanda"] = run(["eval", "--model", str(work / "wanda"), "--stream", "--data", str(work / "eval.npy")])
+  if not args.keep:
+    shutil.rmtree(work / "wanda")
+  steps["sparsegpt_blocks_0_2"] = run(["prune", "--model", str(model), "--stream", "--method", "sparsegpt",
+                                       "--sparsity", "0.5", "--blocks", "0:2", *common,
+                                       "--out", str(work / "sparsegpt_blocks_0_2")])
+  if not args.keep:
+    shutil.rmtree(work / "sparsegpt_blocks_0_2")
+  disk = disk_bandwidth(work)
+  size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
+  result = {"command": command(Path(__file__)), "machine": machine(), "model_gb": round(size_gb, 2),
+            "generate_seconds": round(generated, 1), "calibration_tokens": args.nsamples * args.seqlen,
+            "eval_tokens": args.eval_windows * args.seqlen, "disk": disk,
+            "steps": {k: {"peak_rss_gb": v["peak_rss_gb"], **split(v),
+                          **{key: v["result"].get(key) for key in ("perplexity", "sparsity", "prune_seconds")}}
+                      for k, v in steps.items()}}
+  for k, v in result["steps"].items():
+    # every byte of the model is read once and written once by a prune step (the resume state and the
+    # checkpoint: twice written, once read back); at the disk's own rates that takes:
+    v["disk_bound_read_s"] = round(size_gb / disk["read_gb_per_s"], 1)
+    v["disk_bound_write_s"] = round(size_gb / disk["write_gb_per_s"], 1)
+  write_json(HERE / "stream7b.json", result)
+  lines = ["| step | peak RSS GB | seconds | read s | write s | compute and rest s | perplexity |", "|---|---|---|---|---|---|---|"]
+  for k, v in result["steps"].items():
+    lines.append(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.0f} | {v['read']:.0f} | {v['write']:.0f} | "
+                 f"{v['compute_and_rest']:.0f} | {v.get('perplexity') or ''} |")
+  lines.append(f"\nModel {size_gb:.2f} GB on disk; disk: write {disk['write_gb_per_s']} GB/s, read "
+               f"{disk['read_gb_per_s']} GB/s (dd, direct I/O, same run).")
+  (HERE / "stream7b.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,186 @@
+"""Models larger than memory: decoder blocks read when they are used, and safetensors read range by range.
+
+A streamed model's params are the usual dict, except that ``params["layers"]`` is a :class:`Blocks`: a sequence
+whose entries are read from disk each time they are indexed (and dropped by the caller after use), so that the
+host holds the embeddings, the head and about one block at a time. :func:`split` and :func:`join` separate the
+blocks from the rest, which is an ordinary pytree.
+
+Safetensors are read by byte range (``os.pread`` into a fresh buffer) rather than memory-mapped: pages of a
+memory map that were touched stay counted in the process's resident memory until the map is closed, so a
+memory-mapped 13 GB model read block by block looks, and is accounted, as 13 GB resident.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.errors import JaxpruneError
+
+Block = dict
+Loader = Callable[[], Block]
+
+# Seconds spent reading and writing weights in this process (safetensors, checkpoints, resume state): what a
+# streamed run reports beside its total, to split it into reading, computing and writing.
+IO_SECONDS = {"read": 0.0, "write": 0.0}
+
+
+@contextlib.contextmanager
+def timed(kind: str):
+  """Adds the seconds of the ``with`` body to ``IO_SECONDS[kind]``."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    IO_SECONDS[kind] += time.perf_counter() - start
+
+
+class Blocks(Sequence):
+  """Decoder blocks, each either held (a dict of arrays) or read when indexed (a zero-argument loader).
+
+  ``abstract(i)`` gives block ``i``'s ``ShapeDtypeStruct`` tree without reading it, when the blocks' source
+  knows it (else it reads the block). :meth:`with_block` returns a copy with one entry replaced: a pass
+  replaces each block by a loader of where it wrote the pruned block.
+  """
+
+  def __init__(self, entries: Sequence[Block | Loader], abstract: Callable[[int], Block] | None = None):
+    self._entries = list(entries)
+    self._abstract = abstract
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    entry = self._entries[i]
+    return entry() if callable(entry) else entry
+
+  def held(self, i: int) -> bool:
+    """Whether block ``i`` is in memory (not read from disk when indexed)."""
+    return not callable(self._entries[i])
+
+  def abstract(self, i: int) -> Block:
+    """Block ``i`` as a tree of ``jax.ShapeDtypeStruct``."""
+    if self._abstract is not None and not self.held(i):
+      return self._abstract(i)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self[i])
+
+  def with_block(self, i: int, entry: Block | Loader) -> "Blocks":
+    entries = list(self._entries)
+    entries[i] = entry
+    abstract = self._abstract
+    if abstract is not None and not callable(entry):
+      abstract = None if all(not callable(e) for e in entries) else abstract
+    return Blocks(entries, abstract)
+
+  def __repr__(self) -> str:
+    held = sum(self.held(i) for i in range(len(self)))
+    return f"Blocks({len(self)} blocks, {held} in memory)"
+
+
+def is_streamed(params) -> bool:
+  """Whether ``params["layers"]`` is a :class:`Blocks` (read block by block)."""
+  return isinstance(params, dict) and isinstance(params.get("layers"), Blocks)
+
+
+def split(params: dict) -> tuple[dict, Sequence]:
+  """``(params without "layers", the layers)``: the first is an ordinary pytree whatever the layers are."""
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return rest, params["layers"]
+
+
+def join(rest: dict, layers) -> dict:
+  return {**rest, "layers": layers}
+
+
+def with_layer(layers, i: int, entry):
+  """``layers`` with entry ``i`` replaced: a list copy, or :meth:`Blocks.with_block` (no block is read)."""
+  if isinstance(layers, Blocks):
+    return layers.with_block(i, entry)
+  layers = list(layers)
+  layers[i] = entry() if callable(entry) else entry
+  return layers
+
+
+def layer_abstract(layers, i: int) -> Block:
+  """Block ``i`` of ``layers`` as a ``ShapeDtypeStruct`` tree (not read from disk for :class:`Blocks`)."""
+  if isinstance(layers, Blocks):
+    return layers.abstract(i)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), layers[i])
+
+
+def materialize(params: dict) -> dict:
+  """``params`` with every block in memory (an ordinary pytree)."""
+  rest, layers = split(params)
+  return join(rest, [layers[i] for i in range(len(layers))] if isinstance(layers, Blocks) else layers)
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+_SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16),
+                       "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+                       "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8)}
+
+
+class SafetensorsFiles:
+  """The tensors of one or more ``.safetensors`` files, each read by byte range on request.
+
+  ``dtypes``: ``{name: safetensors dtype string}``; ``get(name)`` returns a fresh array (no memory map). A file
+  shorter than its header says, or a header that is not valid, gives a one-line :class:`JaxpruneError` naming
+  the file, also when met halfway through reading.
+  """
+
+  def __init__(self, files: Sequence[Path]):
+    self._where: dict[str, tuple[Path, dict, int]] = {}
+    self.dtypes: dict[str, str] = {}
+    for file in files:
+      header, start = _header(Path(file))
+      for name, info in header.items():
+        if name == "__metadata__":
+          continue
+        self._where[name] = (Path(file), info, start)
+        self.dtypes[name] = info["dtype"]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._where[name][1]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    file, info, start = self._where[name]
+    begin, end = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+      raise JaxpruneError(f"{file}: tensor {name} has dtype {info['dtype']}, which jaxprune cannot read")
+    out = np.empty(end - begin, np.uint8)
+    with timed("read"), open(file, "rb") as f:
+      got = os.preadv(f.fileno(), [memoryview(out)], start + begin)
+    if got != end - begin:
+      raise JaxpruneError(f"{file} is not a readable weight file (truncated or damaged?): tensor {name} ends at "
+                          f"byte {start + end}, the file has {os.path.getsize(file)}")
+    return out.view(dtype).reshape(info["shape"])
+
+
+def _header(file: Path) -> tuple[dict, int]:
+  """The JSON header of a safetensors file and the offset where its data begins."""
+  try:
+    with open(file, "rb") as f:
+      (length,) = struct.unpack("<Q", f.read(8))
+      if length > 100_000_000:
+        raise ValueError(f"header length {length} is not plausible")
+      header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+      raise ValueError("header is not a JSON object")
+    for name, info in header.items():
+      if name != "__metadata__" and not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"tensor {name} lacks dtype, shape or data_offsets")
+  except (OSError, ValueError, struct.error) as err:
+    raise JaxpruneError(f"{file} is not a readable weight file (truncated or damaged?): {err}") from None
+  return header, 8 + length

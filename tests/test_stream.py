@@ -1,0 +1,161 @@
+"""Streaming: blocks read from disk when used and written block by block give what the in-memory path gives.
+
+Streamed and in-memory runs execute the same compiled programs on the same batches (only the order of blocks and
+windows differs, and the residual stream goes through host float32, exactly), so their results are compared
+bit for bit on one machine, as the same computation run twice.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxprune as jp
+from jaxprune.cli import main
+from jaxprune.errors import JaxpruneError
+from jaxprune.io import _stream
+from jaxprune.io._checkpoint import BLOCKED_FORMAT, META_FILE
+from jaxprune.io._load import load_model
+from jaxprune.prune import _job as job
+from jaxprune.prune._sequential import PruneSpec
+from jaxprune.prune._patterns import Unstructured
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A tiny random LLaMA (3 blocks) saved by transformers in bfloat16, with .npy windows."""
+  root = tmp_path_factory.mktemp("stream")
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "hf")
+  rng = np.random.default_rng(0)
+  np.save(root / "calib.npy", rng.integers(0, 64, (6, 16)).astype(np.int32))
+  np.save(root / "eval.npy", rng.integers(0, 64, (5, 16)).astype(np.int32))
+  return root
+
+
+def _equal_trees(a, b):
+  flat_a, flat_b = jp._tree.flatten(a), jp._tree.flatten(b)
+  assert sorted(flat_a) == sorted(flat_b)
+  for k in flat_a:
+    x, y = np.asarray(flat_a[k]), np.asarray(flat_b[k])
+    assert x.dtype == y.dtype and np.array_equal(x, y), k
+
+
+def test_streamed_read_gives_the_same_weights_block_by_block(tiny):
+  whole, streamed = load_model(str(tiny / "hf")), load_model(str(tiny / "hf"), stream=True)
+  layers = streamed.params["layers"]
+  assert isinstance(layers, _stream.Blocks) and not any(layers.held(i) for i in range(len(layers)))
+  assert streamed.dtype == whole.dtype == "bfloat16"
+  for i in range(len(layers)):
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), layers.abstract(i)) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), whole.params["layers"][i])
+  _equal_trees(_stream.materialize(streamed.params), whole.params)
+
+
+def test_streamed_perplexity_equals_in_memory(tiny):
+  windows = np.load(tiny / "eval.npy")
+  whole, streamed = load_model(str(tiny / "hf")), load_model(str(tiny / "hf"), stream=True)
+  a = jp.perplexity(whole.params, windows, config=whole.config, batch_size=2, progress=False)
+  b = jp.perplexity(streamed.params, windows, config=streamed.config, batch_size=2, progress=False)
+  np.testing.assert_array_equal(a.window_losses, b.window_losses)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_streamed_prune_writes_block_by_block_and_equals_in_memory(tiny, tmp_path, method):
+  calib = np.load(tiny / "calib.npy")
+  spec = PruneSpec(method, Unstructured(0.5))
+  whole = load_model(str(tiny / "hf"))
+  expected = jp.prune(whole.params, calib, config=whole.config, spec=spec, batch_size=2, progress=False)
+  streamed = load_model(str(tiny / "hf"), stream=True)
+  outcome = jp.prune(streamed.params, calib, config=streamed.config, spec=spec, batch_size=2, progress=False,
+                     out=tmp_path / "ck")
+  layers = outcome.params["layers"]
+  assert isinstance(layers, _stream.Blocks) and not any(layers.held(i) for i in range(len(layers)))
+  assert outcome.metadata["sparsity"] == expected.metadata["sparsity"]
+  job.save_outcome(outcome, tmp_path / "ck", streamed.config)
+  assert json.loads((tmp_path / "ck" / META_FILE).read_text())["format"] == BLOCKED_FORMAT
+  assert not (tmp_path / "ck.partial").exists()
+  for lazy in (False, True):
+    back = jp.load_checkpoint(tmp_path / "ck", with_masks=True, lazy=lazy)
+    _equal_trees(_stream.materialize(back.params), expected.params)
+    _equal_trees(_stream.materialize(back.masks), expected.masks)
+    assert back.dtype == "bfloat16"
+
+
+def test_streamed_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+  calib = np.load(tiny / "calib.npy")
+  spec = PruneSpec("wanda", Unstructured(0.5))
+  model = load_model(str(tiny / "hf"), stream=True)
+  full = jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=2, progress=False,
+                  out=tmp_path / "a")
+  from jaxprune.prune import _resume
+
+  save = _resume.ResumeStore.save_and_release
+
+  def crash_after_block_1(self, state):
+    if state.done == 2:
+      raise KeyboardInterrupt
+    return save(self, state)
+
+  monkeypatch.setattr(_resume.ResumeStore, "save_and_release", crash_after_block_1)
+  with pytest.raises(KeyboardInterrupt):
+    jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=2, progress=False, out=tmp_path / "b")
+  monkeypatch.setattr(_resume.ResumeStore, "save_and_release", save)
+  resumed = jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=2, progress=False,
+                     out=tmp_path / "b")
+  _equal_trees(_stream.materialize(resumed.params), _stream.materialize(full.params))
+  _equal_trees(_stream.materialize(resumed.masks), _stream.materialize(full.masks))
+
+
+def test_cli_stream_prune_blocks_eval_and_export(tiny, tmp_path, capsys):
+  ck, hf = tmp_path / "ck", tmp_path / "hf"
+  assert main(["prune", "--model", str(tiny / "hf"), "--stream", "--method", "sparsegpt", "--blocks", "0:2",
+               "--calib", str(tiny / "calib.npy"), "--nsamples", "6", "--seqlen", "16", "--out", str(ck), "--eval",
+               str(tiny / "eval.npy"), "--json", str(tmp_path / "p.json")]) == 0
+  doc = json.loads((tmp_path / "p.json").read_text())
+  assert doc["blocks"] == [0, 2] and {r["layer"] for r in doc["layers"]} == {0, 1}
+  back = jp.load_checkpoint(ck, with_masks=True)
+  dense = load_model(str(tiny / "hf"))
+  _equal_trees(back.params["layers"][2], dense.params["layers"][2])  # outside the range: as it was
+  assert back.masks["layers"][2] == {}
+  capsys.readouterr()
+  assert main(["eval", "--model", str(ck), "--stream", "--data", str(tiny / "eval.npy"), "--json", "-"]) == 0
+  streamed_ppl = json.loads(capsys.readouterr().out)["perplexity"]
+  assert streamed_ppl == doc["perplexity"]
+  assert main(["export", "--model", str(ck), "--stream", "--out", str(hf)]) == 0
+  index = json.loads((hf / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) == 4  # embeddings and head, then one file per block
+  exported = transformers.AutoModelForCausalLM.from_pretrained(hf)
+  assert exported.dtype == torch.bfloat16
+  _equal_trees(load_model(str(hf)).params, back.params)
+
+
+def test_truncated_safetensors_met_while_streaming_is_one_line_and_leaves_no_checkpoint(tiny, tmp_path, capsys):
+  import shutil
+
+  shutil.copytree(tiny / "hf", tmp_path / "m")
+  weights = tmp_path / "m" / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 200])  # the header and early blocks intact
+  code = main(["prune", "--model", str(tmp_path / "m"), "--stream", "--method", "magnitude",
+               "--out", str(tmp_path / "ck")])
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if "error:" in line]
+  assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+  assert "model.safetensors is not a readable weight file" in lines[0]
+  assert not (tmp_path / "ck").exists()
+
+
+def test_streaming_refuses_what_it_cannot_do(tiny, tmp_path):
+  model = load_model(str(tiny / "hf"), stream=True)
+  with pytest.raises(JaxpruneError, match="pass out="):
+    jp.prune(model.params, None, config=model.config, spec=PruneSpec("magnitude", Unstructured(0.5)))
+  with pytest.raises(JaxpruneError, match="blocks 2:9 is not a range"):
+    jp.prune(model.params, None, config=model.config, spec=PruneSpec("magnitude", Unstructured(0.5)),
+             out=tmp_path / "o", blocks=(2, 9))
