@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     common.check_json_out(args.json)  # outputs are checked before any work
+    common.join(args)  # a multi-process run is joined before any JAX computation
     result = args.run(args)
     common.write_json(args.json, common.document(args, result, version=version(),
                                                  seconds=time.perf_counter() - start))

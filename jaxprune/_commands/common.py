@@ -113,14 +113,53 @@ def add_json_arg(p) -> None:
                  help="write the result as JSON to this file, or to stdout with - (then nothing else goes there)")
 
 
+def add_distributed_args(p) -> None:
+  """``--coordinator``, ``--num-processes``, ``--process-id``: one command run by several processes (hosts)
+  together, each with the same arguments (see :func:`join`)."""
+  from jaxprune.runner._distributed import DEFAULT_TIMEOUT
+
+  g = p.add_argument_group("multi-process runs (automatic on Cloud TPU slices, SLURM and Open MPI; otherwise give "
+                           "all three on every process)")
+  g.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="address of process 0, which serves the coordinator on PORT; every process gives the same")
+  g.add_argument("--num-processes", type=positive_int, metavar="N", help="number of processes in the run")
+  g.add_argument("--process-id", type=count, metavar="I", help="this process's index, 0 .. N-1")
+  g.add_argument("--coordinator-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                 help="how long to wait for the coordinator and the other processes [default: %(default)s]")
+
+
+def join(args) -> None:
+  """Joins the multi-process run the arguments describe (explicitly, or as JAX detects it) before any JAX
+  computation; a command without the options runs in one process."""
+  if not hasattr(args, "coordinator"):
+    return
+  from jaxprune.runner._distributed import initialize
+
+  if initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                timeout=args.coordinator_timeout):
+    import jax
+
+    log(f"multi-process run: {jax.process_count()} processes, {jax.device_count()} devices "
+        f"({jax.local_device_count()} on process 0)")
+
+
+def _primary() -> bool:
+  from jaxprune.runner._distributed import is_primary
+
+  return is_primary()
+
+
 def log(message: str) -> None:
-  """Progress and notes: always stderr."""
-  print(message, file=sys.stderr, flush=True)
+  """Progress and notes: always stderr (process 0 alone in a multi-process run)."""
+  if _primary():
+    print(message, file=sys.stderr, flush=True)
 
 
 def say(args, message: str) -> None:
-  """The human-readable result: stdout, unless ``--json -`` reserves stdout for the JSON document."""
-  print(message, file=sys.stderr if getattr(args, "json", None) == "-" else sys.stdout, flush=True)
+  """The human-readable result: stdout, unless ``--json -`` reserves stdout for the JSON document (process 0
+  alone in a multi-process run)."""
+  if _primary():
+    print(message, file=sys.stderr if getattr(args, "json", None) == "-" else sys.stdout, flush=True)
 
 
 def load(spec: str, **kwargs) -> LoadedModel:
@@ -202,8 +241,9 @@ def document(args, result: dict, *, version: str, seconds: float) -> dict:
 
 
 def write_json(path, doc: dict) -> None:
-  """``doc`` to stdout (``path`` ``-``) or atomically to the file ``path``."""
-  if path is None:
+  """``doc`` to stdout (``path`` ``-``) or atomically to the file ``path`` (by process 0 alone in a multi-process
+  run)."""
+  if path is None or not _primary():
     return
   text = json.dumps(doc, indent=1, sort_keys=True, default=str)
   if str(path) == "-":

@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
                  help="shapley_near: units removed from each sub-network [default: n - floor(0.9 n) of the n "
                       "candidates: sub-networks of 90 %% of the units, as in Siddiqui et al.]")
   common.add_output_args(p)
+  common.add_distributed_args(p)
   p.set_defaults(run=run)
 
 

@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
   common.add_batch_arg(p)
   common.add_stream_arg(p)
   common.add_json_arg(p)
+  common.add_distributed_args(p)
   p.set_defaults(run=run)
 
 

@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
                  help="magnitude/SparseGPT unstructured: prune exactly floor(s*n) ('count'), or every score up to "
                       "the next one as the reference codes do ('threshold') [count]")
   _surgeon.add_args(p)
+  common.add_distributed_args(p)
   p.set_defaults(run=run)
 
 

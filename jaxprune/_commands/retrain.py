@@ -57,6 +57,7 @@ def add_parser(sub) -> None:
   p.add_argument("--max-eval-windows", type=common.count, default=common.DEFAULT_EVAL_WINDOWS, metavar="N",
                  help="evaluate the first this many windows; 0 = all [default: %(default)s]")
   common.add_json_arg(p)
+  common.add_distributed_args(p)
   p.set_defaults(run=run)
 
 

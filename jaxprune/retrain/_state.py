@@ -8,6 +8,9 @@ A state directory holds one subdirectory ``state/``, replaced atomically as a wh
   state/arrays/         Orbax tree ``{"00000": leaf, ...}``: every leaf of the :class:`~jaxprune.retrain.TrainState`
                         (trainable parameters, adapters, optimizer moments and counts, step) in ``jax.tree`` order
 
+In a multi-process run process 0 writes the state and the others wait until it is written; every process reads it
+(from a file system all of them see) on its own.
+
 Restoring needs a template state of the same run (a freshly initialised one): its tree structure, shapes and dtypes
 must match the saved leaves exactly, so a state of another model or spec is refused in one line.
 """
@@ -24,6 +27,7 @@ import numpy as np
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._checkpoint import quiet_stray_reads
+from jaxprune.runner._distributed import barrier, fetch, is_primary, local_checkpointer
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -37,16 +41,16 @@ def _keys(n: int) -> list[str]:
 def save_state(state_dir: Path | str, state: Any, progress: dict) -> Path:
   """Writes ``state`` (any pytree of arrays) and the JSON-able ``progress`` to ``state_dir/state``, atomically.
 
-  Returns the path written."""
-  import orbax.checkpoint as ocp
-
+  Returns the path written (by process 0 alone in a multi-process run; every process returns once it is written)."""
   path = Path(state_dir) / STATE
-  leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
-  with atomic_dir(path, replace=True) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save((tmp / "arrays").absolute(), dict(zip(_keys(len(leaves)), leaves)))
-      ckptr.wait_until_finished()
-    (tmp / PROGRESS).write_text(json.dumps({"format": FORMAT, **progress}, default=str))
+  leaves = [fetch(x) for x in jax.tree.leaves(state)]
+  if is_primary():
+    with atomic_dir(path, replace=True) as tmp:
+      with local_checkpointer() as ckptr:
+        ckptr.save((tmp / "arrays").absolute(), dict(zip(_keys(len(leaves)), leaves)))
+        ckptr.wait_until_finished()
+      (tmp / PROGRESS).write_text(json.dumps({"format": FORMAT, **progress}, default=str))
+  barrier(f"train state {path}")
   return path
 
 
@@ -74,8 +78,6 @@ def load_state(state_dir: Path | str, template: Any, identity: dict) -> tuple[An
   ``identity`` must equal the saved one (another run's state is refused); damaged or mismatching arrays give a
   one-line :class:`JaxpruneError` naming the directory.
   """
-  import orbax.checkpoint as ocp
-
   path = Path(state_dir) / STATE
   progress = read_progress(state_dir)
   if progress.get("identity") != json.loads(json.dumps(identity, default=str)):
@@ -85,7 +87,7 @@ def load_state(state_dir: Path | str, template: Any, identity: dict) -> tuple[An
   abstract = {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for k, x in zip(_keys(len(leaves)), leaves)}
   quiet_stray_reads()
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with local_checkpointer() as ckptr:
       restored = ckptr.restore((path / "arrays").absolute(), abstract)
     restored = [np.asarray(restored[k]) for k in _keys(len(leaves))]
   except Exception as err:  # Orbax raises many types for missing, truncated or mismatching files
@@ -100,6 +102,6 @@ def load_state(state_dir: Path | str, template: Any, identity: dict) -> tuple[An
 
 
 def clear_state(state_dir: Path | str | None) -> None:
-  """Removes ``state_dir`` (after a finished run has written its result)."""
-  if state_dir is not None:
+  """Removes ``state_dir`` (after a finished run has written its result; process 0 of a multi-process run)."""
+  if state_dir is not None and is_primary():
     shutil.rmtree(state_dir, ignore_errors=True)

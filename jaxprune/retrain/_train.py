@@ -37,6 +37,7 @@ from jaxprune.retrain._optim import TrainState, init_state, make_optimizer, proj
 from jaxprune.retrain._subsets import (
     TrainSpec, combine, count, get_path, linear_paths, parse_train_spec, partition, trainable_mask, with_biases)
 from jaxprune.runner import Runner
+from jaxprune.runner._distributed import agree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,14 +321,17 @@ def retrain(params, config: ModelConfig, masks, spec: TrainSpec | str, windows, 
 
 def _resume_or_init(run: _Run, trainable, state_dir) -> tuple[TrainState, list[float], int]:
   state = init_state(trainable, run.optimizer)
-  if not _state.has_state(state_dir):
+  restored, losses, step = None, [], 0
+  if _state.has_state(state_dir):
+    restored, progress = _state.load_state(state_dir, state, run.identity)
+    step, losses = int(progress["step"]), list(progress["losses"])
+    if not 0 <= step <= run.micro_steps or progress.get("position") != step * run.batch:
+      raise JaxpruneError(f"{state_dir}: train state is corrupt (step {step}, data position "
+                          f"{progress.get('position')}); remove it to start over")
+  agree(step, f"the step resumed from {state_dir} (which every process must see)")
+  if restored is None:
     return state, [], 0
-  restored, progress = _state.load_state(state_dir, state, run.identity)
-  step = int(progress["step"])
-  if not 0 <= step <= run.micro_steps or progress.get("position") != step * run.batch:
-    raise JaxpruneError(f"{state_dir}: train state is corrupt (step {step}, data position "
-                        f"{progress.get('position')}); remove it to start over")
-  return run.runner.replicate(jax.tree.map(jnp.asarray, restored)), list(progress["losses"]), step
+  return run.runner.replicate(jax.tree.map(jnp.asarray, restored)), losses, step
 
 
 def _loop(run: _Run, state: TrainState, losses: list[float], start: int, windows: np.ndarray, *, seed: int,

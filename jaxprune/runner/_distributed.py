@@ -139,6 +139,19 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def agree(value: int, what: str) -> None:
+  """A one-line :class:`JaxpruneError` on every process unless all processes hold the same integer ``value``
+  (``what`` says what it is, e.g. the blocks a resumed pass has done); a no-op in a single process."""
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return
+  from jax.experimental import multihost_utils
+
+  values = np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).ravel().tolist()
+  if len(set(values)) > 1:
+    seen = ", ".join(f"process {i}: {v}" for i, v in enumerate(values))
+    raise JaxpruneError(f"{what} differs between the processes ({seen})")
+
+
 def fetch(x, dtype=None) -> np.ndarray:
   """``x`` whole on the host of every process (as ``dtype``, if given): a ``jax.Array`` sharded over other
   processes' devices is gathered from all of them (``process_allgather``); anything else is read as it is."""
