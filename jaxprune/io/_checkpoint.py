@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,10 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._stream import Blocks, is_streamed, join, split, timed
+from jaxprune.io._stream import Blocks, is_streamed, join, layer_abstract, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
+from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer
 
 FORMAT = "jaxprune-checkpoint/1"  # one Orbax tree of all params (and one of all masks)
 BLOCKED_FORMAT = "jaxprune-checkpoint/2"  # written block by block: see save_checkpoint
@@ -43,10 +46,9 @@ def is_checkpoint(path: Path) -> bool:
   return (Path(path) / META_FILE).is_file()
 
 
-def _save_tree(path: Path, tree) -> None:
-  import orbax.checkpoint as ocp
-
-  with timed("write"), ocp.StandardCheckpointer() as ckptr:
+def save_tree(path: Path, tree) -> None:
+  """Writes ``tree`` (of arrays) as an Orbax tree at ``path``, which must not exist."""
+  with timed("write"), local_checkpointer() as ckptr:
     ckptr.save(path.absolute(), jax.tree.map(np.asarray, tree))
     ckptr.wait_until_finished()
 
@@ -86,10 +88,8 @@ def quiet_stray_reads() -> None:
 
 def _restore_tree(path: Path, abstract, dtype=None) -> Any:
   """The tree at ``path`` shaped like ``abstract``, each leaf in ``dtype`` or else in the dtype it was saved in."""
-  import orbax.checkpoint as ocp
-
   quiet_stray_reads()
-  with timed("read"), ocp.StandardCheckpointer() as ckptr:
+  with timed("read"), local_checkpointer() as ckptr:
     if abstract is not None:
       saved = ckptr.metadata(path.absolute()).item_metadata.tree
       abstract = jax.tree.map(lambda like, meta: jax.ShapeDtypeStruct(like.shape, dtype or meta.dtype),
@@ -99,8 +99,12 @@ def _restore_tree(path: Path, abstract, dtype=None) -> Any:
 
 def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=None, metadata: dict | None = None,
                     tokenizer=None, overwrite: bool = False) -> Path:
-  """Writes a checkpoint atomically. ``out`` must not exist, unless it is a jaxprune checkpoint and ``overwrite``."""
+  """Writes a checkpoint atomically. ``out`` must not exist, unless it is a jaxprune checkpoint and ``overwrite``.
+  In a multi-process run process 0 alone writes it, and every process returns once it is written."""
   out = Path(out)
+  if not is_primary():
+    barrier(f"checkpoint {out}")
+    return out
   if out.exists():
     if not is_checkpoint(out):
       raise JaxpruneError(f"output directory {out} exists and is not a jaxprune checkpoint")
@@ -112,14 +116,15 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
       dtype = _save_blocks(tmp, params, masks)
     else:
       dtype = tree_dtype(params)
-      _save_tree(tmp / "params", params)
+      save_tree(tmp / "params", params)
       if masks is not None:
-        _save_tree(tmp / "masks", masks)
+        save_tree(tmp / "masks", masks)
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp / "tokenizer"))
     meta = {"format": BLOCKED_FORMAT if blocked else FORMAT, "config": json.loads(config.to_json()),
             "dtype": dtype, "has_masks": masks is not None, "metadata": metadata or {}}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+  barrier(f"checkpoint {out}")
   return out
 
 
@@ -127,20 +132,58 @@ def _block_dir(root: Path, i: int) -> Path:
   return root / "layers" / f"{i:05d}"
 
 
+class SavedTree:
+  """An Orbax tree already written at ``path`` (by a streamed pass), restored when called: an entry of
+  :class:`~jaxprune.io._stream.Blocks` that :func:`save_checkpoint` links into place instead of writing again.
+  ``missing``: what a call returns when nothing was written (a block without masks); ``owner``: the directory
+  named in errors."""
+
+  def __init__(self, path: Path, owner: Path, missing=None):
+    self.path, self.owner, self.missing = Path(path), Path(owner), missing
+
+  def __call__(self):
+    if self.missing is not None and not self.path.exists():
+      return self.missing
+    return _restore_or_fail(self.owner, self.path, None)
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+  """``dest`` as a copy of the directory ``source`` made of hard links (a copy where links are not possible)."""
+  with timed("write"):
+    for file in sorted(source.rglob("*")):
+      target = dest / file.relative_to(source)
+      if file.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        continue
+      target.parent.mkdir(parents=True, exist_ok=True)
+      try:
+        os.link(file, target)
+      except OSError:
+        shutil.copy2(file, target)
+
+
 def _save_blocks(root: Path, params: dict, masks: dict | None) -> str:
-  """Writes ``params`` (and ``masks``) block by block (the blocked layout); returns the params' dtype."""
+  """Writes ``params`` (and ``masks``) block by block (the blocked layout); returns the params' dtype. Blocks
+  already written as Orbax trees (:class:`SavedTree`) are linked, not read and written again."""
   rest, layers = split(params)
+  mask_layers = masks["layers"] if masks is not None else None
   sizes: dict[str, int] = {}
-  _save_tree(root / "params", rest)
+  save_tree(root / "params", rest)
   for i in range(len(layers)):
-    block = layers[i]
-    _save_tree(_block_dir(root, i) / "params", block)
-    for leaf in jax.tree.leaves(block):
+    for leaf in jax.tree.leaves(layer_abstract(layers, i)):
       sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
-    block_masks = masks["layers"][i] if masks is not None else None
-    if block_masks:
-      _save_tree(_block_dir(root, i) / "masks", block_masks)
-    del block, block_masks
+    for name, blocks in (("params", layers), ("masks", mask_layers)):
+      if blocks is None:
+        continue
+      entry = blocks.entry(i) if isinstance(blocks, Blocks) else blocks[i]
+      if isinstance(entry, SavedTree):
+        if entry.path.exists():
+          _link_tree(entry.path, _block_dir(root, i) / name)
+        continue
+      value = entry() if callable(entry) else entry
+      if value or name == "params":
+        save_tree(_block_dir(root, i) / name, value)
+      del value
   return max(sorted(sizes), key=sizes.__getitem__) if sizes else tree_dtype(rest)
 
 

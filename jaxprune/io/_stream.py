@@ -64,6 +64,10 @@ class Blocks(Sequence):
     entry = self._entries[i]
     return entry() if callable(entry) else entry
 
+  def entry(self, i: int) -> Block | Loader:
+    """Entry ``i`` as given: a block, or its loader (not called)."""
+    return self._entries[i]
+
   def held(self, i: int) -> bool:
     """Whether block ``i`` is in memory (not read from disk when indexed)."""
     return not callable(self._entries[i])

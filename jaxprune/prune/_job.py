@@ -50,13 +50,13 @@ def versions() -> dict[str, str]:
 
 def mask_tree(masks: list) -> dict:
   """Per-block ``{path: mask}`` -> a tree shaped like the params' pruned kernels. Blocks given as loaders (a
-  streamed pass) stay loaders: the ``"layers"`` are then a :class:`~jaxprune.io._stream.Blocks`."""
+  streamed pass, whose loaders return that tree already) stay loaders: the ``"layers"`` are then a
+  :class:`~jaxprune.io._stream.Blocks`."""
   def block_tree(block: dict) -> dict:
     return tree.unflatten({f"{path}/kernel": mask for path, mask in block.items()})
 
   if any(callable(block) for block in masks):
-    return {"layers": Blocks([(lambda b=block: block_tree(b())) if callable(block) else block_tree(block)
-                              for block in masks])}
+    return {"layers": Blocks([block if callable(block) else block_tree(block) for block in masks])}
   return {"layers": [block_tree(block) for block in masks]}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_write
+from jaxprune.io._checkpoint import SavedTree, save_tree
 from jaxprune.io._stream import is_streamed, timed, with_layer
 from jaxprune.prune._sequential import BlockState
 
@@ -45,39 +46,44 @@ class ResumeStore:
     self.identity = json.loads(json.dumps(identity, default=str))
 
   def save(self, state: BlockState) -> None:
-    self.dir.mkdir(parents=True, exist_ok=True)
+    """Writes the block just finished (params, masks and report in ``block_NNN.npz``), then the progress."""
     i = state.done - 1
     arrays = {f"params/{k}": v for k, v in tree.flatten(jax.device_get(state.params["layers"][i])).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
-    arrays["report"] = np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)
+    self._write(state, arrays)
+
+  def save_and_release(self, state: BlockState) -> BlockState:
+    """For a streamed pass: writes the block just finished as Orbax trees (``layers/NNNNN/params`` and
+    ``masks``, which the final checkpoint links instead of writing them again) and its report, then the progress;
+    returns the state with that block's params and masks replaced by loaders of what was written, so that the
+    pass keeps no pruned block in memory."""
+    i = state.done - 1
+    root = self.dir / "layers" / f"{i:05d}"
+    shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
+    save_tree(root / "params", jax.device_get(state.params["layers"][i]))
+    block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
+    if block_masks:
+      save_tree(root / "masks", tree.unflatten(block_masks))
+    self._write(state, {})
+    return self._released(state, i)
+
+  def _released(self, state: BlockState, i: int) -> BlockState:
+    root = self.dir / "layers" / f"{i:05d}"
+    layers = with_layer(state.params["layers"], i, SavedTree(root / "params", self.dir))
+    masks = list(state.masks)
+    masks[i] = SavedTree(root / "masks", self.dir, missing={})
+    return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
+
+  def _write(self, state: BlockState, arrays: dict) -> None:
+    self.dir.mkdir(parents=True, exist_ok=True)
+    i = state.done - 1
+    arrays = {**arrays, "report": np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)}
     with timed("write"):
       atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
       if state.inputs is not None:
         atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, state.inputs))
     progress = {"identity": self.identity, "done": state.done}
     atomic_write(self.dir / "progress.json", json.dumps(progress))
-
-  def save_and_release(self, state: BlockState) -> BlockState:
-    """:meth:`save`, then the state with the finished block's params and masks replaced by loaders of the saved
-    file: a streamed pass keeps no pruned block in memory."""
-    self.save(state)
-    i = state.done - 1
-    layers = with_layer(state.params["layers"], i, self._loader(i, "params/"))
-    masks = state.masks[:i] + [self._loader(i, "masks/")]
-    return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
-
-  def _loader(self, i: int, prefix: str):
-    file = self.dir / f"block_{i:03d}.npz"
-
-    def load():
-      try:
-        with timed("read"), np.load(file) as z:
-          flat = {k[len(prefix):]: _float(z[k]) for k in z.files if k.startswith(prefix)}
-      except (OSError, ValueError, KeyError) as err:
-        raise JaxpruneError(f"{self.dir}: resume state is damaged ({err}); remove it to start over") from None
-      return tree.unflatten(flat) if prefix == "params/" else flat
-
-    return load
 
   def load(self, params: dict) -> BlockState | None:
     """The saved state on top of the original ``params``, or None if there is nothing to resume (the finished
@@ -90,15 +96,19 @@ class ResumeStore:
       progress = json.loads(progress_file.read_text())
       if progress["identity"] != self.identity:
         raise JaxpruneError(f"{self.dir} holds progress of a different run; remove it or use another --out")
-      layers, masks, reports = params["layers"], [], []
+      state = BlockState(0, params, [], [], None)
       for i in range(progress["done"]):
         with np.load(self.dir / f"block_{i:03d}.npz") as z:
-          reports.append(json.loads(z["report"].tobytes()))
+          flat = {k: z[k] for k in z.files}
+        state.reports.append(json.loads(flat["report"].tobytes()))
         if streamed:
-          layers, block_masks = with_layer(layers, i, self._loader(i, "params/")), self._loader(i, "masks/")
+          state.masks.append(None)
+          state = self._released(state, i)
         else:
-          layers, block_masks = with_layer(layers, i, self._loader(i, "params/")()), self._loader(i, "masks/")()
-        masks.append(block_masks)
+          block = tree.unflatten({k[len("params/"):]: _float(v) for k, v in flat.items() if k.startswith("params/")})
+          state.params = {**state.params, "layers": with_layer(state.params["layers"], i, block)}
+          state.masks.append({k[len("masks/"):]: v for k, v in flat.items() if k.startswith("masks/")})
+      layers, masks, reports = state.params["layers"], state.masks, state.reports
       inputs_file = self.dir / "inputs.npy"
       inputs = np.load(inputs_file) if inputs_file.is_file() else None
     except JaxpruneError:
