@@ -27,6 +27,7 @@ from jaxprune.io._atomic import atomic_write
 from jaxprune.io._checkpoint import SavedTree, save_tree
 from jaxprune.io._stream import is_streamed, timed, with_layer
 from jaxprune.prune._sequential import BlockState
+from jaxprune.runner._distributed import barrier, is_primary
 
 
 def partial_dir(out: Path) -> Path:
@@ -50,7 +51,9 @@ class ResumeStore:
     i = state.done - 1
     arrays = {f"params/{k}": v for k, v in tree.flatten(jax.device_get(state.params["layers"][i])).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
-    self._write(state, arrays)
+    if is_primary():  # written once, by process 0; the others wait until it is
+      self._write(state, arrays)
+    barrier(f"resume {self.dir} block {i}")
 
   def save_and_release(self, state: BlockState) -> BlockState:
     """For a streamed pass: writes the block just finished as Orbax trees (``layers/NNNNN/params`` and
@@ -59,12 +62,14 @@ class ResumeStore:
     pass keeps no pruned block in memory."""
     i = state.done - 1
     root = self.dir / "layers" / f"{i:05d}"
-    shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
-    save_tree(root / "params", jax.device_get(state.params["layers"][i]))
-    block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
-    if block_masks:
-      save_tree(root / "masks", tree.unflatten(block_masks))
-    self._write(state, {})
+    if is_primary():  # written once, by process 0; the others wait until it is, and read it from there
+      shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
+      save_tree(root / "params", jax.device_get(state.params["layers"][i]))
+      block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
+      if block_masks:
+        save_tree(root / "masks", tree.unflatten(block_masks))
+      self._write(state, {})
+    barrier(f"resume {self.dir} block {i}")
     return self._released(state, i)
 
   def _released(self, state: BlockState, i: int) -> BlockState:
@@ -118,4 +123,5 @@ class ResumeStore:
     return BlockState(progress["done"], {**params, "layers": layers}, masks, reports, inputs)
 
   def clear(self) -> None:
-    shutil.rmtree(self.dir, ignore_errors=True)
+    if is_primary():
+      shutil.rmtree(self.dir, ignore_errors=True)
