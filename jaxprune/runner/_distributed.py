@@ -13,7 +13,10 @@ default in JAX 0.10 and is chosen by :func:`initialize` where a JAX leaves it un
 from __future__ import annotations
 
 import math
+import os
 import socket
+import sys
+import threading
 import time
 
 import jax
@@ -23,6 +26,7 @@ from jaxprune.errors import JaxpruneError
 
 DEFAULT_TIMEOUT = 300.0  # seconds, as JAX's own initialization_timeout
 _RETRY = 0.25  # seconds between attempts to reach the coordinator
+_JAX_GRACE = 30  # seconds JAX's own initialization timeout runs past ours (it aborts the process with a trace)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -72,20 +76,31 @@ def _too_late(err: RuntimeError) -> bool:
   return "must be called before" in str(err)
 
 
+def _give_up(coordinator: str | None, num_processes: int | None, timeout: float) -> None:
+  """Ends the process with one line on stderr and status 2: the run did not come together within ``timeout``
+  (JAX would abort the process a little later, with a stack trace instead)."""
+  who = f"not all {num_processes} processes" if num_processes else "not all processes"
+  where = f"the coordinator {coordinator}" if coordinator else "the cluster's coordinator"
+  print(f"jaxprune: error: {who} joined {where} within {timeout:g} s", file=sys.stderr, flush=True)
+  os._exit(2)
+
+
 def initialize(coordinator: str | None = None, *, num_processes: int | None = None, process_id: int | None = None,
                timeout: float = DEFAULT_TIMEOUT) -> bool:
   """Joins this process to a multi-process run, once; returns whether it is part of one.
 
   Explicit: ``coordinator`` (``HOST:PORT`` of process 0, which serves the coordinator on that port),
-  ``num_processes`` and ``process_id``, all three; every process but 0 first waits up to ``timeout`` seconds for
-  the coordinator to accept a connection, so that one that cannot be reached is a one-line
-  :class:`JaxpruneError` instead of JAX's abort. Automatic (no argument): JAX's detection of a Cloud TPU slice,
-  SLURM or Open MPI; outside a cluster, or once JAX has computed in this process, a single process and nothing
-  to do. ``num_processes=1`` needs no runtime either.
+  ``num_processes`` and ``process_id``, all three. Automatic (no argument): JAX's detection of a Cloud TPU
+  slice, SLURM or Open MPI; outside a cluster, or once JAX has computed in this process, a single process and
+  nothing to do. ``num_processes=1`` needs no runtime either.
+
+  Nothing waits longer than ``timeout`` seconds: every process but 0 first waits for the coordinator to accept a
+  connection, and one that cannot be reached is a one-line :class:`JaxpruneError`; a run that does not come
+  together in time (a process never started, a port that is not a coordinator's) ends the process with one line
+  on stderr and exit status 2, where JAX would abort it at its own ``initialization_timeout``.
 
   Must come before any JAX computation in the process (an explicit call after one is a one-line error). Calling
-  again is a no-op (explicit arguments must then match the run joined). Processes that reach the coordinator but
-  not each other (one never started) end within ``timeout`` by JAX's own ``initialization_timeout``.
+  again is a no-op (explicit arguments must then match the run joined).
   """
   explicit = (coordinator, num_processes, process_id) != (None, None, None)
   if explicit:
@@ -104,13 +119,17 @@ def initialize(coordinator: str | None = None, *, num_processes: int | None = No
   start = time.monotonic()
   if explicit and process_id != 0:
     _reach(*parse_address(coordinator), timeout)
-  left = max(1, math.ceil(timeout - (time.monotonic() - start)))
+  left = max(timeout - (time.monotonic() - start), 0.0)
+  watchdog = threading.Timer(left, _give_up, args=(coordinator, num_processes, timeout))
+  watchdog.daemon = True
+  watchdog.start()
   try:
     if explicit:
       jax.distributed.initialize(coordinator, num_processes=int(num_processes), process_id=int(process_id),
-                                 cluster_detection_method="deactivate", initialization_timeout=left)
+                                 cluster_detection_method="deactivate",
+                                 initialization_timeout=math.ceil(left) + _JAX_GRACE)
     else:
-      jax.distributed.initialize(initialization_timeout=left)
+      jax.distributed.initialize(initialization_timeout=math.ceil(left) + _JAX_GRACE)
   except RuntimeError as err:
     if not _too_late(err):
       raise
@@ -121,6 +140,8 @@ def initialize(coordinator: str | None = None, *, num_processes: int | None = No
     if explicit or "should be defined" not in str(err):
       raise JaxpruneError(f"cannot start the multi-process run: {err}") from None
     return False
+  finally:
+    watchdog.cancel()
   return True
 
 
