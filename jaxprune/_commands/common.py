@@ -66,7 +66,7 @@ def add_stream_arg(p) -> None:
   p.add_argument("--stream", action="store_true",
                  help="read the decoder blocks from disk when they are used and write results block by block: "
                       "host memory about one block plus the embeddings, for models larger than memory (Hugging "
-                      "Face safetensors directories and checkpoints written with --stream)")
+                      "Face safetensors directories, GGUF files, checkpoints written with --stream)")
 
 
 def add_batch_arg(p) -> None:

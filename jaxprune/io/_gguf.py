@@ -19,11 +19,13 @@ head_count``; RoPE must rotate whole heads. (transformers' GGUF loader reads no 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._stream import streamed_params, timed
 from jaxprune.models._config import ModelConfig, from_hf_config
 from jaxprune.models._convert import params_from_hf
 from jaxprune.models._model import Params
@@ -155,9 +157,13 @@ def load_gguf(path: Path, dtype=None) -> tuple[ModelConfig, Params]:
   return config, params
 
 
-def read_gguf(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
+def read_gguf(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelConfig, Params, dict]:
   """Config, dequantized params (q/k row permutation undone), and ``{"source_dtype": ...}`` of a GGUF file; the
-  params in ``dtype``, float32 by default whatever the file stores (quantized blocks dequantize to float32)."""
+  params in ``dtype``, float32 by default whatever the file stores (quantized blocks dequantize to float32).
+
+  ``stream``: the blocks are a :class:`~jaxprune.io._stream.Blocks`, each tensor read by byte range from the file
+  and dequantized when its block is used (not through the reader's memory map, whose touched pages would stay
+  resident)."""
   import gguf
 
   reader = _reader(path)
@@ -173,9 +179,19 @@ def read_gguf(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
     except (KeyError, ValueError):
       raise JaxpruneError(f"{path}: unexpected GGUF tensor {t.name!r}") from None
 
+  def raw(t) -> np.ndarray:
+    if not stream:
+      return t.data
+    out = np.empty(t.data.shape, t.data.dtype)  # the shape and dtype of the memory map, without touching it
+    with timed("read"), open(path, "rb") as f:
+      got = os.preadv(f.fileno(), [memoryview(out.reshape(-1).view(np.uint8))], t.data_offset)
+    if got != out.nbytes:
+      raise JaxpruneError(f"{path} is not a readable GGUF file: tensor {t.name} is cut short")
+    return out
+
   def get(name: str) -> np.ndarray:
     t = tensors[name]
-    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    w = np.asarray(gguf.quants.dequantize(raw(t), t.tensor_type), dtype=np.float32)
     w = w.reshape([int(n) for n in reversed(t.shape)])
     if permuted and name.endswith("q_proj.weight"):
       w = unpermute(w, config.num_heads)
@@ -183,7 +199,11 @@ def read_gguf(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
       w = unpermute(w, config.num_kv_heads)
     return w
 
-  params = params_from_hf(get, set(tensors), config, np.float32 if dtype is None else dtype)
+  dtype = np.float32 if dtype is None else dtype
+  if stream:
+    params = streamed_params(get, set(tensors), config, np.dtype(dtype), path)
+  else:
+    params = params_from_hf(get, set(tensors), config, dtype)
   return config, params, {"source_dtype": _source_dtype(reader)}
 
 

@@ -5,19 +5,17 @@ import json
 import re
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
-from jaxprune.io._stream import Blocks, SafetensorsFiles, is_streamed, materialize, split, timed
+from jaxprune.io._stream import SafetensorsFiles, is_streamed, materialize, split, streamed_params, timed
 from jaxprune.models._compact import pad
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
-from jaxprune.models._convert import hf_name, params_from_hf, params_to_hf, tree_from_hf
-from jaxprune.models._model import Params, abstract_params
+from jaxprune.models._convert import params_from_hf, params_to_hf
+from jaxprune.models._model import Params
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _TENSOR_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "torch.float32": "float32",
@@ -153,36 +151,11 @@ def read_hf_dir_streamed(path: Path, dtype=None) -> tuple[ModelConfig, Params, d
   if config.tie_word_embeddings is False and "lm_head.weight" not in names:
     raise JaxpruneError(f"{path}: untied model without lm_head.weight")
   provenance = {"source_dtype": stored_dtype(files.dtypes, hf_config)}
-  dtype = jnp.dtype(dtype or provenance["source_dtype"])
-  abstract = abstract_params(config, dtype)
-  rest = {k: tree_from_hf(files.get, names, config, v, prefix=(k,), dtype=dtype)
-          for k, v in abstract.items() if k != "layers"}
-
-  def read(i: int):
-    with np.errstate(over="ignore"):
-      block = tree_from_hf(files.get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype)
-    if dtype == jnp.float16 and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(block)):
-      raise JaxpruneError(f"{path} cannot be held in float16: block {i} has weights beyond its range (±65504) "
-                          "that become infinite; use bfloat16 or float32")
-    return block
-
-  def block(i: int):
-    return lambda: read(i)
-
-  missing = [n for i in range(config.num_layers) for n in _block_names(config, abstract["layers"][i], i)
-             if n not in names]
-  if missing:
-    raise JaxpruneError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-  params = {**rest, "layers": Blocks([block(i) for i in range(config.num_layers)],
-                                     abstract=lambda i: abstract["layers"][i])}
+  params = streamed_params(files.get, names, config, jnp.dtype(dtype or provenance["source_dtype"]), path)
   generation = read_generation_config(path)
   if generation is not None:
     provenance["generation_config"] = generation
   return config, params, provenance
-
-
-def _block_names(config: ModelConfig, abstract_block, i: int) -> list[str]:
-  return [hf_name(config, ("layers", str(i)) + p) for p, _ in tree.items(abstract_block)]
 
 
 HUB_PATTERNS = ("*.json", "*.model", "*.txt")

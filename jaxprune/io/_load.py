@@ -130,8 +130,8 @@ def load_model(spec: str, *, dtype=None, with_masks: bool = False, stream: bool 
 
   ``stream``: the decoder blocks are read from disk when used (``params["layers"]`` is a
   :class:`~jaxprune.io._stream.Blocks`), so that a model larger than memory can be pruned and evaluated; for
-  Hugging Face directories with safetensors weights, GGUF files and checkpoints written block by block (the
-  embedded model and other sources are read whole).
+  Hugging Face directories with safetensors weights, GGUF files (the embedded model too) and checkpoints written
+  block by block (PyTorch ``.bin`` weights and checkpoints written in one piece are read whole).
   """
   dtype = check_dtype(dtype)
   with np.errstate(over="ignore"):  # a cast beyond the dtype's range is reported by _check_range, in one line
@@ -142,7 +142,7 @@ def load_model(spec: str, *, dtype=None, with_masks: bool = False, stream: bool 
 def _load(spec: str, dtype, with_masks: bool, stream: bool = False) -> LoadedModel:
   if spec in EMBEDDED:
     path = embedded_path(spec)
-    config, params, provenance = gguf_file.read_gguf(path, dtype)
+    config, params, provenance = gguf_file.read_gguf(path, dtype, stream=stream)
     return LoadedModel(config, params, spec, path, {"source": spec, **provenance})
   path = Path(spec).expanduser()
   if not path.exists():
@@ -160,7 +160,7 @@ def _load(spec: str, dtype, with_masks: bool, stream: bool = False) -> LoadedMod
       return LoadedModel(config, params, str(path), tokenizer, {"source": spec, **provenance})
     raise JaxpruneError(f"{path} is not a model directory (no config.json, no {checkpoint.META_FILE})")
   if path.suffix == ".gguf":
-    config, params, provenance = gguf_file.read_gguf(path, dtype)
+    config, params, provenance = gguf_file.read_gguf(path, dtype, stream=stream)
     return LoadedModel(config, params, str(path), path, {"source": spec, **provenance})
   raise JaxpruneError(f"{path} is not a model: expected a directory or a .gguf file")
 

@@ -12,6 +12,7 @@ memory-mapped 13 GB model read block by block looks, and is accounted, as 13 GB 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -126,6 +127,36 @@ def materialize(params: dict) -> dict:
   """``params`` with every block in memory (an ordinary pytree)."""
   rest, layers = split(params)
   return join(rest, [layers[i] for i in range(len(layers))] if isinstance(layers, Blocks) else layers)
+
+
+def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, source) -> dict:
+  """Params whose embeddings and head are read now and whose blocks are a :class:`Blocks` read when used, from a
+  Hugging Face state dict given tensor by tensor (``get(name)``, ``names``; see
+  :func:`~jaxprune.models._convert.tree_from_hf`), in ``dtype``. Missing tensors are named now; a block that does
+  not fit ``dtype`` (float16 infinities) fails when it is read. ``source`` names the model in errors."""
+  from jaxprune import _tree as tree
+  from jaxprune.models._convert import hf_name, tree_from_hf
+  from jaxprune.models._model import abstract_params
+
+  abstract = abstract_params(config, dtype)
+  missing = [hf_name(config, ("layers", str(i)) + p) for i in range(config.num_layers)
+             for p, _ in tree.items(abstract["layers"][i])]
+  missing = [n for n in missing if n not in names]
+  if missing:
+    raise JaxpruneError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+  rest = {k: tree_from_hf(get, names, config, v, prefix=(k,), dtype=dtype) for k, v in abstract.items()
+          if k != "layers"}
+
+  def read(i: int) -> Block:
+    with np.errstate(over="ignore"):
+      block = tree_from_hf(get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype)
+    if dtype == jnp.float16 and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(block)):
+      raise JaxpruneError(f"{source} cannot be held in float16: block {i} has weights beyond its range (±65504) "
+                          "that become infinite; use bfloat16 or float32")
+    return block
+
+  return join(rest, Blocks([functools.partial(read, i) for i in range(config.num_layers)],
+                           abstract=lambda i: abstract["layers"][i]))
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
