@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -160,12 +161,16 @@ def test_pattern_mask_dispatch():
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 def test_layer_mask_row_sharded_equals_unsharded(axis_type):
+  """Many ties (the tie cut is searched): per layer and per row, on rows of 12 and of 4096 (several halvings)."""
   mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
-  scores = tied_scores((16, 12), seed=5)
-  sharded = jax.device_put(jnp.asarray(scores), NamedSharding(mesh, P("model", None)))
-  with jax.set_mesh(mesh):
-    got = jax.jit(lambda s: layer_mask(s, 77))(sharded)
-  np.testing.assert_array_equal(np.asarray(got), ref.lowest_pruned(scores.ravel(), 77).reshape(scores.shape))
+  for shape, k_layer, k_row in (((16, 12), 77, 5), ((16, 4096), 30001, 1999)):
+    scores = tied_scores(shape, seed=5)
+    sharded = jax.device_put(jnp.asarray(scores), NamedSharding(mesh, P("model", None)))
+    with jax.set_mesh(mesh):
+      got = jax.jit(lambda s: layer_mask(s, k_layer))(sharded)  # noqa: B023
+      rows = jax.jit(lambda s: keep_mask(s, k_row))(sharded)  # noqa: B023
+    np.testing.assert_array_equal(np.asarray(got), ref.lowest_pruned(scores.ravel(), k_layer).reshape(shape))
+    np.testing.assert_array_equal(np.asarray(rows), np.stack([ref.lowest_pruned(row, k_row) for row in scores]))
 
 
 @pytest.mark.parametrize("axis_type", [None, AxisType.Auto, AxisType.Explicit], ids=["one-device", "auto", "explicit"])
@@ -184,3 +189,67 @@ def test_selection_that_needs_no_tie_break_equals_the_stable_rule(axis_type):
       np.testing.assert_array_equal(got, ref.lowest_pruned(scores.ravel(), k).reshape(scores.shape))
     got = np.asarray(jax.jit(lambda s: keep_mask(s, 4))(arr))
     np.testing.assert_array_equal(got, np.stack([ref.lowest_pruned(row, 4) for row in scores]))
+
+
+# ---------------------------------------------------------------- the selection at width
+
+
+@pytest.mark.parametrize("shape", [(3, 65), (5, 1000), (2, 2 ** 15), (1, 2 ** 22)], ids=str)
+def test_count_is_exact_at_every_width(shape):
+  """The halving count equals NumPy's: odd widths, and partial counts that outgrow uint8 (2^15) and int16 (2^22)."""
+  count = importlib.import_module("jaxprune.prune._masks")._count
+  pred = np.random.default_rng(8).random(shape) < 0.9
+  pred[0] = True  # the largest count of every partial sum
+  np.testing.assert_array_equal(np.asarray(jax.jit(count, static_argnums=1)(jnp.asarray(pred), (1,)))[:, 0],
+                                pred.sum(axis=1))
+  assert int(count(jnp.asarray(pred), (0, 1))[0, 0]) == pred.sum()
+
+
+def mixed_scores(shape, seed):
+  """Continuous scores (ties rare) in the even rows, few distinct values (the tie cut needed) in the odd rows."""
+  rng = np.random.default_rng(seed)
+  scores = np.abs(rng.normal(size=shape)).astype(np.float32)
+  scores[1::2] = np.round(scores[1::2] * 4) / 4
+  return scores
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_selection_at_width_4096_equals_the_stable_reference(use_jit):
+  """Per row and per layer at a model's width, continuous and tied rows together: every radix stage, both tie
+  paths; the reference is a stable float64 sort."""
+  scores = mixed_scores((24, 4096), seed=9)
+  rows_select = jax.jit(keep_mask) if use_jit else keep_mask
+  layer_select = jax.jit(layer_mask) if use_jit else layer_mask
+  for k in (1, 2048, 3000):
+    got = np.asarray(rows_select(jnp.asarray(scores), k))
+    np.testing.assert_array_equal(got, np.stack([ref.lowest_pruned(row.astype(np.float64), k) for row in scores]))
+  for k in (12 * 4096, 70001):
+    got = np.asarray(layer_select(jnp.asarray(scores), k))
+    np.testing.assert_array_equal(got, ref.lowest_pruned(scores.ravel().astype(np.float64), k).reshape(scores.shape))
+  continuous = scores[::2]  # no tie at the threshold: only the radix select runs
+  for sparsity in (0.5, 0.7):
+    got = np.asarray(unstructured_mask(jnp.asarray(continuous), sparsity=sparsity, scope="layer"))
+    np.testing.assert_array_equal(got, ref.unstructured_keep(continuous.astype(np.float64), sparsity, "layer"))
+    assert (~got).sum() == num_pruned(continuous.size, sparsity)
+
+
+def test_threshold_rule_at_width_4096():
+  scores = mixed_scores((8, 4096), seed=10)
+  for axes_scope in ("layer", "row"):
+    got = np.asarray(unstructured_mask(jnp.asarray(scores), sparsity=0.5, scope=axes_scope, ties="threshold"))
+    if axes_scope == "layer":
+      want = ref.unstructured_keep(scores.astype(np.float64), 0.5, "layer", ties="threshold")
+    else:
+      want = np.stack([row > np.sort(row)[2048] for row in scores])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_selection_with_ties_in_float64_under_x64():
+  """64-bit keys (eight radix stages) and the tie cut, per row and per layer."""
+  scores = tied_scores((6, 300), seed=11).astype(np.float64) + 1e-300  # zeros become 1e-300: not a float32
+  scores[0] = np.random.default_rng(11).normal(size=300)
+  with jax.enable_x64(True):
+    rows = np.asarray(jax.jit(keep_mask)(jnp.asarray(scores), 123))
+    layer = np.asarray(jax.jit(layer_mask)(jnp.asarray(scores), 901))
+  np.testing.assert_array_equal(rows, np.stack([ref.lowest_pruned(row, 123) for row in scores]))
+  np.testing.assert_array_equal(layer, ref.lowest_pruned(scores.ravel(), 901).reshape(scores.shape))

@@ -26,6 +26,7 @@ import tolerances as tol
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune import (
     NM, SOLVERS, Stats, Unstructured, accumulate, admm, admm_update, get_solver, init_stats, sparsegpt)
+from jaxprune.prune.solvers import check_options, solver_options
 
 D_OUT, D_IN, BLOCK = 24, 40, 16
 DEAD = (3, 17)
@@ -303,6 +304,35 @@ def test_sharded_rows_equal_unsharded(name, mode, pattern):
   np.testing.assert_allclose(float(got.error), ref.error(w, np.asarray(got.w), g), rtol=tol.ERROR_RTOL)
 
 
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_error_only_when_asked(name, pattern):
+  """``with_error=False``: no error (``None``), the reference's mask and weights; by default the error equals the
+  float64 trace of the returned weights. ``with_error`` is not a hyper-parameter of the command line."""
+  w, x = make_problem(seed=14)
+  stats = stats_of(x)
+  want = reference(name, w, stats, pattern, **HPARAMS.get(name, {}))
+  solve = functools.partial(SOLVERS[name].solve, pattern=pattern, **HPARAMS.get(name, {}))
+  without = jax.jit(functools.partial(solve, with_error=False))(jnp.asarray(w), stats)
+  assert without.error is None
+  assert_as_reference_f32(without, want)
+  default = jax.jit(solve)(jnp.asarray(w), stats)
+  assert_as_reference_f32(default, want)
+  g = np.asarray(stats.gram, np.float64)
+  np.testing.assert_allclose(float(default.error), ref.error(w, np.asarray(default.w), g), rtol=tol.ERROR_RTOL)
+  assert "with_error" not in solver_options(name)
+  with pytest.raises(JaxpruneError, match="takes no option 'with_error'"):
+    check_options(name, pattern, {"with_error": False})
+
+
+def test_magnitude_without_statistics_error_only_when_asked():
+  w, _ = make_problem(seed=15)
+  got = SOLVERS["magnitude"].solve(jnp.asarray(w), None, pattern=Unstructured(0.5))
+  np.testing.assert_allclose(float(got.error), np.sum((w.astype(np.float64) - np.asarray(got.w)) ** 2),
+                             rtol=tol.ERROR_RTOL)
+  assert SOLVERS["magnitude"].solve(jnp.asarray(w), None, pattern=Unstructured(0.5), with_error=False).error is None
+
+
 def test_sparsegpt_transposed_column_loop_equals_the_column_form():
   """The OBS column loop runs on the transposed block; it computes the plain column loop (one rank-1 update of
   the whole block per column): both equal that loop in float64 to float32 rounding."""
@@ -372,6 +402,7 @@ def test_get_solver_lists_known_methods():
     (lambda w, s: admm(w, s, pattern=NM(2, 4), rho=0.0), "rho"),
     (lambda w, s: admm_update(w, s, mask=jnp.ones((3, 3), bool)), "mask shape"),
     (lambda w, s: SOLVERS["magnitude"].solve(w[0], s, pattern=NM(2, 4)), "d_out, d_in"),
+    (lambda w, s: SOLVERS["wanda"].solve(w, s, pattern=NM(2, 4), with_error="yes"), "with_error must be True or"),
 ])
 def test_bad_input_raises(call, match):
   w, x = make_problem(seed=12)

@@ -11,12 +11,13 @@ score ``<=`` the one at position ``floor(s·n)`` (0-based) of the ascending sort
 Wanda and ADMM prune exactly ``floor(s·n)``, and ``torch.topk`` leaves the order of ties unspecified.
 
 No sort: the threshold (the ``k``-th smallest score) is found by a radix select on the bit patterns of the
-scores -- 32 passes (64 for float64) that each compare every score with a candidate and count, in one
-``lax.fori_loop`` -- and ties at the threshold are broken with a cumulative count, computed only when some
-slice has more scores tied at its threshold than it still prunes (rare for continuous scores). Every pass is
-an elementwise compare and a reduction, so a global selection also works on row-sharded scores: the counts
-are summed over devices, nothing is gathered. Counts along the last axis are summed in float32 (exact: a row
-has fewer than 2^24 entries).
+scores, one bit per pass from the top (32 passes, 64 for float64), each pass an elementwise compare and a count.
+The passes run on a uint8 copy of the byte under search (scores whose higher bytes differ from the threshold's
+so far become 0 or 255), and a count adds halves of the last axis elementwise before a short sum: XLA's CPU
+reductions run on one core and unvectorised, its elementwise loops do not (``experiments/solver_speed``). Ties at
+the threshold are broken, only when some slice has more scores tied at its threshold than it still prunes, by a
+second radix select over the positions of the tied scores. Every step is elementwise or a count, so a global
+selection also works on row-sharded scores: the counts are summed over devices, nothing is gathered.
 
 >>> import jax.numpy as jnp
 >>> keep_mask(jnp.array([[3., 1., 1., 2.]]), 2).tolist()
@@ -30,7 +31,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprune.prune._patterns import NM, Unstructured
 
@@ -52,17 +52,64 @@ def _ordered_keys(scores: jax.Array):
   return u ^ flip, bits
 
 
-_EXACT_F32 = 2 ** 24  # float32 counts every integer up to here exactly
+_NARROW = 64  # the halving in :func:`_count` stops at this width (or an odd one); a plain sum adds the rest
 
 
 def _count(pred: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """Number of ``True`` in ``pred`` over ``axes`` (kept as size-1 dimensions), int32."""
+  """Number of ``True`` in ``pred`` over ``axes`` (kept as size-1 dimensions), int32.
+
+  Along the last axis the two halves are added elementwise while the width is even and above ``_NARROW``, in the
+  narrowest integer type that holds the partial counts (uint8, then int16, then int32): elementwise work that XLA
+  vectorises and spreads over the cores, unlike a reduction. Exact, and local to each device for row-sharded
+  ``pred``.
+  """
   last = pred.ndim - 1
-  if last not in axes or pred.shape[-1] >= _EXACT_F32:
+  if last not in axes:
     return jnp.sum(pred, axis=axes, keepdims=True, dtype=jnp.int32)
-  per_row = jnp.sum(pred.astype(jnp.float32), axis=-1, keepdims=True).astype(jnp.int32)
+  x, most = pred.astype(jnp.uint8), 1
+  while x.shape[-1] % 2 == 0 and x.shape[-1] > _NARROW:
+    most *= 2
+    if most > jnp.iinfo(x.dtype).max:
+      x = x.astype(jnp.int16 if most <= jnp.iinfo(jnp.int16).max else jnp.int32)
+    half = x.shape[-1] // 2
+    x = x[..., :half] + x[..., half:]
+  per_row = jnp.sum(x, axis=-1, keepdims=True, dtype=jnp.int32)
   rest = tuple(a for a in axes if a != last)
   return jnp.sum(per_row, axis=rest, keepdims=True, dtype=jnp.int32) if rest else per_row
+
+
+def _digits(keys: jax.Array, thr: jax.Array, shift: int, width: int, bits: int) -> jax.Array:
+  """The ``width`` bits of ``keys < 2**bits`` from bit ``shift`` up, as uint8, where the bits above them equal
+  ``thr``'s; 0 where those are lower, 255 where higher. For ``t < 2**width - 1``, ``count(digits <= t)`` is then
+  the count of keys up to ``thr``'s high bits followed by ``t``."""
+  digit = ((keys >> shift) & (2 ** width - 1)).astype(jnp.uint8)
+  if shift + width == bits:
+    return digit
+  high, thr_high = keys >> (shift + width), thr >> (shift + width)
+  return jnp.where(high < thr_high, jnp.uint8(0), jnp.where(high > thr_high, jnp.uint8(255), digit))
+
+
+def _search(keys: jax.Array, bits: int, k, axes: tuple[int, ...]) -> jax.Array:
+  """The smallest ``t`` with ``count(keys <= t) >= k`` over ``axes`` (kept as size-1 dimensions), for unsigned
+  ``keys < 2**bits`` and ``k`` at most the count of ``keys < 2**bits - 1`` (a broadcastable int32).
+
+  A radix select, one bit per pass from the top, on a uint8 copy of the keys that holds only the (up to) 8 bits
+  under search: ``ceil(bits / 8)`` copies and ``bits`` passes, each a compare and a :func:`_count`.
+  """
+  count = functools.partial(_count, axes=axes)
+  thr = jnp.zeros_like(jnp.max(keys[..., :1], axis=axes, keepdims=True))  # the shape and sharding
+  for top in range(bits, 0, -8):
+    width = min(8, top)
+    digits = _digits(keys, thr, top - width, width, bits)
+
+    def bit_step(i, t, digits=digits, width=width):  # the smallest t with count(digits <= t) >= k
+      bit = jnp.left_shift(jnp.uint8(1), (width - 1 - i).astype(jnp.uint8))
+      enough = count(digits <= (t | (bit - jnp.uint8(1)))) >= k
+      return jnp.where(enough, t, t | bit)
+
+    digit = jax.lax.fori_loop(0, width, bit_step, jnp.zeros_like(thr, dtype=jnp.uint8))
+    thr = thr | (digit.astype(keys.dtype) << (top - width))
+  return thr
 
 
 def _lowest(scores: jax.Array, k, axes: tuple[int, ...]):
@@ -72,28 +119,30 @@ def _lowest(scores: jax.Array, k, axes: tuple[int, ...]):
   of the tied ones are still to prune (``k`` minus the count below).
   """
   keys, bits = _ordered_keys(scores)
-  utype = keys.dtype
   k = jnp.asarray(k, jnp.int32)
-  one = jnp.asarray(1, utype)
-  count = functools.partial(_count, axes=axes)
-
-  def bit_step(i, prefix):  # the smallest T with count(keys <= T) >= k, built from the top bit down
-    bit = one << (bits - 1 - i).astype(utype)
-    enough = count(keys <= (prefix | (bit - one))) >= k
-    return jnp.where(enough, prefix, prefix | bit)
-
-  prefix = jnp.zeros_like(jnp.max(keys, axis=axes, keepdims=True))
-  thr = jax.lax.fori_loop(0, bits, bit_step, prefix)
+  thr = _search(keys, bits, k, axes)
   below = keys < thr
-  return below, keys == thr, k - count(below)
+  return below, keys == thr, k - _count(below, axes)
 
 
-def _keep(below, tied, room, axes, tie_rank) -> jax.Array:
-  """Keep mask that prunes ``below`` and the first ``room`` of ``tied`` in the order of ``tie_rank()`` (ranks
-  from 1 over ``axes``). The ranks, a cumulative sum, are computed only when some slice has more scores tied
-  at its threshold than ``room``; otherwise every tied score goes."""
+def _positions(like: jax.Array, dim: int) -> jax.Array:
+  """uint32 positions along ``dim`` in the shape of ``like`` (and its sharding, if explicit)."""
+  sharding = jax.typeof(like).sharding
+  explicit = any(axis is not None for axis in sharding.spec)
+  return jax.lax.broadcasted_iota(jnp.uint32, like.shape, dim, out_sharding=sharding if explicit else None)
+
+
+def _keep(below, tied, room, axes, order: jax.Array, size: int) -> jax.Array:
+  """Keep mask that prunes ``below`` and the first ``room`` of ``tied`` in ``order`` (distinct uint32 below
+  ``size`` over ``axes``). The cut in that order is searched only when some slice has more scores tied at its
+  threshold than ``room`` (a radix select on the positions of the tied scores); otherwise every tied score
+  goes."""
   crowded = jnp.any(_count(tied, axes) > room)
-  return ~jax.lax.cond(crowded, lambda: below | (tied & (tie_rank() <= room)), lambda: below | tied)
+  bits = size.bit_length()  # 2**bits - 1 >= size marks the scores that are not tied
+  none = jnp.full_like(room, 2 ** bits - 1, dtype=jnp.uint32)
+  cut = jax.lax.cond(crowded, lambda: _search(jnp.where(tied, order, jnp.uint32(2 ** bits - 1)), bits, room, axes),
+                     lambda: none)
+  return ~(below | (tied & (order <= cut)))
 
 
 def keep_mask(scores: jax.Array, k) -> jax.Array:
@@ -108,30 +157,23 @@ def keep_mask(scores: jax.Array, k) -> jax.Array:
   """
   axes = (scores.ndim - 1,)
   below, tied, room = _lowest(scores, k, axes)
-  return _keep(below, tied, room, axes, lambda: jnp.cumsum(tied, axis=-1, dtype=jnp.int32))
+  return _keep(below, tied, room, axes, _positions(tied, scores.ndim - 1), scores.shape[-1])
 
 
 def layer_mask(scores: jax.Array, k, *, ties: str = "count") -> jax.Array:
   """Prunes the ``k`` lowest of all of ``scores`` (any shape) in row-major flat order; returns the keep mask.
   (``ties="threshold"``: :func:`threshold_mask` over all of ``scores`` instead.)
 
-  The tie order needs the number of tied scores in earlier rows: a cumulative sum over the (small) vector of
-  per-row counts, replicated first when the rows are explicitly sharded (mesh axes of type ``Explicit``).
+  Ties are ordered by flat index, ``row · n + column`` (fewer than ``2**32`` scores).
   """
   if ties == "threshold":
     return threshold_mask(scores, k)
   rows = scores.reshape(-1, scores.shape[-1]) if scores.ndim != 2 else scores
+  if rows.size >= 2 ** 32:
+    raise ValueError(f"layer_mask ranks fewer than 2**32 scores, got {rows.size}")
   below, tied, room = _lowest(rows, k, (0, 1))
-
-  def tie_rank():
-    per_row = jnp.sum(tied, axis=1, dtype=jnp.int32)
-    sharding = jax.typeof(per_row).sharding
-    if any(axis is not None for axis in sharding.spec):
-      per_row = jax.sharding.reshard(per_row, NamedSharding(sharding.mesh, P()))
-    earlier = jnp.cumsum(per_row, dtype=jnp.int32) - per_row
-    return jnp.cumsum(tied, axis=1, dtype=jnp.int32) + earlier[:, None]
-
-  return _keep(below, tied, room, (0, 1), tie_rank).reshape(scores.shape)
+  flat = _positions(tied, 0) * jnp.uint32(rows.shape[1]) + _positions(tied, 1)
+  return _keep(below, tied, room, (0, 1), flat, rows.size).reshape(scores.shape)
 
 
 TIES = ("count", "threshold")

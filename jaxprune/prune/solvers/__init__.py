@@ -2,8 +2,12 @@
 
 ``w`` is ``(d_out, d_in)`` (the HF layout), masks are ``True`` = kept. Every solver is jit-compiled, with its
 pattern and options static (one compilation per shape and option set); it can be called as it is, or inside a
-function the caller jits or vmaps (patterns are pytrees without leaves, so they may be passed as arguments). :data:`SOLVERS` names every method for
-the sequential pass and the command line; :func:`get_solver` looks one up.
+function the caller jits or vmaps (patterns are pytrees without leaves, so they may be passed as arguments).
+:data:`SOLVERS` names every method for the sequential pass and the command line; :func:`get_solver` looks one up.
+
+Every solver also takes ``with_error`` (default ``True``): ``False`` leaves the reconstruction error out
+(``SolverResult.error`` is ``None``), which with a Gram saves a ``d_out × d_in × d_in`` product. It is not a
+hyper-parameter: :func:`solver_options` does not list it.
 
 >>> sorted(SOLVERS)
 ['admm', 'magnitude', 'sparsegpt', 'wanda']
@@ -60,13 +64,13 @@ def get_solver(name: str) -> SolverSpec:
 
 
 def solver_options(name: str) -> tuple[str, ...]:
-  """The keyword options (hyper-parameters) of solver ``name``, besides ``pattern``.
+  """The keyword options (hyper-parameters) of solver ``name``, besides ``pattern`` and ``with_error``.
 
   >>> solver_options("sparsegpt")
   ('blocksize', 'percdamp', 'max_retries', 'ties')
   """
   params = inspect.signature(get_solver(name).solve).parameters.values()
-  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "pattern")
+  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("pattern", "with_error"))
 
 
 def check_options(name: str, pattern, options) -> tuple[tuple[str, Any], ...]:

@@ -135,9 +135,9 @@ def _check_hparams(rho, percdamp, iterations, mask_iterations=0, schedule="cubic
     raise JaxpruneError(f"admm: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("rho", "percdamp", "iterations"))
+@functools.partial(jax.jit, static_argnames=("rho", "percdamp", "iterations", "with_error"))
 def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0, percdamp: float = 0.1,
-                iterations: int = 20) -> SolverResult:
+                iterations: int = 20, with_error: bool = True) -> SolverResult:
   """ADMM weight update of ``w`` ``(d_out, d_in)`` on a fixed keep ``mask`` ``(d_out, d_in)`` (Boža 2024, Alg. 1).
 
   Args:
@@ -147,6 +147,7 @@ def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0
     rho: ADMM penalty ``ρ``, relative to the unit-diagonal normalised Gram.
     percdamp: ridge ``λ = percdamp · mean(diag H)``.
     iterations: ADMM iterations.
+    with_error: whether to return the reconstruction error (else ``error`` is ``None``).
   """
   check_inputs("admm_update", w, stats, Unstructured(0.0), needs="gram")
   _check_hparams(rho, percdamp, iterations)
@@ -154,13 +155,14 @@ def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0
     raise JaxpruneError(f"admm_update: mask shape {mask.shape} differs from weights {w.shape}")
   mask = mask.astype(bool)
   w_new, _ = _solve(w, stats, None, mask, rho=rho, percdamp=percdamp, iterations=iterations, mask_iterations=0)
-  return finish(w, w_new, mask, stats)
+  return finish(w, w_new, mask, stats, with_error=with_error)
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "rho", "percdamp", "iterations", "mask_iterations",
-                                                  "schedule"))
+                                                  "schedule", "with_error"))
 def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float = 1.0, percdamp: float = 0.1,
-         iterations: int = 20, mask_iterations: int = 15, schedule: str = "cubic") -> SolverResult:
+         iterations: int = 20, mask_iterations: int = 15, schedule: str = "cubic",
+         with_error: bool = True) -> SolverResult:
   """Gradual ADMM pruning (ADMM-Grad) of ``w`` ``(d_out, d_in)`` to ``pattern``.
 
   Args:
@@ -171,6 +173,7 @@ def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float =
     rho, percdamp, iterations: as in :func:`admm_update`.
     mask_iterations: the first iterations that re-select the mask (``0``: one mask from ``|W0|``).
     schedule: ``"cubic"`` (the paper) or ``"final"`` (the reference code's unstructured behaviour).
+    with_error: as in :func:`admm_update`.
   """
   check_inputs("admm", w, stats, pattern, needs="gram")
   _check_hparams(rho, percdamp, iterations, mask_iterations, schedule)
@@ -178,4 +181,4 @@ def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float =
   mask0 = None if mask_iterations == 0 else jnp.ones_like(w, dtype=bool)
   w_new, mask = _solve(w, stats, select, mask0, rho=rho, percdamp=percdamp, iterations=iterations,
                        mask_iterations=mask_iterations)
-  return finish(w, w_new, mask, stats)
+  return finish(w, w_new, mask, stats, with_error=with_error)

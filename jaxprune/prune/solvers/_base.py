@@ -23,12 +23,13 @@ class SolverResult(NamedTuple):
     mask: ``(d_out, d_in)`` bool, ``True`` = kept; it prunes exactly the count the pattern asks for.
     error: ``()`` float32 reconstruction error ``tr((W - Ŵ) G (W - Ŵ)ᵀ)`` of the returned weights, with
       ``G = stats.gram``; with the diagonal ``stats.sq_norms`` only when there is no Gram, and ``G = I``
-      (squared Frobenius norm) when ``stats`` is ``None``.
+      (squared Frobenius norm) when ``stats`` is ``None``. ``None`` when the solver was called with
+      ``with_error=False`` (with a Gram, the error is a ``d_out × d_in × d_in`` product: more than a selection).
   """
 
   w: jax.Array
   mask: jax.Array
-  error: jax.Array
+  error: jax.Array | None
 
 
 def compute_dtype(w: jax.Array):
@@ -80,7 +81,11 @@ def reconstruction_error(w: jax.Array, w_hat: jax.Array, stats: Stats | None) ->
   return err.astype(jnp.float32)
 
 
-def finish(w_in: jax.Array, w_new: jax.Array, mask: jax.Array, stats: Stats | None) -> SolverResult:
-  """Casts ``w_new`` back to the input dtype (zeroing pruned entries) and adds the error of what is returned."""
+def finish(w_in: jax.Array, w_new: jax.Array, mask: jax.Array, stats: Stats | None, *,
+           with_error: bool) -> SolverResult:
+  """Casts ``w_new`` back to the input dtype (zeroing pruned entries) and adds the error of what is returned
+  (``None`` unless ``with_error``)."""
+  if not isinstance(with_error, bool):
+    raise JaxpruneError(f"with_error must be True or False, got {with_error!r}")
   w_out = jnp.where(mask, w_new, 0).astype(w_in.dtype)
-  return SolverResult(w=w_out, mask=mask, error=reconstruction_error(w_in, w_out, stats))
+  return SolverResult(w=w_out, mask=mask, error=reconstruction_error(w_in, w_out, stats) if with_error else None)

@@ -16,16 +16,17 @@ from jaxprune.prune.solvers._base import SolverResult, check_inputs, check_ties,
 from jaxprune.prune._stats import Stats
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "ties"))
+@functools.partial(jax.jit, static_argnames=("pattern", "ties", "with_error"))
 def magnitude(w: jax.Array, stats: Stats | None = None, *, pattern: Unstructured | NM,
-              ties: str = "count") -> SolverResult:
+              ties: str = "count", with_error: bool = True) -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` by ``|W|`` (``scope=None`` means per layer).
 
   ``stats`` is used only for the reported error (``None``: Frobenius norm of the change). ``ties``: ``"count"``
   prunes exactly ``floor(s·n)``; ``"threshold"`` every ``|W|`` up to the ``floor(s·n)``-th smallest (0-based) as the
-  Wanda repository's magnitude code does (:mod:`jaxprune.prune._masks`).
+  Wanda repository's magnitude code does (:mod:`jaxprune.prune._masks`). ``with_error=False``: ``error`` is
+  ``None``.
   """
   check_inputs("magnitude", w, stats, pattern, needs=None)
   check_ties("magnitude", ties, pattern)
   mask = pattern_mask(jnp.abs(w.astype(compute_dtype(w))), pattern, default_scope="layer", ties=ties)
-  return finish(w, w, mask, stats)
+  return finish(w, w, mask, stats, with_error=with_error)

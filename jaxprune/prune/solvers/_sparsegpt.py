@@ -135,9 +135,10 @@ def _check_hparams(pattern, blocksize, percdamp, max_retries):
     raise JaxpruneError(f"sparsegpt selects its mask per column block; scope={pattern.scope!r} is not supported")
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "blocksize", "percdamp", "max_retries", "ties"))
+@functools.partial(jax.jit, static_argnames=("pattern", "blocksize", "percdamp", "max_retries", "ties", "with_error"))
 def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksize: int = 128,
-              percdamp: float = 0.01, max_retries: int = 6, ties: str = "count") -> SolverResult:
+              percdamp: float = 0.01, max_retries: int = 6, ties: str = "count",
+              with_error: bool = True) -> SolverResult:
   """Prunes ``w`` ``(d_out, d_in)`` with SparseGPT on ``stats.gram`` ``(d_in, d_in)`` (any positive scale).
 
   Args:
@@ -148,6 +149,7 @@ def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksi
     percdamp: damping relative to ``mean(diag H)``.
     max_retries: Cholesky retries with 10x damping.
     ties: ``"count"`` (exactly ``floor(s·n)`` per block) or ``"threshold"`` (the reference's rule); unstructured.
+    with_error: whether to return the reconstruction error (else ``error`` is ``None``).
   """
   check_inputs("sparsegpt", w, stats, pattern, needs="gram")
   check_ties("sparsegpt", ties, pattern)
@@ -181,4 +183,4 @@ def sparsegpt(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, blocksi
 
   mask = jnp.ones_like(w0, dtype=bool)
   w0, mask = jax.lax.fori_loop(0, n_blocks, block, (w0, mask))
-  return finish(w, w0[:, :d_in], mask[:, :d_in], stats)
+  return finish(w, w0[:, :d_in], mask[:, :d_in], stats, with_error=with_error)

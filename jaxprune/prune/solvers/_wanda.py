@@ -23,9 +23,10 @@ def wanda_scores(w: jax.Array, sq_norms: jax.Array) -> jax.Array:
   return jnp.abs(w.astype(dtype)) * jnp.sqrt(sq_norms.astype(dtype))[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("pattern",))
-def wanda(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM) -> SolverResult:
-  """Prunes ``w`` ``(d_out, d_in)`` by the Wanda score; needs only ``stats.sq_norms``."""
+@functools.partial(jax.jit, static_argnames=("pattern", "with_error"))
+def wanda(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, with_error: bool = True) -> SolverResult:
+  """Prunes ``w`` ``(d_out, d_in)`` by the Wanda score; needs only ``stats.sq_norms`` (``with_error=False``:
+  ``error`` is ``None``)."""
   check_inputs("wanda", w, stats, pattern, needs="stats")
   mask = pattern_mask(wanda_scores(w, stats.sq_norms), pattern, default_scope="row")
-  return finish(w, w, mask, stats)
+  return finish(w, w, mask, stats, with_error=with_error)
