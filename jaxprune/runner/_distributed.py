@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -46,16 +47,16 @@ def _reach(host: str, port: int, timeout: float) -> None:
   """Returns once a TCP connection to ``host:port`` opens; a one-line error if none does within ``timeout``."""
   deadline = time.monotonic() + timeout
   while True:
-    left = deadline - time.monotonic()
     try:
-      with socket.create_connection((host, port), timeout=max(min(left, 5.0), 0.01)):
+      with socket.create_connection((host, port), timeout=max(min(deadline - time.monotonic(), 5.0), 0.01)):
         return
     except OSError as err:
       reason = err.strerror or type(err).__name__
-    if deadline - time.monotonic() <= _RETRY:
+    left = deadline - time.monotonic()
+    if left <= 0:
       raise JaxpruneError(f"cannot reach the coordinator {host}:{port} within {timeout:g} s ({reason}); is "
                           "process 0 running there?")
-    time.sleep(_RETRY)
+    time.sleep(min(_RETRY, left))
 
 
 def _check_explicit(coordinator, num_processes, process_id) -> None:
@@ -129,7 +130,9 @@ def initialize(coordinator: str | None = None, *, num_processes: int | None = No
                                  cluster_detection_method="deactivate",
                                  initialization_timeout=math.ceil(left) + _JAX_GRACE)
     else:
-      jax.distributed.initialize(initialization_timeout=math.ceil(left) + _JAX_GRACE)
+      with warnings.catch_warnings():  # JAX's note that the kubernetes package is missing for its detection
+        warnings.simplefilter("ignore")
+        jax.distributed.initialize(initialization_timeout=math.ceil(left) + _JAX_GRACE)
   except RuntimeError as err:
     if not _too_late(err):
       raise
