@@ -87,6 +87,6 @@ def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: b
     del block
   batches = runner.batches(*windows.shape)
   dtype = min((leaf.dtype for leaf in jax.tree.leaves(rest)), key=lambda d: d.itemsize, default=h.dtype)
-  losses = [np.asarray(runner.head_losses(rest, x.astype(dtype), tokens))[:real]
+  losses = [fetch(runner.head_losses(rest, x.astype(dtype), tokens))[:real]
             for (tokens, _, real), (x, _, _) in zip(batches.chunks(windows), batches.chunks(h))]
   return np.concatenate(losses).astype(np.float32)
