@@ -140,7 +140,7 @@ def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | No
     raise JaxpruneError("a streamed model is pruned into a checkpoint: pass out=")
   store = ResumeStore(out, {**identity, **spec.to_json()}) if out is not None else None
   state: BlockState | None = store.load(params) if store is not None else None
-  agree(0 if state is None else state.done, "the blocks resumed from OUT.partial (on a file system all processes see)")
+  agree(0 if state is None else state.done, "the blocks to resume from OUT.partial, which all processes must see")
   if state is not None and progress:
     print(f"resuming from block {state.done} ({store.dir})", file=sys.stderr, flush=True)
   start = time.perf_counter()

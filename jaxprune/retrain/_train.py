@@ -328,7 +328,7 @@ def _resume_or_init(run: _Run, trainable, state_dir) -> tuple[TrainState, list[f
     if not 0 <= step <= run.micro_steps or progress.get("position") != step * run.batch:
       raise JaxpruneError(f"{state_dir}: train state is corrupt (step {step}, data position "
                           f"{progress.get('position')}); remove it to start over")
-  agree(step, f"the step resumed from {state_dir} (which every process must see)")
+  agree(step, f"the step to resume from {state_dir}, which all processes must see")
   if restored is None:
     return state, [], 0
   return run.runner.replicate(jax.tree.map(jnp.asarray, restored)), losses, step

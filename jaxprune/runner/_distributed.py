@@ -173,7 +173,7 @@ def agree(value: int, what: str) -> None:
   values = np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).ravel().tolist()
   if len(set(values)) > 1:
     seen = ", ".join(f"process {i}: {v}" for i, v in enumerate(values))
-    raise JaxpruneError(f"{what} differs between the processes ({seen})")
+    raise JaxpruneError(f"the processes disagree on {what} ({seen})")
 
 
 def fetch(x, dtype=None) -> np.ndarray:
