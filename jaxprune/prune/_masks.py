@@ -115,14 +115,14 @@ def _search(keys: jax.Array, bits: int, k, axes: tuple[int, ...]) -> jax.Array:
 def _lowest(scores: jax.Array, k, axes: tuple[int, ...]):
   """Threshold of the ``k`` lowest scores counted over ``axes`` (kept as size-1 dimensions).
 
-  Returns ``(below, tied, room)``: scores strictly below the ``k``-th smallest, scores equal to it, and how many
-  of the tied ones are still to prune (``k`` minus the count below).
+  Returns ``(keys, thr, room)``: the scores' :func:`_ordered_keys`, the key of the ``k``-th smallest, and how
+  many of the keys equal to it are still to prune (``k`` minus the count below). (Masks are compared from the
+  keys where they are used: XLA then computes them inside each consumer instead of storing them.)
   """
   keys, bits = _ordered_keys(scores)
   k = jnp.asarray(k, jnp.int32)
   thr = _search(keys, bits, k, axes)
-  below = keys < thr
-  return below, keys == thr, k - _count(below, axes)
+  return keys, thr, k - _count(keys < thr, axes)
 
 
 def _positions(like: jax.Array, dim: int) -> jax.Array:
@@ -132,17 +132,17 @@ def _positions(like: jax.Array, dim: int) -> jax.Array:
   return jax.lax.broadcasted_iota(jnp.uint32, like.shape, dim, out_sharding=sharding if explicit else None)
 
 
-def _keep(below, tied, room, axes, order: jax.Array, size: int) -> jax.Array:
-  """Keep mask that prunes ``below`` and the first ``room`` of ``tied`` in ``order`` (distinct uint32 below
-  ``size`` over ``axes``). The cut in that order is searched only when some slice has more scores tied at its
-  threshold than ``room`` (a radix select on the positions of the tied scores); otherwise every tied score
-  goes."""
-  crowded = jnp.any(_count(tied, axes) > room)
-  bits = size.bit_length()  # 2**bits - 1 >= size marks the scores that are not tied
+def _keep(keys, thr, room, axes, order: jax.Array, size: int) -> jax.Array:
+  """Keep mask that prunes the keys below ``thr`` and the first ``room`` of those equal to it in ``order``
+  (distinct uint32 below ``size`` over ``axes``). The cut in that order is searched only when some slice has
+  more keys tied at its threshold than ``room`` (a radix select on the positions of the tied keys); otherwise
+  every tied key goes."""
+  crowded = jnp.any(_count(keys == thr, axes) > room)
+  bits = size.bit_length()  # 2**bits - 1 >= size marks the keys that are not tied
   none = jnp.full_like(room, 2 ** bits - 1, dtype=jnp.uint32)
-  cut = jax.lax.cond(crowded, lambda: _search(jnp.where(tied, order, jnp.uint32(2 ** bits - 1)), bits, room, axes),
-                     lambda: none)
-  return ~(below | (tied & (order <= cut)))
+  cut = jax.lax.cond(crowded, lambda: _search(jnp.where(keys == thr, order, jnp.uint32(2 ** bits - 1)), bits, room,
+                                              axes), lambda: none)
+  return ~((keys < thr) | ((keys == thr) & (order <= cut)))
 
 
 def keep_mask(scores: jax.Array, k) -> jax.Array:
@@ -156,8 +156,8 @@ def keep_mask(scores: jax.Array, k) -> jax.Array:
     ``(..., n)`` bool, ``False`` at the ``k`` pruned entries of every slice.
   """
   axes = (scores.ndim - 1,)
-  below, tied, room = _lowest(scores, k, axes)
-  return _keep(below, tied, room, axes, _positions(tied, scores.ndim - 1), scores.shape[-1])
+  keys, thr, room = _lowest(scores, k, axes)
+  return _keep(keys, thr, room, axes, _positions(keys, scores.ndim - 1), scores.shape[-1])
 
 
 def layer_mask(scores: jax.Array, k, *, ties: str = "count") -> jax.Array:
@@ -171,9 +171,9 @@ def layer_mask(scores: jax.Array, k, *, ties: str = "count") -> jax.Array:
   rows = scores.reshape(-1, scores.shape[-1]) if scores.ndim != 2 else scores
   if rows.size >= 2 ** 32:
     raise ValueError(f"layer_mask ranks fewer than 2**32 scores, got {rows.size}")
-  below, tied, room = _lowest(rows, k, (0, 1))
-  flat = _positions(tied, 0) * jnp.uint32(rows.shape[1]) + _positions(tied, 1)
-  return _keep(below, tied, room, (0, 1), flat, rows.size).reshape(scores.shape)
+  keys, thr, room = _lowest(rows, k, (0, 1))
+  flat = _positions(keys, 0) * jnp.uint32(rows.shape[1]) + _positions(keys, 1)
+  return _keep(keys, thr, room, (0, 1), flat, rows.size).reshape(scores.shape)
 
 
 TIES = ("count", "threshold")
@@ -188,8 +188,8 @@ def threshold_mask(scores: jax.Array, k, *, axes: tuple[int, ...] | None = None)
   [[True, False, False, True]]
   """
   axes = tuple(range(scores.ndim)) if axes is None else axes
-  below, tied, _ = _lowest(scores, jnp.asarray(k, jnp.int32) + 1, axes)
-  return ~(below | tied)
+  keys, bits = _ordered_keys(scores)
+  return keys > _search(keys, bits, jnp.asarray(k, jnp.int32) + 1, axes)
 
 
 def unstructured_mask(scores: jax.Array, *, sparsity: float, scope: str, ties: str = "count") -> jax.Array:
