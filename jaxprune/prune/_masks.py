@@ -14,9 +14,9 @@ No sort: the threshold (the ``k``-th smallest score) is found by a radix select 
 scores, one bit per pass from the top (32 passes, 64 for float64), each pass an elementwise compare and a count.
 The passes run on a uint8 copy of the byte under search (scores whose higher bytes differ from the threshold's
 so far become 0 or 255), and a count adds halves of the last axis elementwise before a short sum: XLA's CPU
-reductions run on one core and unvectorised, its elementwise loops do not (``experiments/solver_speed``). Ties at
-the threshold are broken, only when some slice has more scores tied at its threshold than it still prunes, by a
-second radix select over the positions of the tied scores. Every step is elementwise or a count, so a global
+reductions are much slower than its elementwise loops (``experiments/solver_speed``). Ties at the threshold are
+broken, only when some slice has more scores tied at its threshold than it still prunes, by a second radix select
+over the positions of the tied scores. Every step is elementwise or a count, so a global
 selection also works on row-sharded scores: the counts are summed over devices, nothing is gathered.
 
 >>> import jax.numpy as jnp
@@ -59,9 +59,9 @@ def _count(pred: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Number of ``True`` in ``pred`` over ``axes`` (kept as size-1 dimensions), int32.
 
   Along the last axis the two halves are added elementwise while the width is even and above ``_NARROW``, in the
-  narrowest integer type that holds the partial counts (uint8, then int16, then int32): elementwise work that XLA
-  vectorises and spreads over the cores, unlike a reduction. Exact, and local to each device for row-sharded
-  ``pred``.
+  narrowest integer type that holds the partial counts (uint8, then int16, then int32): elementwise work, which
+  XLA's CPU backend splits over the cores and runs much faster than a reduction. Exact, and local to each device
+  for row-sharded ``pred``.
   """
   last = pred.ndim - 1
   if last not in axes:
