@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from jaxprune.data._windows import as_windows
 from jaxprune.io._stream import is_streamed, split
 from jaxprune.models._config import ModelConfig
-from jaxprune.runner import Runner, data_mesh
+from jaxprune.runner import Runner, as_input, data_mesh
 from jaxprune.runner._distributed import fetch
 
 __all__ = ["EvalResult", "check_windows", "data_mesh", "perplexity"]
@@ -82,11 +81,10 @@ def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: b
   h = runner.map_windows(lambda tokens: runner.embed(rest, tokens), windows)
   for i in tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False):
     block = runner.place(layers[i])
-    dtype = min((leaf.dtype for leaf in jax.tree.leaves(block)), key=lambda d: d.itemsize, default=h.dtype)
-    h = runner.map_windows(lambda x: runner.block(block, x.astype(dtype), modes=runner.config.sublayer_modes(i)), h)
+    modes = runner.config.sublayer_modes(i)
+    h = runner.map_windows(lambda x: runner.block(block, as_input(x, block), modes=modes), h)
     del block
   batches = runner.batches(*windows.shape)
-  dtype = min((leaf.dtype for leaf in jax.tree.leaves(rest)), key=lambda d: d.itemsize, default=h.dtype)
-  losses = [fetch(runner.head_losses(rest, x.astype(dtype), tokens))[:real]
+  losses = [fetch(runner.head_losses(rest, as_input(x, rest), tokens))[:real]
             for (tokens, _, real), (x, _, _) in zip(batches.chunks(windows), batches.chunks(h))]
   return np.concatenate(losses).astype(np.float32)

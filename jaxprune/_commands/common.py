@@ -69,6 +69,15 @@ def add_stream_arg(p) -> None:
                       "Face safetensors directories, GGUF files, checkpoints written with --stream)")
 
 
+def with_io_seconds(args, doc: dict) -> dict:
+  """``doc`` with the command's weight reads and writes in seconds (``io_seconds``) when it ran with ``--stream``."""
+  if not getattr(args, "stream", False):
+    return doc
+  from jaxprune.io._stream import IO_SECONDS
+
+  return {**doc, "io_seconds": {k: round(v, 2) for k, v in IO_SECONDS.items()}}
+
+
 def add_batch_arg(p) -> None:
   p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward batch [default: %(default)s]")
 

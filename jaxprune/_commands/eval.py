@@ -24,9 +24,4 @@ def run(args) -> dict:
   block = common.evaluate(args, model.params, model.config, data, mesh=data_mesh())
   common.say(args, f"perplexity {block['perplexity']:.4f} on {data.source} ({block['windows']} windows x "
                    f"{block['seqlen']} tokens)")
-  doc = common.eval_result(block)
-  if args.stream:
-    from jaxprune.io._stream import IO_SECONDS
-
-    doc["io_seconds"] = {k: round(v, 2) for k, v in IO_SECONDS.items()}
-  return doc
+  return common.with_io_seconds(args, common.eval_result(block))

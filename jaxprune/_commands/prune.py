@@ -156,12 +156,8 @@ def prune_and_report(args, model, prune, describe) -> dict:
       summary += f" (dense {dense['perplexity']:.4f})"
   common.say(args, summary)
   kept = {k: v for k, v in outcome.metadata.items() if k not in ("eval", "generation_config", "versions")}
-  doc = {**kept, "prune_seconds": round(outcome.seconds, 2), **common.eval_result(block, dense)}
-  if getattr(args, "stream", False):
-    from jaxprune.io._stream import IO_SECONDS
-
-    doc["io_seconds"] = {k: round(v, 2) for k, v in IO_SECONDS.items()}  # the whole command's reads and writes
-  return doc
+  return common.with_io_seconds(args, {**kept, "prune_seconds": round(outcome.seconds, 2),
+                                        **common.eval_result(block, dense)})
 
 
 def layer_table(layers: list[dict]) -> str:

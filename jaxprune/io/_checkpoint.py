@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._stream import Blocks, is_streamed, join, layer_abstract, split, timed
+from jaxprune.io._stream import Blocks, is_streamed, join, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer
@@ -110,12 +110,11 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
       raise JaxpruneError(f"output directory {out} exists and is not a jaxprune checkpoint")
     if not overwrite:
       raise JaxpruneError(f"checkpoint {out} exists; pass --overwrite to replace it")
-  blocked = is_streamed(params)
+  blocked, dtype = is_streamed(params), tree_dtype(params)
   with atomic_dir(out, replace=True) as tmp:
     if blocked:
-      dtype = _save_blocks(tmp, params, masks)
+      _save_blocks(tmp, params, masks)
     else:
-      dtype = tree_dtype(params)
       save_tree(tmp / "params", params)
       if masks is not None:
         save_tree(tmp / "masks", masks)
@@ -162,16 +161,13 @@ def _link_tree(source: Path, dest: Path) -> None:
         shutil.copy2(file, target)
 
 
-def _save_blocks(root: Path, params: dict, masks: dict | None) -> str:
-  """Writes ``params`` (and ``masks``) block by block (the blocked layout); returns the params' dtype. Blocks
-  already written as Orbax trees (:class:`SavedTree`) are linked, not read and written again."""
+def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
+  """Writes ``params`` (and ``masks``) block by block (the blocked layout). Blocks already written as Orbax trees
+  (:class:`SavedTree`) are linked, not read and written again."""
   rest, layers = split(params)
   mask_layers = masks["layers"] if masks is not None else None
-  sizes: dict[str, int] = {}
   save_tree(root / "params", rest)
   for i in range(len(layers)):
-    for leaf in jax.tree.leaves(layer_abstract(layers, i)):
-      sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
     for name, blocks in (("params", layers), ("masks", mask_layers)):
       if blocks is None:
         continue
@@ -184,7 +180,6 @@ def _save_blocks(root: Path, params: dict, masks: dict | None) -> str:
       if value or name == "params":
         save_tree(_block_dir(root, i) / name, value)
       del value
-  return max(sorted(sizes), key=sizes.__getitem__) if sizes else tree_dtype(rest)
 
 
 def read_meta(path: Path) -> dict:
@@ -202,11 +197,8 @@ def read_meta(path: Path) -> dict:
 def tree_dtype(params: Params) -> str:
   """The name of the float dtype holding most parameters of ``params`` (``float32``, ``bfloat16``, ...)."""
   sizes: dict[str, int] = {}
-  leaves = jax.tree.leaves(params)
-  if is_streamed(params):
-    rest, layers = split(params)
-    leaves = jax.tree.leaves(rest) + [x for i in range(len(layers)) for x in jax.tree.leaves(layers.abstract(i))]
-  for leaf in leaves:
+  rest, layers = split(params) if is_streamed(params) else (params, ())
+  for leaf in jax.tree.leaves(rest) + [x for i in range(len(layers)) for x in jax.tree.leaves(layers.abstract(i))]:
     sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
   return max(sorted(sizes), key=sizes.__getitem__) if sizes else "float32"
 

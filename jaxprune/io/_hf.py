@@ -1,6 +1,7 @@
 """Hugging Face model directories (safetensors or PyTorch ``.bin``) in, and out again."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -119,39 +120,29 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[ModelConfig, Params]:
   return config, params
 
 
-def read_hf_dir(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
+def read_hf_dir(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelConfig, Params, dict]:
   """Config, params, and where they came from (``source_dtype``, ``generation_config``) of a Hugging Face
-  causal-LM directory; the params in ``dtype``, by default the dtype most weights are stored in."""
+  causal-LM directory; the params in ``dtype``, by default the dtype most weights are stored in.
+
+  ``stream``: the decoder blocks are a :class:`~jaxprune.io._stream.Blocks`, read from the safetensors files by
+  byte range when used; the embeddings and the head are read now."""
   path = Path(path)
   hf_config = read_hf_config(path)
   config = from_hf_config(hf_config)
-  get, dtypes = _tensor_source(path)
+  if stream:
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+      raise JaxpruneError(f"{path}: streaming reads safetensors weights, and there are none (convert the model, "
+                          "or load it without streaming)")
+    files = SafetensorsFiles(shards)
+    get, dtypes = files.get, files.dtypes
+  else:
+    get, dtypes = _tensor_source(path)
   if config.tie_word_embeddings is False and "lm_head.weight" not in dtypes:
     raise JaxpruneError(f"{path}: untied model without lm_head.weight")
   provenance = {"source_dtype": stored_dtype(dtypes, hf_config)}
-  params = params_from_hf(get, set(dtypes), config, jnp.dtype(dtype or provenance["source_dtype"]))
-  generation = read_generation_config(path)
-  if generation is not None:
-    provenance["generation_config"] = generation
-  return config, params, provenance
-
-
-def read_hf_dir_streamed(path: Path, dtype=None) -> tuple[ModelConfig, Params, dict]:
-  """As :func:`read_hf_dir`, with the decoder blocks read from the safetensors files only when used (a
-  :class:`~jaxprune.io._stream.Blocks`); the embeddings and the head are read now."""
-  path = Path(path)
-  hf_config = read_hf_config(path)
-  config = from_hf_config(hf_config)
-  shards = sorted(path.glob("*.safetensors"))
-  if not shards:
-    raise JaxpruneError(f"{path}: streaming reads safetensors weights, and there are none (convert the model, or "
-                        "load it without streaming)")
-  files = SafetensorsFiles(shards)
-  names = set(files.dtypes)
-  if config.tie_word_embeddings is False and "lm_head.weight" not in names:
-    raise JaxpruneError(f"{path}: untied model without lm_head.weight")
-  provenance = {"source_dtype": stored_dtype(files.dtypes, hf_config)}
-  params = streamed_params(files.get, names, config, jnp.dtype(dtype or provenance["source_dtype"]), path)
+  build = functools.partial(streamed_params, source=path) if stream else params_from_hf
+  params = build(get, set(dtypes), config, jnp.dtype(dtype or provenance["source_dtype"]))
   generation = read_generation_config(path)
   if generation is not None:
     provenance["generation_config"] = generation

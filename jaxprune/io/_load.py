@@ -155,7 +155,7 @@ def _load(spec: str, dtype, with_masks: bool, stream: bool = False) -> LoadedMod
     if checkpoint.is_checkpoint(path):
       return load_checkpoint(path, with_masks=with_masks, dtype=dtype, lazy=stream)
     if hf.is_hf_dir(path):
-      config, params, provenance = (hf.read_hf_dir_streamed if stream else hf.read_hf_dir)(path, dtype)
+      config, params, provenance = hf.read_hf_dir(path, dtype, stream=stream)
       tokenizer = path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
       return LoadedModel(config, params, str(path), tokenizer, {"source": spec, **provenance})
     raise JaxpruneError(f"{path} is not a model directory (no config.json, no {checkpoint.META_FILE})")

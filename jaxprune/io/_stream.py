@@ -82,10 +82,7 @@ class Blocks(Sequence):
   def with_block(self, i: int, entry: Block | Loader) -> "Blocks":
     entries = list(self._entries)
     entries[i] = entry
-    abstract = self._abstract
-    if abstract is not None and not callable(entry):
-      abstract = None if all(not callable(e) for e in entries) else abstract
-    return Blocks(entries, abstract)
+    return Blocks(entries, self._abstract)
 
   def __repr__(self) -> str:
     held = sum(self.held(i) for i in range(len(self)))

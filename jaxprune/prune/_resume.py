@@ -61,7 +61,7 @@ class ResumeStore:
     returns the state with that block's params and masks replaced by loaders of what was written, so that the
     pass keeps no pruned block in memory."""
     i = state.done - 1
-    root = self.dir / "layers" / f"{i:05d}"
+    root = self._block_root(i)
     if is_primary():  # written once, by process 0; the others wait until it is, and read it from there
       shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
       save_tree(root / "params", jax.device_get(state.params["layers"][i]))
@@ -72,8 +72,11 @@ class ResumeStore:
     barrier(f"resume {self.dir} block {i}")
     return self._released(state, i)
 
+  def _block_root(self, i: int) -> Path:
+    return self.dir / "layers" / f"{i:05d}"
+
   def _released(self, state: BlockState, i: int) -> BlockState:
-    root = self.dir / "layers" / f"{i:05d}"
+    root = self._block_root(i)
     layers = with_layer(state.params["layers"], i, SavedTree(root / "params", self.dir))
     masks = list(state.masks)
     masks[i] = SavedTree(root / "masks", self.dir, missing={})

@@ -40,7 +40,7 @@ from jaxprune.models._layers import MID
 from jaxprune.prune._patterns import Pattern
 from jaxprune.prune.solvers import check_options, get_solver, reconstruction_error
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
-from jaxprune.runner import Batches, Runner
+from jaxprune.runner import Batches, Runner, as_input
 from jaxprune.runner._distributed import fetch
 
 
@@ -134,7 +134,7 @@ def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, 
   widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
-    taps = runner.taps(block_params, _as_input(h, block_params), names=tuple(widths), modes=modes)
+    taps = runner.taps(block_params, as_input(h, block_params), names=tuple(widths), modes=modes)
     stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
   return {tap: _counted(s, inputs) for tap, s in stats.items()}
 
@@ -142,13 +142,6 @@ def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, 
 def _counted(stats, inputs: np.ndarray):
   """``stats`` with ``count`` = the real (unpadded) tokens of ``inputs`` ``(n, seq, ...)``."""
   return stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
-
-
-def _as_input(h, block_params):
-  """Block inputs ``(b, t, hidden)`` (kept on the host in float32) in the dtype the block computes in, the
-  narrowest float of its params: exact, since blocks of that dtype wrote them."""
-  dtypes = [leaf.dtype for leaf in jax.tree.leaves(block_params)]
-  return h.astype(min(dtypes, key=lambda d: d.itemsize)) if dtypes else h
 
 
 def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
@@ -243,7 +236,7 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
     names = (tap, MID) if keep_mid else (tap,)
     values, mids = [], []
     for b, (h, weights, _) in enumerate(chunks):
-      taps = runner.taps(block_params, _as_input(h, block_params), names=names, modes=modes,
+      taps = runner.taps(block_params, as_input(h, block_params), names=names, modes=modes,
                          given=_batch(given, b))
       stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
       values.append(taps[tap])
@@ -254,7 +247,7 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
       given[tap] = values
     block_params = _prune_group(block_params, paths, _counted(stats[tap], inputs), spec, _row_mesh(runner), masks,
                                 reports)
-  outputs = [fetch(runner.block(block_params, _as_input(h, block_params), modes=modes, given=_batch(given, b)),
+  outputs = [fetch(runner.block(block_params, as_input(h, block_params), modes=modes, given=_batch(given, b)),
                    np.float32)[:real] for b, (h, _, real) in enumerate(chunks)]
   return block_params, masks, reports, np.concatenate(outputs)
 
@@ -306,7 +299,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
       for r in reports:
         r.update(report)
     if needs_inputs and (refine is not None or not (needs_calib and spec.true_sequential)):
-      inputs = runner.map_windows(lambda h: runner.block(new_block, _as_input(h, new_block), modes=modes),
+      inputs = runner.map_windows(lambda h: runner.block(new_block, as_input(h, new_block), modes=modes),
                                   state.inputs)
     layers = with_layer(state.params["layers"], i, jax.tree.map(fetch, new_block))  # the devices hold one block
     for r in reports:

@@ -7,7 +7,7 @@ over batches of windows split across a device mesh.
 from jaxprune.runner._batches import Batches
 from jaxprune.runner._forward import CE_CHUNK, split, static_config
 from jaxprune.runner._mesh import data_mesh, data_size, make_mesh
-from jaxprune.runner._runner import Runner, windows_in_turn
+from jaxprune.runner._runner import Runner, as_input, windows_in_turn
 
-__all__ = ["Batches", "CE_CHUNK", "Runner", "data_mesh", "data_size", "make_mesh", "split", "static_config",
+__all__ = ["Batches", "CE_CHUNK", "Runner", "as_input", "data_mesh", "data_size", "make_mesh", "split", "static_config",
            "windows_in_turn"]

@@ -164,6 +164,13 @@ class Runner:
     return self.batches(*x.shape[:2]).map(fn, x)
 
 
+def as_input(h, params):
+  """Activations ``h`` (kept on the host in float32 between blocks) in the dtype ``params`` compute in, the
+  narrowest float of their leaves: exact, since blocks of that dtype wrote them."""
+  dtypes = [leaf.dtype for leaf in jax.tree.leaves(params)]
+  return h.astype(min(dtypes, key=lambda d: d.itemsize)) if dtypes else h
+
+
 def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   """The sharding of a parameter of ``shape`` (see :meth:`Runner.place`)."""
   size = mesh.shape.get("model", 1)
