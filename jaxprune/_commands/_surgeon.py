@@ -2,8 +2,8 @@
 the checkpoint, resume, progress and JSON conventions of the other methods.
 
 Its JSON adds ``shots``, ``fisher_labels``, ``per_layer_sparsity`` (per block ``{linear: fraction pruned}``),
-``shots_report`` (per shot: target, pruned, threshold, seconds) and, with ``--structured``, ``params_before`` and
-``params_after``.
+``shots_report`` (per shot: target, pruned, threshold, seconds) and, with ``--structured``, ``params_before``,
+``params_after`` (the shrunk model's parameters), ``params_kept`` and ``layer_widths``.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ def add_args(p) -> None:
                  help="shots T: shot i prunes to i*S/T, recomputing the curvature on the model pruned so far [1]")
   g.add_argument("--fisher-labels", choices=("sampled", "data"), default=None,
                  help="labels of the Fisher: drawn from the model (the true Fisher) or the data's [sampled]")
-  g.add_argument("--structured", default=None, metavar="rows,cols",
-                 help="remove whole rows and columns of every linear (zeroed, the shapes stay); --sparsity is the "
-                      "fraction of their weights, a linear losing r rows and c columns losing r*cols+c*rows-r*c")
+  g.add_argument("--structured", default=None, metavar="rows,cols|units",
+                 help="rows,cols: remove whole rows and columns of every linear, --sparsity the fraction of their "
+                      "weights (a linear losing r rows and c columns loses r*cols+c*rows-r*c); units: remove whole "
+                      "MLP units and groups of heads (a KV head with its query heads), --sparsity the fraction of "
+                      "the model's parameters; the model then shrinks")
   g.add_argument("--allocation", choices=("global", "layer"), default=None,
                  help="how much each linear loses: one threshold over all layers' costs (the paper's), or the same "
                       "fraction of every linear, chosen by its own costs [global]")
@@ -44,7 +46,7 @@ def spec_from_args(args):
   """The :class:`~jaxprune.prune._surgeon_pass.SurgeonSpec` of the command line (one-line errors)."""
   from jaxprune.errors import JaxpruneError
   from jaxprune.prune import parse_pattern
-  from jaxprune.prune._surgeon_pass import RowsColumns, SurgeonSpec, check_surgeon_spec
+  from jaxprune.prune._surgeon_pass import RowsColumns, SurgeonSpec, Units, check_surgeon_spec
   from jaxprune._commands.prune import METHOD_OPTIONS
 
   if args.shots is not None and args.shots < 1:
@@ -62,11 +64,14 @@ def spec_from_args(args):
   if args.structured is not None:
     if args.nm is not None:
       raise JaxpruneError("--structured removes whole rows and columns; it cannot be combined with --nm")
-    if args.structured.replace(" ", "") not in STRUCTURES:
-      raise JaxpruneError(f"--structured takes rows,cols (whole rows and columns), got {args.structured!r}")
+    structure = args.structured.replace(" ", "")
+    if structure not in STRUCTURES + ("units",):
+      raise JaxpruneError("--structured takes rows,cols (whole rows and columns) or units (whole MLP units and "
+                          f"groups of heads), got {args.structured!r}")
     if args.sparsity is None:
-      raise JaxpruneError("--structured needs --sparsity (the fraction of the linears' weights to remove)")
-    pattern = RowsColumns(args.sparsity)
+      raise JaxpruneError("--structured needs --sparsity (the fraction of the linears' weights, or with units of "
+                          "the model's parameters, to remove)")
+    pattern = Units(args.sparsity) if structure == "units" else RowsColumns(args.sparsity)
   else:
     pattern = parse_pattern(0.5 if args.sparsity is None and args.nm is None else args.sparsity, args.nm)
   options = {"shots": args.shots, "fisher_labels": args.fisher_labels, "chunk": args.chunk,

@@ -11,7 +11,9 @@ Shot ``i`` of ``T``:
    column costs; what earlier shots pruned costs ``-inf``, so it stays pruned. Biases are never pruned.
 3. **One global allocation** (:func:`~jaxprune.prune.solvers._surgeon.global_threshold`) over all linears reaching
    ``i·s/T`` of their weights: unstructured, N:M (``⌊i·groups/T⌋`` groups lose ``m - n`` weights; every group at
-   ``i = T``), or whole rows and columns (:class:`RowsColumns`, ``r·cols + c·rows − r·c`` weights).
+   ``i = T``), or whole rows and columns (:class:`RowsColumns`, ``r·cols + c·rows − r·c`` weights); or, for
+   :class:`~jaxprune.prune._surgeon_units.Units`, whole MLP units and groups of heads reaching ``i·s/T`` of the
+   model's parameters (:mod:`jaxprune.prune._surgeon_units`).
 4. **OBS updates**, block by block: elements in chunks (``remove_elements``), rows with ``G⁻¹`` and columns with
    ``A⁻¹`` (``remove_rows_columns``). Pruned weights are exactly 0.
 
@@ -30,6 +32,7 @@ import numbers
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 from pathlib import Path
 
 import jax
@@ -44,6 +47,8 @@ from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
 from jaxprune.prune._patterns import NM, Unstructured, pattern_name
+from jaxprune.prune import _surgeon_units as U
+from jaxprune.prune._surgeon_units import Units
 from jaxprune.prune.solvers import _surgeon as sg
 from jaxprune.runner import Runner
 
@@ -68,8 +73,9 @@ class SurgeonSpec:
   """What LLM Surgeon does to every linear of a model.
 
   Attributes:
-    pattern: ``Unstructured(s)`` (global, no scope), ``NM(n, m)`` (``n`` kept of every ``m``) or
-      :class:`RowsColumns` ``(s)``.
+    pattern: ``Unstructured(s)`` (global, no scope), ``NM(n, m)`` (``n`` kept of every ``m``),
+      :class:`RowsColumns` ``(s)`` or :class:`~jaxprune.prune._surgeon_units.Units` ``(s)`` (``s`` of the model's
+      parameters, by whole MLP units and groups of heads).
     shots: ``T >= 1``; shot ``i`` prunes to ``i·s/T`` with curvature recomputed on the model pruned so far.
     fisher_labels: ``"sampled"`` from the model (the paper's true Fisher) or the ``"data"``'s next tokens.
     damping_a, damping_g: relative damping of ``A`` and ``G`` (``δ = damping · mean diag``; the reference
@@ -81,7 +87,7 @@ class SurgeonSpec:
       allocate; the costs and OBS updates are LLM Surgeon's).
   """
 
-  pattern: Unstructured | NM | RowsColumns
+  pattern: Unstructured | NM | RowsColumns | Units
   shots: int = 1
   fisher_labels: str = "sampled"
   damping_a: float = 0.01
@@ -92,6 +98,8 @@ class SurgeonSpec:
 
   @property
   def kind(self) -> str:
+    if isinstance(self.pattern, Units):
+      return "units"
     return "rows_columns" if isinstance(self.pattern, RowsColumns) else "element"
 
   def to_json(self) -> dict:
@@ -101,9 +109,11 @@ class SurgeonSpec:
 
 
 def surgeon_pattern_name(pattern) -> str:
-  """``"unstructured:0.5"``, ``"2:4"`` or ``"rows_columns:0.2"``."""
+  """``"unstructured:0.5"``, ``"2:4"``, ``"rows_columns:0.2"`` or ``"units:0.2"``."""
   if isinstance(pattern, RowsColumns):
     return f"rows_columns:{pattern.sparsity:g}"
+  if isinstance(pattern, Units):
+    return f"units:{pattern.sparsity:g}"
   return pattern_name(pattern)
 
 
@@ -115,8 +125,10 @@ def check_surgeon_spec(spec: SurgeonSpec) -> SurgeonSpec:
   """``spec`` if every field is valid; else a one-line :class:`JaxpruneError`."""
   if not isinstance(spec, SurgeonSpec):
     raise JaxpruneError(f"spec must be a SurgeonSpec, got {type(spec).__name__}")
-  if not isinstance(spec.pattern, (Unstructured, NM, RowsColumns)):
-    raise JaxpruneError(f"surgeon pattern must be Unstructured, NM or RowsColumns, got {spec.pattern!r}")
+  if not isinstance(spec.pattern, (Unstructured, NM, RowsColumns, Units)):
+    raise JaxpruneError(f"surgeon pattern must be Unstructured, NM, RowsColumns or Units, got {spec.pattern!r}")
+  if isinstance(spec.pattern, Units) and spec.allocation != "global":
+    raise JaxpruneError("structured units are allocated by one global threshold; allocation 'layer' does not apply")
   if isinstance(spec.pattern, Unstructured) and spec.pattern.scope is not None:
     raise JaxpruneError("surgeon allocates one threshold over all layers; a ranking scope does not apply")
   if not _is_int(spec.shots) or spec.shots < 1:
@@ -266,9 +278,9 @@ KEEP_INVERSES_BYTES = 4 << 30
 
 def shot_costs(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, curvature: list, *,
                progress: bool = True):
-  """``(linears, costs, inverses)`` of a shot: host costs of every linear (element ``(d_out, d_in)`` float32, or
-  ``(rows, columns)``) with ``-inf`` where earlier shots pruned and a bias column dropped; the damped inverses on
-  the host when they fit :data:`KEEP_INVERSES_BYTES` (else ``None``)."""
+  """``(linears, costs, inverses)`` of a shot: host costs of every linear (element ``(d_out, d_in)`` float32,
+  ``(rows, columns)``, or for units a :class:`UnitCosts`) with ``-inf`` where earlier shots pruned and a bias
+  column dropped; the damped inverses on the host when they fit :data:`KEEP_INVERSES_BYTES` (else ``None``)."""
   linears = model_linears(config, state.params)
   keep_inverses = 4 * sum(curvature[lin.layer]["A"][lin.tap].size + curvature[lin.layer]["G"][lin.path].size
                           for lin in linears) <= KEEP_INVERSES_BYTES
@@ -278,11 +290,19 @@ def shot_costs(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, curv
     w = _weight(block, lin.path)
     a, g = _factors(curvature[lin.layer], lin, w.shape[1] > tree.get(block, lin.path)["kernel"].shape[0])
     inv = linear_inverses(a, g, damping_a=spec.damping_a, damping_g=spec.damping_g)
-    out = jax.device_get(linear_costs(w, a, g, inv, kind=spec.kind))
     if keep_inverses:
       inverses.append(jax.device_get(inv))
     keep = np.asarray(to_hf_layout(state.masks[lin.layer][lin.path]))
     d_in = keep.shape[1]
+    if spec.kind == "units":
+      part = U.part_of(config, lin.layer, lin.path)
+      count = U.unit_count(w.shape, part, d_in)
+      out = np.asarray(jax.device_get(U.linear_unit_costs(w, a, g, inv, side=part.side, size=part.size,
+                                                          count=count)), np.float64)
+      costs.append(UnitCosts(part, np.where(U.pruned_units(keep, part), -np.inf, out),
+                             U.unit_params(w.shape, part), w.shape, d_in))
+      continue
+    out = jax.device_get(linear_costs(w, a, g, inv, kind=spec.kind))
     if spec.kind == "element":
       costs.append(np.where(keep, np.asarray(out, np.float32)[:, :d_in], -np.inf))
     else:
@@ -291,10 +311,47 @@ def shot_costs(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, curv
   return linears, costs, inverses
 
 
-def allocate(config: ModelConfig, spec: SurgeonSpec, linears: list[Linear], costs: list, shot: int):
+class UnitCosts(NamedTuple):
+  """One linear's part in the units of its layer: ``part``, ``costs`` ``(count,)`` (``-inf``: removed before),
+  ``size`` (parameters per unit), HF ``shape`` ``(d_out, d_in (+1))`` and kernel inputs ``d_in``."""
+
+  part: U.Part
+  costs: np.ndarray
+  size: int
+  shape: tuple[int, int]
+  d_in: int
+
+
+def units_budget(spec: SurgeonSpec, total: int, shot: int) -> int:
+  """Parameters removed after shot ``shot`` (1-based) of a model of ``total`` parameters."""
+  s = spec.pattern.sparsity
+  return int(total * s * shot / spec.shots) if shot < spec.shots else int(total * s)
+
+
+def units_removed(costs: list, allocation) -> int:
+  """Parameters removed by a units ``allocation`` over ``costs`` (:class:`UnitCosts` per linear): each linear's
+  removed units times its parameters per unit."""
+  total = 0
+  for c, rows, cols in zip(costs, allocation.keep_rows, allocation.keep_cols):
+    flags = rows if c.part.side == "rows" else cols[:c.costs.size * c.part.size]
+    total += int((~flags).sum()) // c.part.size * c.size
+  return total
+
+
+def allocate(config: ModelConfig, spec: SurgeonSpec, linears: list[Linear], costs: list, shot: int, *,
+             total_params: int | None = None):
   """The allocation of shot ``shot`` (1-based) over ``costs`` (:func:`shot_costs`): ``i·s/T`` of all the linears'
   weights (N:M: ``⌊i·groups/T⌋`` groups), by one global threshold or, with ``spec.allocation == "layer"``, the
-  same fraction of each linear by its own threshold. Structured: refuses to remove every head of a layer."""
+  same fraction of each linear by its own threshold. Structured: refuses to remove every head of a layer. Units:
+  ``i·s/T`` of ``total_params`` (the model's parameters), by :func:`~jaxprune.prune._surgeon_units.allocate_units`."""
+  if spec.kind == "units":
+    if total_params is None:
+      raise JaxpruneError("structured units need the model's parameter count (total_params)")
+    cands = U.candidates(linears, [c.part for c in costs], [c.costs for c in costs], [c.size for c in costs])
+    allocation, _ = U.allocate_units(linears, [c.part for c in costs], [c.shape for c in costs],
+                                     [c.d_in for c in costs], cands, units_budget(spec, total_params, shot),
+                                     spec.pattern.sparsity)
+    return allocation
   sizes = [c.shape if spec.kind == "element" else (c[0].size, c[1].size) for c in costs]
   structure = spec.pattern if isinstance(spec.pattern, NM) else spec.kind
   if spec.allocation == "global":
@@ -361,14 +418,19 @@ def surgeon_shot(state: SurgeonState, config: ModelConfig, spec: SurgeonSpec, ca
                                progress=progress)
   curvature_seconds = time.perf_counter() - start
   linears, costs, inverses = shot_costs(state, config, spec, curvature, progress=progress)
-  allocation = allocate(config, spec, linears, costs, shot)
-  total = sum(m.size for m in allocation.masks)
+  if spec.kind == "units":  # counted in the model's parameters
+    total = count_params(state.params)
+    allocation = allocate(config, spec, linears, costs, shot, total_params=total)
+    target, pruned = units_budget(spec, total, shot), units_removed(costs, allocation)
+  else:
+    allocation = allocate(config, spec, linears, costs, shot)
+    total, pruned = sum(m.size for m in allocation.masks), sum(allocation.pruned)
+    target = _targets(spec, [m.shape for m in allocation.masks], shot)
   del costs
   layers, masks, reports = apply_allocation(state, spec, curvature, linears, allocation, inverses,
                                             progress=progress)
-  pruned = sum(allocation.pruned)
-  report = {"shot": shot, "target_pruned": _targets(spec, [m.shape for m in allocation.masks], shot),
-            "pruned": pruned, "sparsity": pruned / total, "threshold": allocation.threshold,
+  report = {"shot": shot, "target_pruned": target, "pruned": pruned, "sparsity": pruned / total,
+            "threshold": allocation.threshold,
             "curvature_seconds": round(curvature_seconds, 3), "seconds": round(time.perf_counter() - start, 3),
             "layers": reports}
   return SurgeonState(shot, {**state.params, "layers": layers}, masks, state.reports + [report])
@@ -484,7 +546,7 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
   final = jax.tree.map(np.asarray, state.params)
   meta = {**spec.to_json(), **_summary(final, state, spec), "versions": versions(), **(identity or {})}
   masks, new_config = mask_tree(state.masks), None
-  if spec.kind == "rows_columns":
+  if spec.kind in ("rows_columns", "units"):
     from jaxprune.models._compact import compact
 
     final, new_config, masks = compact(final, config, masks)
@@ -510,7 +572,7 @@ def _summary(params, state: SurgeonState, spec: SurgeonSpec) -> dict:
          "per_layer_sparsity": [{path: float(1.0 - keep.mean()) for path, keep in block.items()}
                                 for block in state.masks],
          "shots_report": [{k: v for k, v in r.items() if k != "layers"} for r in state.reports]}
-  if spec.kind == "rows_columns":
+  if spec.kind in ("rows_columns", "units"):
     before = count_params(params)
     out.update(params_before=before, params_kept=before - removed)
   return out

@@ -111,6 +111,41 @@ def column_costs(w: jax.Array, g: jax.Array, a_inv: jax.Array) -> jax.Array:
   return 0.5 * jnp.sum(_mm(g.astype(dtype), w) * w, axis=0) / jnp.diag(a_inv).astype(dtype)
 
 
+def _diagonal_blocks(m: jax.Array, size: int, count: int) -> jax.Array:
+  """The ``count`` leading ``(size, size)`` diagonal blocks of ``m``: ``(count, size, size)``."""
+  idx = jnp.arange(count * size).reshape(count, size)
+  return m[idx[:, :, None], idx[:, None, :]]
+
+
+def row_block_costs(w: jax.Array, a: jax.Array, g_inv: jax.Array, *, size: int) -> jax.Array:
+  """``½ tr(([G⁻¹]_BB)⁻¹ W_B A W_Bᵀ)`` ``(d_out / size,)``: the OBS cost of removing the ``size`` consecutive rows
+  ``B`` of each block together (a head's rows of ``q``, ``k`` or ``v``; ``size = 1``: :func:`row_costs`).
+
+  ``[F⁻¹]_QQ = [G⁻¹]_BB ⊗ A⁻¹`` for ``Q`` the whole rows ``B``, so ``½ w_Qᵀ ([F⁻¹]_QQ)⁻¹ w_Q`` is the trace above.
+  ``w`` ``(d_out, d_in)`` with ``d_out`` divisible by ``size``, ``a`` ``(d_in, d_in)``, ``g_inv`` ``(d_out, d_out)``.
+  """
+  dtype = _dtype(w)
+  w = w.astype(dtype)
+  count = w.shape[0] // size
+  wa = _mm(w, a.astype(dtype)).reshape(count, size, -1)
+  m = jnp.einsum("nid,njd->nij", wa, w.reshape(count, size, -1), precision=HIGHEST)  # W_B A W_Bᵀ
+  x = jnp.linalg.solve(_diagonal_blocks(g_inv.astype(dtype), size, count), m)
+  return 0.5 * jnp.trace(x, axis1=1, axis2=2)
+
+
+def column_block_costs(w: jax.Array, g: jax.Array, a_inv: jax.Array, *, size: int, count: int) -> jax.Array:
+  """``½ tr(([A⁻¹]_CC)⁻¹ W_Cᵀ G W_C)`` ``(count,)``: the OBS cost of removing the ``size`` consecutive columns ``C``
+  of each of the ``count`` leading blocks together (a group of heads' columns of ``o_proj``; ``size = 1``:
+  :func:`column_costs`). ``w`` ``(d_out, d_in)`` with ``count · size <= d_in`` (a bias column stays out),
+  ``g`` ``(d_out, d_out)``, ``a_inv`` ``(d_in, d_in)``."""
+  dtype = _dtype(w)
+  w = w.astype(dtype)
+  gw = _mm(g.astype(dtype), w)[:, :count * size].reshape(-1, count, size)
+  m = jnp.einsum("dni,dnj->nij", w[:, :count * size].reshape(-1, count, size), gw, precision=HIGHEST)
+  x = jnp.linalg.solve(_diagonal_blocks(a_inv.astype(dtype), size, count), m)
+  return 0.5 * jnp.trace(x, axis1=1, axis2=2)
+
+
 # ---------------------------------------------------------------- weight updates
 
 
