@@ -11,8 +11,13 @@ so an interrupted run resumes where it stopped:
   not depend on the target), the allocation, OBS updates and perplexity of every pattern of ``one_shot``.
 * ``surgeon:PxT``: ``T`` shots to pattern ``P`` (curvature and costs again after every shot).
 * ``METHOD:P``: another method at the same calibration (``baselines``), by ``jaxprune.prune``.
+* ``one-shot-units``: structured units (whole MLP units and groups of heads) at every target of ``units`` from
+  one curvature and one set of unit costs; the model is shrunk and evaluated.
+* ``magnitude-units``: the same units and parameter targets ranked by the RMS of their weights, no update.
+* ``depth:UNIT:K:RECOVERY``: depth pruning of ``K`` blocks (``depth``, ``units_depth``).
 
-Patterns: ``uNN`` = NN % unstructured, ``N:M`` = N kept of every M.
+Patterns: ``uNN`` = NN % unstructured, ``N:M`` = N kept of every M, ``rcNN`` = NN % of the linears' weights by
+rows and columns, ``unitsNN`` = NN % of the model's parameters (embeddings included) by whole units.
 """
 from __future__ import annotations
 
@@ -46,10 +51,12 @@ def _record(out: Path, cfg: dict, name: str, value: dict) -> None:
 
 
 def _pattern(shape: str):
-  from jaxprune.prune._surgeon_pass import RowsColumns
+  from jaxprune.prune._surgeon_pass import RowsColumns, Units
 
   if shape.startswith("rc"):
     return RowsColumns(int(shape[2:]) / 100)
+  if shape.startswith("units"):
+    return Units(int(shape[5:]) / 100)
   return parse_case(f"surgeon:{shape}")[1]
 
 
@@ -128,6 +135,71 @@ def one_shot(cfg: dict, out: Path, allocation: str = "global") -> None:
     del params, layers, masks, reports
 
 
+def _shrunk(params, config, evals, cfg) -> dict:
+  """Shrinks a units-pruned model (:func:`~jaxprune.models._compact.compact`), counts and evaluates it."""
+  from jaxprune.models._compact import compact
+  from jaxprune.prune._surgeon_pass import count_params
+
+  small, small_config, _ = compact(params, config)
+  return {"params_before": count_params(params), "params_after": count_params(small),
+          "layer_widths": [list(small_config.widths(i)) for i in range(small_config.num_layers)],
+          **_evaluate(small, small_config, evals, cfg)}
+
+
+def one_shot_units(cfg: dict, out: Path) -> None:
+  """Structured units at every target of ``units`` from one curvature and one set of unit costs (the dense
+  model's: they do not depend on the target)."""
+  import jax
+
+  from jaxprune.prune import _surgeon_pass as P
+  from jaxprune.runner import Runner
+
+  todo = [t for t in cfg["units"] if f"surgeon:units{t}" not in _load(out)["runs"]]
+  if not todo:
+    return
+  model, calib, evals = _setup(cfg)
+  runner = Runner(model.config, batch_size=cfg["batch_size"])
+  start = time.perf_counter()
+  curvature = runner.curvature(model.params, calib.tokens, key=jax.random.fold_in(jax.random.key(cfg["seed"]), 1))
+  seconds = time.perf_counter() - start
+  state = P.initial_state(model.params, model.config)
+  spec0 = P.SurgeonSpec(_pattern(f"units{todo[0]}"), chunk=cfg["chunk"], seed=cfg["seed"])
+  start = time.perf_counter()
+  linears, costs, inverses = P.shot_costs(state, model.config, spec0, curvature, progress=False)
+  costs_seconds = time.perf_counter() - start
+  total = P.count_params(model.params)
+  for t in todo:
+    spec = P.SurgeonSpec(_pattern(f"units{t}"), chunk=cfg["chunk"], seed=cfg["seed"])
+    start = time.perf_counter()
+    allocation = P.allocate(model.config, spec, linears, costs, 1, total_params=total)
+    layers, masks, _ = P.apply_allocation(state, spec, curvature, linears, allocation, inverses, progress=False)
+    update = time.perf_counter() - start
+    _record(out, cfg, f"surgeon:units{t}", {
+        "shots": 1, "target": t / 100, "removed": P.units_removed(costs, allocation),
+        "curvature_seconds": round(seconds, 1), "costs_seconds": round(costs_seconds, 1),
+        "allocate_and_update_seconds": round(update, 1), "prune_seconds": round(seconds + costs_seconds + update, 1),
+        "per_layer_sparsity": [{p: float(1 - m.mean()) for p, m in block.items()} for block in masks],
+        "peak_rss_gb": round(peak_rss_gb(), 2), **_shrunk({**model.params, "layers": layers}, model.config, evals,
+                                                          cfg)})
+
+
+def magnitude_units(cfg: dict, out: Path) -> None:
+  """The units of every target of ``units`` with the smallest RMS weight, no update."""
+  from jaxprune.prune._surgeon_units import Units, magnitude_units as prune_units
+
+  todo = [t for t in cfg["units"] if f"magnitude-units:units{t}" not in _load(out)["runs"]]
+  if not todo:
+    return
+  model, _, evals = _setup(cfg)
+  for t in todo:
+    start = time.perf_counter()
+    params, _, removed = prune_units(model.params, model.config, Units(t / 100))
+    seconds = time.perf_counter() - start
+    _record(out, cfg, f"magnitude-units:units{t}", {
+        "target": t / 100, "removed": removed, "prune_seconds": round(seconds, 1),
+        "peak_rss_gb": round(peak_rss_gb(), 2), **_shrunk(params, model.config, evals, cfg)})
+
+
 def multi_shot(cfg: dict, out: Path, case: str) -> None:
   from jaxprune.prune import _surgeon_pass as P
 
@@ -181,7 +253,10 @@ def depth(cfg: dict, out: Path, case: str) -> None:
 def groups(cfg: dict) -> list[str]:
   return (["one-shot"] + list(cfg["baselines"][:2]) + [multi_case(m) for m in cfg["multi_shot"][:1]]
           + ["one-shot-layer"] + list(cfg["baselines"][2:]) + [multi_case(m) for m in cfg["multi_shot"][1:2]]
-          + list(cfg.get("depth", [])) + [multi_case(m) for m in cfg["multi_shot"][2:]])
+          + list(cfg.get("depth", [])) + [multi_case(m) for m in cfg["multi_shot"][2:]]
+          + (["one-shot-units", "magnitude-units"] + list(cfg["units_depth"][:2])
+             + [multi_case(m) for m in cfg["units_multi"][:1]] + list(cfg["units_depth"][2:])
+             + [multi_case(m) for m in cfg["units_multi"][1:]] if cfg.get("units") else []))
 
 
 def multi_case(entry: list) -> str:
@@ -195,6 +270,9 @@ def done(cfg: dict, runs: dict, group: str) -> bool:
     return "timing" in runs and all(f"surgeon:{p}" in runs for p in cfg["one_shot"])
   if group == "one-shot-layer":
     return all(f"surgeon-layer:{p}" in runs for p in cfg["one_shot_layer"])
+  if group in ("one-shot-units", "magnitude-units"):
+    prefix = "surgeon" if group == "one-shot-units" else "magnitude-units"
+    return all(f"{prefix}:units{t}" in runs for t in cfg["units"])
   return group in runs
 
 
@@ -272,6 +350,10 @@ def main() -> None:
   cfg = json.loads(args.config.read_text())
   out = args.out / "result.json"
   if args.worker:
+    if args.group == "one-shot-units":
+      return one_shot_units(cfg, out)
+    if args.group == "magnitude-units":
+      return magnitude_units(cfg, out)
     if args.group in ("one-shot", "one-shot-layer"):
       return one_shot(cfg, out, "global" if args.group == "one-shot" else "layer")
     if args.group.startswith("surgeon:"):

@@ -16,9 +16,12 @@ zeroing a unit's entries jointly is the sum over its linears of the joint cost o
 rows (``G⁻¹``) and columns (``A⁻¹``) of each linear (``remove_rows_columns``); within ``down_proj`` and
 ``o_proj`` the kept columns compensate the removed ones through ``A⁻¹`` of their inputs.
 
-**Allocation** (:func:`allocate_units`): the units of all layers in one stable ascending sort of their costs, the
-longest prefix whose parameters fit the budget (``floor(s · P)``, ``P`` the model's parameters, embeddings
-included), so the removal is short of it by less than the next unit. Every layer keeps at least one group of heads
+**Allocation** (:func:`allocate_units`): the units of all layers in one stable ascending sort of their cost per
+parameter (a group of heads holds ``num_heads / num_kv_heads · 2 + 2`` times ``head_dim · hidden`` parameters, an
+MLP unit ``3 · hidden``: ranked by cost alone, the large groups would never go first; per parameter, the prefix is
+the greedy solution of removing the budget's parameters at the least summed cost), the longest prefix whose
+parameters fit the budget (``floor(s · P)``, ``P`` the model's parameters, embeddings included), so the removal is
+short of it by less than the next unit. Every layer keeps at least one group of heads
 and one MLP unit (a one-line error otherwise). Units removed by an earlier shot cost ``-inf`` and stay removed.
 """
 from __future__ import annotations
@@ -134,11 +137,13 @@ def candidates(linears, parts: list[Part], part_costs: list[np.ndarray], part_si
 
 
 def choose(c: Candidates, budget: int, sparsity: float) -> tuple[np.ndarray, float]:
-  """``(removed (n,) bool, threshold)``: the longest prefix of the stable cost order whose parameters fit
-  ``budget``; a one-line error if a layer would lose every group of heads or every MLP unit."""
+  """``(removed (n,) bool, threshold)``: the longest prefix of the stable order of cost per parameter whose
+  parameters fit ``budget`` (the threshold: the last one's cost per parameter); a one-line error if a layer would
+  lose every group of heads or every MLP unit."""
   if np.isnan(c.costs).any():
     raise JaxpruneError("structured units: a unit cost is NaN (curvature not finite)")
-  order = np.argsort(c.costs, kind="stable")
+  per_param = c.costs / c.sizes
+  order = np.argsort(per_param, kind="stable")
   take = int(np.searchsorted(np.cumsum(c.sizes[order]), budget, side="right"))
   removed = np.zeros(c.costs.size, bool)
   removed[order[:take]] = True
@@ -148,7 +153,7 @@ def choose(c: Candidates, budget: int, sparsity: float) -> tuple[np.ndarray, flo
       what = "group of heads" if KINDS[kind] == "attn" else "MLP unit"
       raise JaxpruneError(f"structured units {sparsity:g} would remove every {what} of layer {layer}; "
                           "use a lower sparsity")
-  return removed, float(c.costs[order[take - 1]]) if take else -np.inf
+  return removed, float(per_param[order[take - 1]]) if take else -np.inf
 
 
 def allocate_units(linears, parts: list[Part], shapes: list[tuple[int, int]], d_ins: list[int], c: Candidates,
@@ -171,3 +176,47 @@ def allocate_units(linears, parts: list[Part], shapes: list[tuple[int, int]], d_
   allocation = sg.Allocation(tuple(masks), pruned, tuple(p / m.size for p, m in zip(pruned, masks)), threshold,
                              tuple(keep_rows), tuple(keep_cols))
   return allocation, int(c.sizes[removed].sum())
+
+
+def magnitude_units(params, config: ModelConfig, units: Units) -> tuple[dict, list, int]:
+  """The baseline without curvature: every unit ranked by the root mean square of its weights (its norm over the
+  square root of its parameters, so that a group of heads and an MLP unit compare per parameter), the allocation
+  of :func:`allocate_units` over ``units.sparsity`` of the model's parameters, removed weights set to 0, no update.
+
+  Returns ``(params, masks, removed)``: masks per block ``{path: (d_in, d_out) bool}`` (kernel layout) and the
+  parameters removed.
+  """
+  from jaxprune import _tree as tree
+  from jaxprune.models._convert import from_hf_layout
+  from jaxprune.prune import _surgeon_pass as P
+
+  linears = P.model_linears(config, params)
+  parts, squares, sizes, shapes, d_ins = [], [], [], [], []
+  for lin in linears:
+    block = params["layers"][lin.layer]
+    w = P._weight(block, lin.path)
+    d_in = tree.get(block, lin.path)["kernel"].shape[0]
+    part = part_of(config, lin.layer, lin.path)
+    count = unit_count(w.shape, part, d_in)
+    sq = (w.astype(np.float64) ** 2).sum(axis=1) if part.side == "rows" else (w[:, :count * part.size]
+                                                                             .astype(np.float64) ** 2).sum(axis=0)
+    parts.append(part)
+    squares.append(sq.reshape(count, part.size).sum(axis=1))
+    sizes.append(unit_params(w.shape, part))
+    shapes.append(w.shape)
+    d_ins.append(d_in)
+  c = candidates(linears, parts, squares, sizes)
+  c = dataclasses.replace(c, costs=np.sqrt(c.costs / c.sizes) * c.sizes)  # ranked by RMS (cost per parameter)
+  total = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  allocation, removed = allocate_units(linears, parts, shapes, d_ins, c, int(total * units.sparsity),
+                                       units.sparsity)
+  layers = list(params["layers"])
+  masks = [{} for _ in layers]
+  for lin, keep, rows, shape, d_in in zip(linears, allocation.masks, allocation.keep_rows, shapes, d_ins):
+    block = layers[lin.layer]
+    w = P._weight(block, lin.path)
+    full = np.concatenate([keep, np.broadcast_to(rows[:, None], (shape[0], shape[1] - d_in))], axis=1)
+    layers[lin.layer] = P._set_weight(block, lin.path, np.where(full, w, 0),
+                                      np.asarray(tree.get(block, lin.path)["kernel"]).dtype)
+    masks[lin.layer][lin.path] = np.asarray(from_hf_layout(keep))
+  return {**params, "layers": layers}, masks, removed
