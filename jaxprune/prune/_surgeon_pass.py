@@ -517,7 +517,7 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
 
   Returns a :class:`~jaxprune.prune._job.PruneOutcome` whose metadata holds the spec, per-linear ``layers``
   reports (last shot), ``per_layer_sparsity`` (per block ``{path: fraction}``), one report per shot
-  (``shots_report``), the measured ``sparsity`` of the linears and, for :class:`RowsColumns`, ``params_before``
+  (``shots_report``), the measured ``sparsity`` of the linears and, for :class:`RowsColumns` and units, ``params_before``
   and ``params_after``.
 
   Rows and columns: the pruned model is then shrunk (:func:`jaxprune.models._compact.compact`): every MLP unit
@@ -526,6 +526,9 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
   holds per-layer widths (``outcome.config``). ``params_after`` counts the parameters of that smaller model;
   ``params_kept`` counts those outside removed rows and columns (what a format able to drop any row or column
   would keep: removed rows and columns of the hidden size stay in the model as zeros).
+
+  Units (:class:`~jaxprune.prune._surgeon_units.Units`): whole MLP units and groups of heads, ``s`` of the model's
+  parameters; every removed unit leaves the model, so ``params_after = params_kept = params_before − removed``.
   """
   from jaxprune.data._windows import as_windows
   from jaxprune.prune._job import PruneOutcome, mask_tree, versions
