@@ -25,7 +25,7 @@ BLOCK = 960 * TOKENS + 384 * WINDOWS  # 12672
 DOWN = 192 * TOKENS  # 2304
 NORMS = 2 * TOKENS * (8 + 8 + 8 + 12)  # squared norms of the 4 distinct inputs: 864
 GRAMS = 2 * TOKENS * (64 + 64 + 64 + 144)  # 8064
-INVERSE = 4 / 3 * (3 * 8**3 + 12**3)  # one factor per distinct input
+INVERSE = 2 / 3 * (3 * 8**3 + 12**3)  # one factor per distinct input
 OBS = 2 * (8 * 64 + 4 * 64 + 4 * 64 + 8 * 64 + 12 * 64 + 12 * 64 + 8 * 144)  # 2·d_out·d_in² per linear: 9472
 
 
@@ -54,11 +54,11 @@ def test_sparsegpt_count_by_hand(true_sequential):
 
 def test_sparsegpt_computed_count_by_hand():
   """Blocks of 4 columns: the update on d_in padded to 8 or 12 (already multiples), ``2·d_out·pad·(pad + 4)``,
-  two reconstruction errors ``4·d_out·d_in²``, a factor ``8/3·d³`` per linear; full Grams at these widths."""
+  two reconstruction errors ``4·d_out·d_in²``, a factor ``4/3·d³`` per linear; full Grams at these widths."""
   flops = _count("sparsegpt", False, computed=True, blocksize=4)
   update = sum(2 * o * i * (i + 4) + 4 * o * i * i for o, i in [(8, 8), (4, 8), (4, 8), (8, 8), (12, 8), (12, 8),
                                                                      (8, 12)])
-  inverse = 8 / 3 * (3 * 8**3 + 8**3 + 2 * 8**3 + 12**3)
+  inverse = 4 / 3 * (3 * 8**3 + 8**3 + 2 * 8**3 + 12**3)
   assert flops["solver"] == pytest.approx(2 * (update + inverse))
   assert flops["statistics"] == 2 * (NORMS + GRAMS)
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import REFERENCE, command, machine, parse_case, write_json  # noqa: E402
+from experiments.common import REFERENCE, REPO, command, machine, parse_case, write_json  # noqa: E402
 
 CASES = ("wanda:u50", "sparsegpt:u50")
 ORDERS = ("default", "true_sequential")
@@ -76,10 +76,11 @@ def pass_flops(config, *, windows: int, seq: int, method: str, true_sequential: 
   true-sequential: every linear but the down projection, group by group, and the attention); ``outputs``: the
   forwards producing the next block's inputs (default: the whole pruned block; true-sequential: the down
   projection); ``statistics``: per distinct input of width ``d``, ``2·T·d`` for the squared norms and, for a method
-  with a Gram, ``2·T·d²``; ``solver``: SparseGPT's inverse Cholesky factor, ``4/3·d³`` per distinct input
-  (Cholesky, inverse from the factor, Cholesky of the inverse), and its OBS update ``2·d_out·d_in²`` per linear;
+  with a Gram, ``2·T·d²``; ``solver``: SparseGPT's inverse Cholesky factor, ``2/3·d³`` per distinct input (a
+  Cholesky factorisation and a triangular inverse, ``d³/3`` each), and its OBS update ``2·d_out·d_in²`` per linear;
   Wanda's selection 0. ``computed=True`` counts what the code does instead: the Gram's upper block triangle
-  (:func:`gram_fraction`), the factor per linear from ``cho_solve`` on the identity (``8/3·d³``), the update on
+  (:func:`gram_fraction`), the factor per linear (``4/3·d³``: the triangular inverse as a solve on the identity,
+  ``d³``), the update on
   columns padded to ``blocksize`` with its in-block rank-1 steps, and the two reconstruction errors of the
   reports (``2·d_out·d_in²`` each). A LLaMA-family block with full sublayers; the LM head is not used.
   """
@@ -102,7 +103,7 @@ def pass_flops(config, *, windows: int, seq: int, method: str, true_sequential: 
   if method == "sparsegpt":
     for s in shapes.values():
       d = s[0][1]
-      solver += len(s) * 8 / 3 * d**3 if computed else 4 / 3 * d**3
+      solver += len(s) * 4 / 3 * d**3 if computed else 2 / 3 * d**3
       for d_out, d_in in s:
         pad = -(-d_in // blocksize) * blocksize
         solver += 2 * d_out * pad * (pad + blocksize) + 4 * d_out * d_in**2 if computed else 2 * d_out * d_in**2
@@ -172,7 +173,7 @@ def _timed_steps(seconds: collections.Counter):
 
 def one_case(model, calib, case: str, order: str) -> dict:
   """The whole pass of ``case`` in ``order`` from cleared compilation caches, between two measurements of the
-  2048³ matmul rate whose mean is the case's rate: seconds per step, FLOPs, ideal seconds, ratio."""
+  2048³ matmul rate (whose mean is the case's rate): seconds in all and per step, compilation, load."""
   import jax
 
   import jaxprune as jp
@@ -181,42 +182,55 @@ def one_case(model, calib, case: str, order: str) -> dict:
   jax.clear_caches()
   _sequential._jitted_solver.cache_clear()
   method, pattern = parse_case(case)
-  ts = order == "true_sequential"
   seconds = collections.Counter()
   COMPILE_SECONDS.clear()
-  undo = _timed_steps(seconds)
   load = os.getloadavg()
   rates = [matmul_rates([GEMM])[GEMM_KEY]]
   samples, done = [], threading.Event()
   sampler = threading.Thread(target=lambda: [samples.append(os.getloadavg()[0]) for _ in iter(lambda: done.wait(10),
                                                                                                 True)], daemon=True)
   sampler.start()
+  undo = _timed_steps(seconds)
   try:
-    spec = jp.PruneSpec(method, pattern, true_sequential=ts)
+    spec = jp.PruneSpec(method, pattern, true_sequential=order == "true_sequential")
     outcome = jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=8, progress=False)
   finally:
     undo()
     done.set()
   rates.append(matmul_rates([GEMM])[GEMM_KEY])
-  rate = sum(rates) / 2
   seconds["reports"] = seconds.pop("prune_group") - seconds["solver"]
   steps = {name: seconds[name] for name in STEPS}
   steps["other"] = outcome.seconds - sum(steps.values())
-  flops = pass_flops(model.config, windows=calib.shape[0], seq=calib.shape[1], method=method, true_sequential=ts)
-  computed = pass_flops(model.config, windows=calib.shape[0], seq=calib.shape[1], method=method,
-                        true_sequential=ts, computed=True)
-  ideal = flops["total"] / (rate * 1e9)
-  per_step = {name: {"seconds": steps[name], "gflop": flops.get(name, 0.0) / 1e9,
-                     "gflop_computed": computed.get(name, 0.0) / 1e9,
-                     "ideal_seconds": flops.get(name, 0.0) / (rate * 1e9),
-                     "gflop_per_s": flops[name] / steps[name] / 1e9 if flops.get(name) and steps[name] else None}
-              for name in (*STEPS, "other")}
-  return {"case": case, "order": order, "seconds": outcome.seconds, "tflop": flops["total"] / 1e12,
-          "tflop_computed": computed["total"] / 1e12, "ideal_seconds": ideal, "ratio": outcome.seconds / ideal,
-          "steps": per_step, "compile_seconds": sum(COMPILE_SECONDS.values()),
-          "compile_events": dict(COMPILE_SECONDS), "load_before": load, "load_after": os.getloadavg(),
+  return {"case": case, "order": order, "seconds": outcome.seconds, "step_seconds": steps,
+          "compile_seconds": sum(COMPILE_SECONDS.values()), "compile_events": dict(COMPILE_SECONDS),
+          "load_before": load, "load_after": os.getloadavg(),
           "load_1min_every_10s": {"mean": sum(samples) / max(len(samples), 1), "max": max(samples, default=None)},
-          "matmul_gflop_per_s": rate, "matmul_gflop_per_s_before_after": rates}
+          "matmul_gflop_per_s": sum(rates) / 2, "matmul_gflop_per_s_before_after": rates}
+
+
+def derive(run: dict, config, windows: int, seq: int) -> dict:
+  """``run`` with its FLOPs (:func:`pass_flops`), ideal seconds at its matmul rate and ratio, in all and per step."""
+  method = parse_case(run["case"])[0]
+  ts = run["order"] == "true_sequential"
+  flops = pass_flops(config, windows=windows, seq=seq, method=method, true_sequential=ts)
+  computed = pass_flops(config, windows=windows, seq=seq, method=method, true_sequential=ts, computed=True)
+  rate = run["matmul_gflop_per_s"] * 1e9
+  seconds = run.get("step_seconds") or {name: step["seconds"] for name, step in run["steps"].items()}
+  steps = {name: {"seconds": sec, "gflop": flops.get(name, 0.0) / 1e9, "gflop_computed": computed.get(name, 0.0) / 1e9,
+                  "ideal_seconds": flops.get(name, 0.0) / rate,
+                  "gflop_per_s": flops[name] / sec / 1e9 if flops.get(name) and sec else None}
+           for name, sec in seconds.items()}
+  ideal = flops["total"] / rate
+  return {**run, "step_seconds": seconds, "tflop": flops["total"] / 1e12, "tflop_computed": computed["total"] / 1e12,
+          "ideal_seconds": ideal, "ratio": run["seconds"] / ideal, "steps": steps}
+
+
+def provenance() -> dict:
+  """The commit of this run and the files of ``jaxprune/`` that differ from it."""
+  import subprocess
+
+  git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+  return {"commit": git("rev-parse", "HEAD"), "changed": git("status", "--porcelain", "jaxprune").splitlines()}
 
 
 def table(result: dict) -> str:
@@ -227,9 +241,8 @@ def table(result: dict) -> str:
   for r in result["runs"]:
     s = r["steps"]
     cell = lambda n: f"{s[n]['seconds']:.1f} ({s[n]['ideal_seconds']:.1f})"  # noqa: E731
-    lines.append(f"| {r['order']} | {r['case']} | {r['seconds']:.1f} | {r['tflop']:.2f} | {r['matmul_gflop_per_s']:.0f} "
-                 f"| {r['ideal_seconds']:.1f} "
-                 f"| {r['ratio']:.2f} | {cell('taps')} | {cell('statistics')} | {cell('solver')} | {cell('outputs')} "
+    lines.append(f"| {r['order']} | {r['case']} | {r['seconds']:.1f} | {r['tflop']:.2f} "
+                 f"| {r['matmul_gflop_per_s']:.0f} | {r['ideal_seconds']:.1f} | {r['ratio']:.2f} | {cell('taps')} | {cell('statistics')} | {cell('solver')} | {cell('outputs')} "
                  f"| {s['reports']['seconds']:.1f} | {s['other']['seconds'] + s['embed']['seconds']:.1f} "
                  f"| {r['compile_seconds']:.1f} |")
   return "\n".join(lines) + "\n"
@@ -241,15 +254,21 @@ def main() -> None:
   p.add_argument("--cases", nargs="*", default=list(CASES))
   p.add_argument("--orders", nargs="*", default=list(ORDERS), choices=ORDERS)
   p.add_argument("--windows", type=int, default=None, help="the first N calibration windows [default: all 64]")
-  p.add_argument("--only-report", action="store_true", help="print the table of --out")
+  p.add_argument("--only-report", action="store_true",
+                 help="recount the FLOPs, ideal seconds and ratios of the runs in --out and print its table")
   args = p.parse_args()
-  if args.only_report:
-    print(table(json.loads(args.out.read_text())))
-    return
   import jax
   import numpy as np
 
   import jaxprune as jp
+
+  if args.only_report:
+    result = json.loads(args.out.read_text())
+    config = jp.load_model("smollm2-135m").config
+    result["runs"] = [derive(r, config, *result["tokens"]) for r in result["runs"]]
+    write_json(args.out, result)
+    print(table(result))
+    return
 
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, duration, **_: COMPILE_SECONDS.update({event: duration}) if "compile" in event else None)
@@ -258,11 +277,11 @@ def main() -> None:
   shapes = [GEMM, *model_shapes(model.config, calib.shape[1])]
   before = matmul_rates(shapes)
   print(json.dumps({"matmul_gflop_per_s": before}), flush=True)
-  result = {"command": command(Path(__file__)), "machine": machine(), "tokens": list(calib.shape),
+  result = {"command": command(Path(__file__)), "machine": machine(), **provenance(), "tokens": list(calib.shape),
             "matmul_rates_before": before, "runs": []}
   for order in args.orders:
     for case in args.cases:
-      result["runs"].append(one_case(model, calib, case, order))
+      result["runs"].append(derive(one_case(model, calib, case, order), model.config, *calib.shape))
       print(json.dumps(result["runs"][-1]), flush=True)
       write_json(args.out, result)
   result["matmul_rates_after"] = matmul_rates(shapes)
