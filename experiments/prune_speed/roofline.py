@@ -242,7 +242,8 @@ def table(result: dict) -> str:
     s = r["steps"]
     cell = lambda n: f"{s[n]['seconds']:.1f} ({s[n]['ideal_seconds']:.1f})"  # noqa: E731
     lines.append(f"| {r['order']} | {r['case']} | {r['seconds']:.1f} | {r['tflop']:.2f} "
-                 f"| {r['matmul_gflop_per_s']:.0f} | {r['ideal_seconds']:.1f} | {r['ratio']:.2f} | {cell('taps')} | {cell('statistics')} | {cell('solver')} | {cell('outputs')} "
+                 f"| {r['matmul_gflop_per_s']:.0f} | {r['ideal_seconds']:.1f} | {r['ratio']:.2f} | {cell('taps')} "
+                 f"| {cell('statistics')} | {cell('solver')} | {cell('outputs')} "
                  f"| {s['reports']['seconds']:.1f} | {s['other']['seconds'] + s['embed']['seconds']:.1f} "
                  f"| {r['compile_seconds']:.1f} |")
   return "\n".join(lines) + "\n"
