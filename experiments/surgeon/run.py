@@ -310,6 +310,7 @@ def table(cfg: dict, runs: dict) -> str:
               + "\n".join(f"| {c} | {runs[c]['params_before']} | {runs[c]['params_after']} | "
                           f"{1 - runs[c]['params_after'] / runs[c]['params_before']:.1%} | "
                           f"{runs[c]['perplexity']:.2f} |" for c in structured) + "\n")
+  extra += units_table(cfg, runs)
   seconds = [f"| {c} | {r['prune_seconds']} | {r['peak_rss_gb']} |" for c, r in sorted(runs.items())
              if "prune_seconds" in r]
   return (head + "\n".join(rows) + f"\n\nDense: {dense:.2f}. Perplexity on {cfg['eval_windows']} × {cfg['seqlen']} "
@@ -317,8 +318,37 @@ def table(cfg: dict, runs: dict) -> str:
           + "\n".join(seconds) + "\n")
 
 
+def units_table(cfg: dict, runs: dict) -> str:
+  """Structured units per target of the model's parameters, and depth pruning at the nearest block counts: each
+  cell the perplexity and the share of the model's parameters actually removed."""
+  if not cfg.get("units"):
+    return ""
+
+  def cell(case: str) -> str:
+    if case not in runs:
+      return "—"
+    r = runs[case]
+    return f"{r['perplexity']:.2f} ({1 - r['params_after'] / r['params_before']:.1%})"
+
+  shots = [e[1] for e in cfg["units_multi"]]
+  shots = sorted(set(shots))
+  head = ("\n| units target (of the model's parameters) | surgeon, 1 shot | "
+          + " | ".join(f"surgeon, {t} shots" for t in shots) + " | magnitude units (RMS), no update |\n|---|---|"
+          + "---|" * len(shots) + "---|\n")
+  rows = [f"| {t} % | {cell(f'surgeon:units{t}')} | " + " | ".join(cell(f"surgeon:units{t}x{n}") for n in shots)
+          + f" | {cell(f'magnitude-units:units{t}')} |" for t in cfg["units"]]
+  depth = sorted((c for c in runs if c.startswith("depth:block:") and c.endswith(":none")),
+                 key=lambda c: int(c.split(":")[2]))
+  return (head + "\n".join(rows) + "\n\n| depth pruning, no recovery | perplexity (parameters removed) |\n|---|---|\n"
+          + "\n".join(f"| {c.split(':')[2]} blocks | {cell(c)} |" for c in depth) + "\n")
+
+
 def plot(runs: dict, path: Path) -> None:
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError:
+    print(f"matplotlib not installed: {path.name} not redrawn", file=sys.stderr)
+    return
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
