@@ -17,7 +17,8 @@ so an interrupted run resumes where it stopped:
 * ``depth:UNIT:K:RECOVERY``: depth pruning of ``K`` blocks (``depth``, ``units_depth``).
 
 Patterns: ``uNN`` = NN % unstructured, ``N:M`` = N kept of every M, ``rcNN`` = NN % of the linears' weights by
-rows and columns, ``unitsNN`` = NN % of the model's parameters (embeddings included) by whole units.
+rows and columns, ``unitsNN`` = NN % of the model's parameters (embeddings included) by whole units,
+``unitsbK`` = by whole units, the parameters of ``K`` blocks (what depth pruning of ``K`` blocks removes).
 """
 from __future__ import annotations
 
@@ -50,11 +51,14 @@ def _record(out: Path, cfg: dict, name: str, value: dict) -> None:
   print(f"== {name}: {json.dumps(value)[:300]}", flush=True)
 
 
-def _pattern(shape: str):
-  from jaxprune.prune._surgeon_pass import RowsColumns, Units
+def _pattern(shape: str, params=None):
+  """The pattern of ``shape``; ``unitsbK`` needs the model's ``params`` (its blocks' size)."""
+  from jaxprune.prune._surgeon_pass import RowsColumns, Units, count_params
 
   if shape.startswith("rc"):
     return RowsColumns(int(shape[2:]) / 100)
+  if shape.startswith("unitsb"):
+    return Units(int(shape[6:]) * count_params(params["layers"][0]) / count_params(params))
   if shape.startswith("units"):
     return Units(int(shape[5:]) / 100)
   return parse_case(f"surgeon:{shape}")[1]
@@ -163,19 +167,19 @@ def one_shot_units(cfg: dict, out: Path) -> None:
   curvature = runner.curvature(model.params, calib.tokens, key=jax.random.fold_in(jax.random.key(cfg["seed"]), 1))
   seconds = time.perf_counter() - start
   state = P.initial_state(model.params, model.config)
-  spec0 = P.SurgeonSpec(_pattern(f"units{todo[0]}"), chunk=cfg["chunk"], seed=cfg["seed"])
+  spec0 = P.SurgeonSpec(_pattern(f"units{todo[0]}", model.params), chunk=cfg["chunk"], seed=cfg["seed"])
   start = time.perf_counter()
   linears, costs, inverses = P.shot_costs(state, model.config, spec0, curvature, progress=False)
   costs_seconds = time.perf_counter() - start
   total = P.count_params(model.params)
   for t in todo:
-    spec = P.SurgeonSpec(_pattern(f"units{t}"), chunk=cfg["chunk"], seed=cfg["seed"])
+    spec = P.SurgeonSpec(_pattern(f"units{t}", model.params), chunk=cfg["chunk"], seed=cfg["seed"])
     start = time.perf_counter()
     allocation = P.allocate(model.config, spec, linears, costs, 1, total_params=total)
     layers, masks, _ = P.apply_allocation(state, spec, curvature, linears, allocation, inverses, progress=False)
     update = time.perf_counter() - start
     _record(out, cfg, f"surgeon:units{t}", {
-        "shots": 1, "target": t / 100, "removed": P.units_removed(costs, allocation),
+        "shots": 1, "target": spec.pattern.sparsity, "removed": P.units_removed(costs, allocation),
         "curvature_seconds": round(seconds, 1), "costs_seconds": round(costs_seconds, 1),
         "allocate_and_update_seconds": round(update, 1), "prune_seconds": round(seconds + costs_seconds + update, 1),
         "per_layer_sparsity": [{p: float(1 - m.mean()) for p, m in block.items()} for block in masks],
@@ -184,19 +188,26 @@ def one_shot_units(cfg: dict, out: Path) -> None:
 
 
 def magnitude_units(cfg: dict, out: Path) -> None:
-  """The units of every target of ``units`` with the smallest RMS weight, no update."""
-  from jaxprune.prune._surgeon_units import Units, magnitude_units as prune_units
+  """The units of every target of ``units`` with the smallest RMS weight, no update (a target that would empty a
+  layer's heads or MLP is recorded with its error)."""
+  from jaxprune.errors import JaxpruneError
+  from jaxprune.prune._surgeon_units import magnitude_units as prune_units
 
   todo = [t for t in cfg["units"] if f"magnitude-units:units{t}" not in _load(out)["runs"]]
   if not todo:
     return
   model, _, evals = _setup(cfg)
   for t in todo:
+    pattern = _pattern(f"units{t}", model.params)
     start = time.perf_counter()
-    params, _, removed = prune_units(model.params, model.config, Units(t / 100))
+    try:
+      params, _, removed = prune_units(model.params, model.config, pattern)
+    except JaxpruneError as err:
+      _record(out, cfg, f"magnitude-units:units{t}", {"target": pattern.sparsity, "error": str(err)})
+      continue
     seconds = time.perf_counter() - start
     _record(out, cfg, f"magnitude-units:units{t}", {
-        "target": t / 100, "removed": removed, "prune_seconds": round(seconds, 1),
+        "target": pattern.sparsity, "removed": removed, "prune_seconds": round(seconds, 1),
         "peak_rss_gb": round(peak_rss_gb(), 2), **_shrunk(params, model.config, evals, cfg)})
 
 
@@ -206,7 +217,7 @@ def multi_shot(cfg: dict, out: Path, case: str) -> None:
   _, shape, *options = case.split(":")
   shape, shots = shape.rsplit("x", 1)
   model, calib, evals = _setup(cfg)
-  spec = P.SurgeonSpec(_pattern(shape), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
+  spec = P.SurgeonSpec(_pattern(shape, model.params), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
                        fisher_labels=options[0] if options else "sampled",
                        allocation=options[1] if len(options) > 1 else "global")
   outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec,
@@ -328,6 +339,8 @@ def units_table(cfg: dict, runs: dict) -> str:
     if case not in runs:
       return "—"
     r = runs[case]
+    if "error" in r:
+      return "refused: " + r["error"].split(";")[0].replace("structured units ", "")
     return f"{r['perplexity']:.2f} ({1 - r['params_after'] / r['params_before']:.1%})"
 
   shots = [e[1] for e in cfg["units_multi"]]
@@ -335,8 +348,10 @@ def units_table(cfg: dict, runs: dict) -> str:
   head = ("\n| units target (of the model's parameters) | surgeon, 1 shot | "
           + " | ".join(f"surgeon, {t} shots" for t in shots) + " | magnitude units (RMS), no update |\n|---|---|"
           + "---|" * len(shots) + "---|\n")
-  rows = [f"| {t} % | {cell(f'surgeon:units{t}')} | " + " | ".join(cell(f"surgeon:units{t}x{n}") for n in shots)
-          + f" | {cell(f'magnitude-units:units{t}')} |" for t in cfg["units"]]
+  rows = [f"| {t} % | " if isinstance(t, int) else f"| {t[1:]} blocks' parameters | "
+          for t in cfg["units"]]
+  rows = [label + f"{cell(f'surgeon:units{t}')} | " + " | ".join(cell(f"surgeon:units{t}x{n}") for n in shots)
+          + f" | {cell(f'magnitude-units:units{t}')} |" for label, t in zip(rows, cfg["units"])]
   depth = sorted((c for c in runs if c.startswith("depth:block:") and c.endswith(":none")),
                  key=lambda c: int(c.split(":")[2]))
   return (head + "\n".join(rows) + "\n\n| depth pruning, no recovery | perplexity (parameters removed) |\n|---|---|\n"
