@@ -4,11 +4,13 @@ the plain float32 matmul rate measured in the same process.
   python experiments/prune_speed/roofline.py          # -> roofline.json beside this script
 
 One process: the ``jnp.matmul`` rate (float32, ``HIGHEST``; 2048³ and the model's own shapes, best of a few after a
-warm-up), then Wanda 50 % and SparseGPT 50 % on SmolLM2-135M-Instruct and the parity calibration tokens
-(64 × 512), in the default order and true-sequential, each from cleared compilation caches (compilation is
-included, as in ``run.py``), then the matmul rate again. Each step of the pass is timed (a timer that waits for
-its result), and its FLOPs are counted from the config (:func:`pass_flops`): matrix products only; norms,
-softmax, rotary embeddings, SiLU, the embedding gather and Wanda's selection count 0.
+warm-up), one block's forward against its matrix products alone (:func:`block_anatomy`), then Wanda 50 % and
+SparseGPT 50 % on SmolLM2-135M-Instruct and the parity calibration tokens (64 × 512), in the default order and
+true-sequential, each from cleared compilation caches (compilation is included, as in ``run.py``) between two
+measurements of the 2048³ rate (their mean is the case's rate), then the matmul rates again. Each step of the
+pass is timed (a timer that waits for its result), and its FLOPs are counted from the config
+(:func:`pass_flops`): matrix products only; norms, softmax, rotary embeddings, SiLU, the embedding gather and
+Wanda's selection count 0.
 """
 from __future__ import annotations
 
@@ -147,6 +149,63 @@ def model_shapes(config, seq: int) -> list[tuple[int, int, int]]:
   return [(seq, d, f), (seq, f, d), (d, 8 * seq, d), (f, 8 * seq, f)]
 
 
+def block_anatomy(model, seq: int, *, repeats: int = 7) -> dict:
+  """Seconds of one batch (8 windows of ``seq``) through block 0 as the pass runs it (window by window), against
+  the same matrix products alone, window by window: the linears, then the linears and the attention's score and
+  value products (query chunks against the keys before them, as :func:`dot_attention`). Interleaved, best of
+  ``repeats``, beside the 2048³ rate: what the products cost, and what the rest of a block (norms, rotary
+  embeddings, softmax, SiLU, masks, copies) adds."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxprune.models import linear_groups
+  from jaxprune.prune._sequential import kernel_at
+  from jaxprune.runner import Runner
+
+  config, chunk = model.config, _attention_chunk()
+  runner = Runner(config, batch_size=8)
+  block = runner.place(model.params["layers"][0])
+  w = {path.split("/")[1][:-5]: kernel_at(block, path) for paths in linear_groups(config).values() for path in paths}
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((8, seq, config.hidden_size), np.float32) * 0.1)
+  kv, hd, groups = config.num_kv_heads, config.head_dim, config.num_heads // config.num_kv_heads
+
+  def products(x, attention: bool):
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    q, k, v = mm(x, w["q"]), mm(x, w["k"]), mm(x, w["v"])
+    a = q
+    if attention:
+      qh = q.reshape(seq, kv, groups, hd).transpose(1, 0, 2, 3)
+      kh, vh = k.reshape(seq, kv, hd).transpose(1, 2, 0), v.reshape(seq, kv, hd).transpose(1, 0, 2)
+      outs = [mm(mm(qh[:, lo:lo + chunk].reshape(kv, -1, hd), kh[..., :lo + chunk]), vh[:, :lo + chunk])
+              for lo in range(0, seq, chunk)]
+      a = jnp.concatenate(outs, axis=1).reshape(kv, seq, groups, hd).transpose(1, 0, 2, 3).reshape(seq, -1)
+    y = x + mm(a, w["o"])
+    return y + mm(mm(y, w["gate"]) + mm(y, w["up"]), w["down"])
+
+  runs = {"block": lambda: runner.block(block, h),
+          **{name: functools.partial(jax.jit(lambda x, a: jax.lax.map(lambda xi: products(xi, a), x),
+                                             static_argnums=1), h, attention)
+             for name, attention in (("linears", False), ("linears_and_attention", True))}}
+  best = {name: float("inf") for name in (*runs, "gemm")}
+  for name, fn in runs.items():
+    jax.block_until_ready(fn())
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[name] = min(best[name], time.perf_counter() - start)
+    best["gemm"] = min(best["gemm"], 2 * GEMM[0] ** 3 / matmul_rates([GEMM], repeats=1)[GEMM_KEY] / 1e9)
+  rate = 2 * GEMM[0] ** 3 / best.pop("gemm")
+  per_token = {tap: sum(2 * o * i for o, i in s) for tap, s in linear_shapes(config).items()}
+  linears = 8 * seq * sum(per_token.values())
+  flops = {"linears": linears, "linears_and_attention": linears + 8 * attention_flops(config, seq, chunk=chunk)}
+  flops["block"] = flops["linears_and_attention"]
+  return {"windows": 8, "seq": seq, "matmul_gflop_per_s": rate / 1e9, "repeats": repeats, "load": os.getloadavg(),
+          **{name: {"seconds": sec, "gflop": flops[name] / 1e9, "gflop_per_s": flops[name] / sec / 1e9,
+                    "ratio": sec / (flops[name] / rate)} for name, sec in best.items()}}
+
+
 def _timed_steps(seconds: collections.Counter):
   """Wraps the pass's steps in timers that wait for their results (undone by the returned function)."""
   import jax
@@ -255,6 +314,8 @@ def main() -> None:
   p.add_argument("--cases", nargs="*", default=list(CASES))
   p.add_argument("--orders", nargs="*", default=list(ORDERS), choices=ORDERS)
   p.add_argument("--windows", type=int, default=None, help="the first N calibration windows [default: all 64]")
+  p.add_argument("--anatomy-only", action="store_true",
+                 help="time one block against its matrix products alone (block_anatomy) into --out, nothing else")
   p.add_argument("--only-report", action="store_true",
                  help="recount the FLOPs, ideal seconds and ratios of the runs in --out and print its table")
   args = p.parse_args()
@@ -275,11 +336,19 @@ def main() -> None:
       lambda event, duration, **_: COMPILE_SECONDS.update({event: duration}) if "compile" in event else None)
   model = jp.load_model("smollm2-135m")
   calib = np.load(REFERENCE / "calib_512x64.npy")[:args.windows]
+  if args.anatomy_only:
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result["block_anatomy"] = {"command": command(Path(__file__)), "machine": machine(), **provenance(),
+                               **block_anatomy(model, calib.shape[1])}
+    write_json(args.out, result)
+    print(json.dumps(result["block_anatomy"]))
+    return
   shapes = [GEMM, *model_shapes(model.config, calib.shape[1])]
   before = matmul_rates(shapes)
   print(json.dumps({"matmul_gflop_per_s": before}), flush=True)
   result = {"command": command(Path(__file__)), "machine": machine(), **provenance(), "tokens": list(calib.shape),
-            "matmul_rates_before": before, "runs": []}
+            "matmul_rates_before": before, "block_anatomy": block_anatomy(model, calib.shape[1]), "runs": []}
+  print(json.dumps(result["block_anatomy"]), flush=True)
   for order in args.orders:
     for case in args.cases:
       result["runs"].append(derive(one_case(model, calib, case, order), model.config, *calib.shape))
