@@ -343,14 +343,15 @@ def units_table(cfg: dict, runs: dict) -> str:
       return "refused: " + r["error"].split(";")[0].replace("structured units ", "")
     return f"{r['perplexity']:.2f} ({1 - r['params_after'] / r['params_before']:.1%})"
 
-  shots = [e[1] for e in cfg["units_multi"]]
-  shots = sorted(set(shots))
+  variants = sorted({(e[1], tuple(e[2:])) for e in cfg["units_multi"]})
   head = ("\n| units target (of the model's parameters) | surgeon, 1 shot | "
-          + " | ".join(f"surgeon, {t} shots" for t in shots) + " | magnitude units (RMS), no update |\n|---|---|"
-          + "---|" * len(shots) + "---|\n")
+          + " | ".join(f"surgeon, {n} shot{'s' if n > 1 else ''}" + (f", {opts[0]} labels" if opts else "")
+                       for n, opts in variants)
+          + " | magnitude units (RMS), no update |\n|---|---|" + "---|" * len(variants) + "---|\n")
   rows = [f"| {t} % | " if isinstance(t, int) else f"| {t[1:]} blocks' parameters | "
           for t in cfg["units"]]
-  rows = [label + f"{cell(f'surgeon:units{t}')} | " + " | ".join(cell(f"surgeon:units{t}x{n}") for n in shots)
+  rows = [label + f"{cell(f'surgeon:units{t}')} | "
+          + " | ".join(cell(f"surgeon:units{t}x{n}" + "".join(f":{o}" for o in opts)) for n, opts in variants)
           + f" | {cell(f'magnitude-units:units{t}')} |" for label, t in zip(rows, cfg["units"])]
   depth = sorted((c for c in runs if c.startswith("depth:block:") and c.endswith(":none")),
                  key=lambda c: int(c.split(":")[2]))
