@@ -517,8 +517,8 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
 
   Returns a :class:`~jaxprune.prune._job.PruneOutcome` whose metadata holds the spec, per-linear ``layers``
   reports (last shot), ``per_layer_sparsity`` (per block ``{path: fraction}``), one report per shot
-  (``shots_report``), the measured ``sparsity`` of the linears and, for :class:`RowsColumns` and units, ``params_before``
-  and ``params_after``.
+  (``shots_report``), the measured ``sparsity`` of the linears and, for :class:`RowsColumns` and units,
+  ``params_before`` and ``params_after``.
 
   Rows and columns: the pruned model is then shrunk (:func:`jaxprune.models._compact.compact`): every MLP unit
   whose ``gate``/``up`` row or ``down`` column was removed, and every group of heads (a KV head and its query
