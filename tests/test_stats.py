@@ -179,6 +179,19 @@ def test_inverse_cholesky_upper_matches_float64():
   assert np.all(np.tril(u, -1) == 0) and np.all(np.diag(u) > 0)
 
 
+def test_inverse_cholesky_upper_pads_with_identity_and_takes_dead_inputs_as_one():
+  """``pad`` appends rows and columns of the identity exactly; a zero diagonal entry (a dead input) counts as 1,
+  also in the mean that scales the damping."""
+  h = gram_of(activations((80, 12), seed=7, dead=(4,)))
+  u = np.asarray(inverse_cholesky_upper(h, percdamp=0.01, pad=5), np.float64)
+  assert u.shape == (17, 17)
+  np.testing.assert_array_equal(u[12:, 12:], np.eye(5))
+  assert np.all(u[:12, 12:] == 0) and np.all(u[12:, :12] == 0)
+  h64 = np.asarray(h, np.float64)
+  h64[4, 4] = 1.0
+  assert_inverse_factor(u[:12, :12], h64 + 0.01 * np.mean(np.diag(h64)) * np.eye(12))
+
+
 def test_damping_retries_until_positive_definite():
   """Indefinite ``H`` (eigenvalue ``-0.5·mean diag``): 0.01 and 0.1 fail, the third damping (1.0) succeeds."""
   q, _ = np.linalg.qr(np.random.default_rng(6).normal(size=(12, 12)))
@@ -197,3 +210,24 @@ def test_damping_falls_back_to_diagonal_when_retries_run_out():
   u = np.asarray(inverse_cholesky_upper(h, percdamp=0.0, max_retries=0))
   assert np.isfinite(u).all()
   np.testing.assert_allclose(u, np.diag(1 / np.sqrt(np.diag(np.asarray(h, np.float64)))), rtol=tol.ELEMENTWISE_F32)
+
+
+@pytest.mark.parametrize("columns", [7, 20, 64])
+def test_reconstruction_error_by_column_blocks_matches_float64(monkeypatch, columns):
+  """``tr(ΔW G ΔWᵀ)`` summed over blocks of ``G``'s columns (the last block moved back to overlap the one
+  before, the shared columns counted once) against float64: blocks of 7 over 20 columns overlap, 20 fit
+  exactly, 64 exceed the width. Every term is a product of float32 values: a sum bound holds."""
+  from jaxprune.prune.solvers import _base
+
+  monkeypatch.setattr(_base, "_ERROR_COLUMNS", columns)
+  rng = np.random.default_rng(11)
+  w = rng.normal(size=(6, 20)).astype(np.float32)
+  w_hat = np.where(rng.random((6, 20)) < 0.5, 0, w).astype(np.float32)
+  g = f64_sums(activations((50, 20), seed=12))[0].astype(np.float32)
+  stats = init_stats(20)._replace(gram=jnp.asarray(g))
+  got = float(_base.reconstruction_error(jnp.asarray(w), jnp.asarray(w_hat), stats))
+  delta = w.astype(np.float64) - w_hat
+  g64 = g.astype(np.float64)
+  want = np.sum(delta * (delta @ g64))
+  bound = tol.f32_sum_bound(20 * 20 + 20) * np.sum(np.abs(delta) * (np.abs(delta) @ np.abs(g64)))
+  assert abs(got - want) <= bound + tol.F32_UNIT * abs(want)
