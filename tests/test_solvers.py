@@ -333,14 +333,31 @@ def test_magnitude_without_statistics_error_only_when_asked():
   assert SOLVERS["magnitude"].solve(jnp.asarray(w), None, pattern=Unstructured(0.5), with_error=False).error is None
 
 
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4), NM(4, 8)], ids=str)
+def test_sparsegpt_sub_blocks_parity_x64(pattern):
+  """Blocks of 32 columns run as two sub-blocks of 16 (the later one updated by a product): the reference's
+  column loop over whole blocks, in float64, including the zero-padded last block (40 = 32 + 8)."""
+  assert importlib.import_module("jaxprune.prune.solvers._sparsegpt")._sub_width(32, pattern_m(pattern)) == 16
+  w, x = make_problem(dead=DEAD, seed=14)
+  with jax.enable_x64(True):
+    stats = stats_of(x, jnp.float64)
+    got = sparsegpt(jnp.asarray(w, jnp.float64), stats, pattern=pattern, blocksize=32)
+  assert_as_reference_f64(got, reference("sparsegpt", w, stats, pattern, blocksize=32))
+
+
+def pattern_m(pattern):
+  return pattern.m if isinstance(pattern, NM) else 1
+
+
 def test_sparsegpt_transposed_column_loop_equals_the_column_form():
-  """The OBS column loop runs on the transposed block; it computes the plain column loop (one rank-1 update of
-  the whole block per column): both equal that loop in float64 to float32 rounding."""
+  """The OBS column loop runs on the transposed sub-block, each column updating only the later ones; it computes
+  the plain column loop (one rank-1 update of the whole block per column): both equal that loop in float64 to
+  float32 rounding."""
   obs_columns = importlib.import_module("jaxprune.prune.solvers._sparsegpt")._obs_columns  # module, not the function
   rng = np.random.default_rng(12)
-  w1 = jnp.asarray(rng.normal(size=(300, 32)), jnp.float32)
-  u1 = jnp.asarray(np.triu(rng.normal(size=(32, 32)) / 8) + 2 * np.eye(32), jnp.float32)
-  mask1 = jnp.asarray(rng.random((300, 32)) > 0.5)
+  w1 = jnp.asarray(rng.normal(size=(300, 16)), jnp.float32)
+  u1 = jnp.asarray(np.triu(rng.normal(size=(16, 16)) / 8) + 2 * np.eye(16), jnp.float32)
+  mask1 = jnp.asarray(rng.random((300, 16)) > 0.5)
 
   def column_form(w1, u1, mask1):
     def column(i, carry):

@@ -16,10 +16,12 @@ precision:
    more weights beyond the count. N:M: at the start of every group of
    ``m`` columns, per row, the ``m - n`` lowest scores of the group (from the weights updated so far).
 4. Column by column: ``q = w`` with pruned entries zeroed, ``e = (w - q) / U_ii``, ``W[:, i:] -= e ⊗ U[i, i:]``
-   within the block; after the block, ``W -= E · U[block, :]`` on the later columns (one matmul).
+   within the block; after the block, ``W -= E · U[block, :]`` on the later columns (one matmul). The same
+   regrouping is applied inside a block: its columns run in sub-blocks of at most 16, each followed by one
+   product for the block's later columns, so a column's update touches 16 columns, not the whole block.
 
-The whole pass is two nested ``lax.fori_loop`` s over dynamic slices, so tracing does not grow with the width,
-and the work is dominated by the lazy block matmuls (``2 · d_out · d_in²`` flops).
+The pass is two nested ``lax.fori_loop`` s (blocks, sub-blocks) over dynamic slices, so tracing does not grow
+with the width, and the work is dominated by the lazy block matmuls (``2 · d_out · d_in²`` flops).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ from jaxprune.prune._masks import layer_mask, nm_mask, num_pruned
 from jaxprune.prune._patterns import NM, Unstructured
 from jaxprune.prune.solvers._base import HIGHEST, SolverResult, check_inputs, check_ties, compute_dtype, finish
 from jaxprune.prune._stats import Stats
+
+_SUB_COLUMNS = 16
+"""At most this many columns of a block are updated column by column before the rest of the block absorbs them."""
 
 
 def inverse_cholesky_upper(h: jax.Array, *, percdamp: float, max_retries: int = 6, pad: int = 0) -> jax.Array:
@@ -93,53 +98,76 @@ def inverse_cholesky_upper(h: jax.Array, *, percdamp: float, max_retries: int = 
 
 
 def _obs_columns(wt, errt, u1, maskt, start, count):
-  """OBS update of block columns ``start .. start+count-1`` in order (SparseGPT Algorithm 1, inner loop).
+  """OBS update of columns ``start .. start+count-1`` of a sub-block in order (SparseGPT Algorithm 1, inner loop).
 
-  The block is held transposed, one weight column per row, so that every step reads and writes contiguous
-  memory: ``wt``, ``errt``, ``maskt``: ``(B, d_out)``; ``u1``: ``(B, B)`` upper triangular. Column ``i``
-  becomes its pruned value ``q``; later columns absorb ``e ⊗ U[i, :]``; ``errt[i] = e``. (The arithmetic of
-  every entry is that of the untransposed loop; contiguous rows suit a CPU's caches.)
+  The sub-block is held transposed, one weight column per row, so that every step reads and writes contiguous
+  memory: ``wt``, ``errt``, ``maskt``: ``(sub, d_out)``; ``u1``: ``(sub, sub)`` upper triangular. Column ``i``
+  becomes its pruned value ``q``; the later columns absorb ``e ⊗ U[i, i+1:]``; ``errt[i] = e``. The indices are
+  static (a few columns, traced once each), so each step touches only the later columns.
   """
+  for i in range(start, start + count):
+    q = jnp.where(maskt[i], wt[i], 0)
+    e = (wt[i] - q) / u1[i, i]
+    wt = wt.at[i + 1:].add(-u1[i, i + 1:, None] * e[None, :]).at[i].set(q)
+    errt = errt.at[i].set(e)
+  return wt, errt
 
-  def column(i, carry):
-    wt, errt = carry
-    wi = jax.lax.dynamic_index_in_dim(wt, i, axis=0, keepdims=False)
-    keep = jax.lax.dynamic_index_in_dim(maskt, i, axis=0, keepdims=False)
-    u_row = jax.lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)
-    q = jnp.where(keep, wi, 0)
-    e = (wi - q) / jax.lax.dynamic_index_in_dim(u_row, i, keepdims=False)
-    wt = wt - u_row[:, None] * e[None, :]
-    wt = jax.lax.dynamic_update_index_in_dim(wt, q, i, axis=0)
-    return wt, jax.lax.dynamic_update_index_in_dim(errt, e, i, axis=0)
 
-  return jax.lax.fori_loop(start, start + count, column, (wt, errt))
+def _sub_width(width: int, m: int) -> int:
+  """Columns per sub-block: the largest divisor of ``width`` that is at most :data:`_SUB_COLUMNS` and a multiple of
+  the N:M group ``m`` (``width`` itself when there is none)."""
+  for sub in range(min(_SUB_COLUMNS, width), 0, -1):
+    if width % sub == 0 and sub % m == 0:
+      return sub
+  return width
 
 
 def _prune_block(w1, u1, count, d_valid, pattern, ties):
   """Selects the mask of one block and runs its column updates. Returns ``(q1, err1, mask1)``, ``(d_out, B)``.
 
   ``count``: number to prune jointly over the block (unstructured); ``d_valid``: real (unpadded) columns.
+
+  The columns run in sub-blocks of :func:`_sub_width` columns: inside a sub-block, column by column
+  (:func:`_obs_columns`); after it, the later columns of the block absorb the sub-block's
+  errors in one product, as the blocks do for the later blocks. This is the same arithmetic as one rank-1
+  update of the whole block per column, regrouped, and touches ``B / sub`` times less memory per column.
   """
   width = w1.shape[1]
   inv_d2 = 1.0 / jnp.square(jnp.diag(u1))
-  errt = jnp.zeros_like(w1.T)
-  if isinstance(pattern, Unstructured):
+  nm = isinstance(pattern, NM)
+  m = pattern.m if nm else 1
+  sub = _sub_width(width, m)
+  if nm:
+    maskt = jnp.ones_like(w1.T, dtype=bool)
+  else:
     scores = jnp.where(jnp.arange(width)[None, :] < d_valid, jnp.square(w1) * inv_d2[None, :], jnp.inf)
-    mask1 = layer_mask(scores, count, ties=ties)
-    wt, errt = _obs_columns(w1.T, errt, u1, mask1.T, 0, width)
-    return wt.T, errt.T, mask1
-  m = pattern.m
+    maskt = layer_mask(scores, count, ties=ties).T
 
-  def group(g, carry):
+  def sub_block(k, carry):
     wt, errt, maskt = carry
-    wg = jax.lax.dynamic_slice_in_dim(wt, g * m, m, axis=0)
-    scores = jnp.square(wg) * jax.lax.dynamic_slice_in_dim(inv_d2, g * m, m)[:, None]
-    maskt = jax.lax.dynamic_update_slice_in_dim(maskt, nm_mask(scores.T, n=pattern.n, m=m).T, g * m, axis=0)
-    wt, errt = _obs_columns(wt, errt, u1, maskt, g * m, m)
-    return wt, errt, maskt
+    i1 = k * sub
+    u_rows = jax.lax.dynamic_slice_in_dim(u1, i1, sub, axis=0)
+    uss = jax.lax.dynamic_slice_in_dim(u_rows, i1, sub, axis=1)
+    ws = jax.lax.dynamic_slice_in_dim(wt, i1, sub, axis=0)
+    ms = jax.lax.dynamic_slice_in_dim(maskt, i1, sub, axis=0)
+    es = jnp.zeros_like(ws)
+    if nm:
+      ds = jax.lax.dynamic_slice_in_dim(inv_d2, i1, sub)
+      for g in range(0, sub, m):  # the mask of each group from its weights updated so far, then its columns
+        scores = jnp.square(ws[g:g + m]) * ds[g:g + m, None]
+        ms = ms.at[g:g + m].set(nm_mask(scores.T, n=pattern.n, m=m).T)
+        ws, es = _obs_columns(ws, es, uss, ms, g, m)
+    else:
+      ws, es = _obs_columns(ws, es, uss, ms, 0, sub)
+    qs = ws
+    if sub < width:  # the later columns of the block (U is upper: rows of the sub-block hold nothing before it)
+      later = jnp.where(jnp.arange(width)[None, :] >= i1 + sub, u_rows, 0)
+      wt = wt - jnp.matmul(later.T, es, precision=HIGHEST)
+    wt = jax.lax.dynamic_update_slice_in_dim(wt, qs, i1, axis=0)
+    errt = jax.lax.dynamic_update_slice_in_dim(errt, es, i1, axis=0)
+    return wt, errt, jax.lax.dynamic_update_slice_in_dim(maskt, ms, i1, axis=0)
 
-  maskt = jnp.ones_like(w1.T, dtype=bool)
-  wt, errt, maskt = jax.lax.fori_loop(0, width // m, group, (w1.T, errt, maskt))
+  wt, errt, maskt = jax.lax.fori_loop(0, width // sub, sub_block, (w1.T, jnp.zeros_like(w1.T), maskt))
   return wt.T, errt.T, maskt.T
 
 
