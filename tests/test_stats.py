@@ -179,6 +179,16 @@ def test_inverse_cholesky_upper_matches_float64():
   assert np.all(np.tril(u, -1) == 0) and np.all(np.diag(u) > 0)
 
 
+def test_inverse_cholesky_upper_by_halves_matches_float64():
+  """Above 256 inputs the triangular inverse is taken by halves (two levels at 600 = 384 + 216, then 256 + 128):
+  the factor is still that of the float64 inverse."""
+  h = gram_of(activations((1200, 600), seed=8))
+  u = np.asarray(jax.jit(lambda h: inverse_cholesky_upper(h, percdamp=0.1))(h), np.float64)
+  h64 = np.asarray(h, np.float64)
+  assert_inverse_factor(u, h64 + 0.1 * np.mean(np.diag(h64)) * np.eye(600))  # damped to the bound's condition
+  assert np.all(np.tril(u, -1) == 0) and np.all(np.diag(u) > 0)
+
+
 def test_inverse_cholesky_upper_pads_with_identity_and_takes_dead_inputs_as_one():
   """``pad`` appends rows and columns of the identity exactly; a zero diagonal entry (a dead input) counts as 1,
   also in the mean that scales the damping."""

@@ -89,7 +89,7 @@ def inverse_cholesky_upper(h: jax.Array, *, percdamp: float, max_retries: int = 
   # The factor is the loop's state (no second d × d copy); the first try runs inside the loop.
   _, _, lower_t = jax.lax.while_loop(lambda s: (s[0] <= max_retries) & ~s[1], attempt,
                                      (jnp.int32(0), jnp.bool_(False), jnp.zeros((n, n), h.dtype)))
-  lower_inv = jax.lax.linalg.triangular_solve(lower_t.T, jnp.eye(n, dtype=h.dtype), left_side=True, lower=True)
+  lower_inv = _lower_inverse(lower_t.T)
   ok = finite(lower_inv)
   fallback = jax.lax.rsqrt(jnp.concatenate([diag, jnp.ones((pad,), h.dtype)]))
   u = jnp.where(ok, lower_inv[::-1, ::-1], 0)
@@ -97,20 +97,43 @@ def inverse_cholesky_upper(h: jax.Array, *, percdamp: float, max_retries: int = 
   return u.at[on_diag, on_diag].set(jnp.where(ok, u[on_diag, on_diag], fallback))
 
 
+_TRIANGULAR_BASE = 256
+
+
+def _lower_inverse(lower: jax.Array) -> jax.Array:
+  """``L⁻¹`` of a lower-triangular ``(n, n)`` matrix by halves: ``[[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹CA⁻¹,
+  D⁻¹]]``, down to triangular solves of at most :data:`_TRIANGULAR_BASE` rows. The off-diagonal blocks are
+  matrix products, which run near the machine's matmul rate, where one ``n``-row triangular solve does not."""
+  n = lower.shape[0]
+  if n <= _TRIANGULAR_BASE:
+    return jax.lax.linalg.triangular_solve(lower, jnp.eye(n, dtype=lower.dtype), left_side=True, lower=True)
+  k = -(-n // 2 // 128) * 128  # a multiple of 128 rows on top
+  a_inv, d_inv = _lower_inverse(lower[:k, :k]), _lower_inverse(lower[k:, k:])
+  c = -jnp.matmul(d_inv, jnp.matmul(lower[k:, :k], a_inv, precision=HIGHEST), precision=HIGHEST)
+  return jnp.block([[a_inv, jnp.zeros((k, n - k), lower.dtype)], [c, d_inv]])
+
+
 def _obs_columns(wt, errt, u1, maskt, start, count):
   """OBS update of columns ``start .. start+count-1`` of a sub-block in order (SparseGPT Algorithm 1, inner loop).
 
   The sub-block is held transposed, one weight column per row, so that every step reads and writes contiguous
   memory: ``wt``, ``errt``, ``maskt``: ``(sub, d_out)``; ``u1``: ``(sub, sub)`` upper triangular. Column ``i``
-  becomes its pruned value ``q``; the later columns absorb ``e ⊗ U[i, i+1:]``; ``errt[i] = e``. The indices are
-  static (a few columns, traced once each), so each step touches only the later columns.
+  becomes its pruned value ``q``; later columns absorb ``e ⊗ U[i, :]``; ``errt[i] = e``. (The arithmetic of
+  every entry is that of the untransposed loop; contiguous rows suit a CPU's caches.)
   """
-  for i in range(start, start + count):
-    q = jnp.where(maskt[i], wt[i], 0)
-    e = (wt[i] - q) / u1[i, i]
-    wt = wt.at[i + 1:].add(-u1[i, i + 1:, None] * e[None, :]).at[i].set(q)
-    errt = errt.at[i].set(e)
-  return wt, errt
+
+  def column(i, carry):
+    wt, errt = carry
+    wi = jax.lax.dynamic_index_in_dim(wt, i, axis=0, keepdims=False)
+    keep = jax.lax.dynamic_index_in_dim(maskt, i, axis=0, keepdims=False)
+    u_row = jax.lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)
+    q = jnp.where(keep, wi, 0)
+    e = (wi - q) / jax.lax.dynamic_index_in_dim(u_row, i, keepdims=False)
+    wt = wt - u_row[:, None] * e[None, :]
+    wt = jax.lax.dynamic_update_index_in_dim(wt, q, i, axis=0)
+    return wt, jax.lax.dynamic_update_index_in_dim(errt, e, i, axis=0)
+
+  return jax.lax.fori_loop(start, start + count, column, (wt, errt))
 
 
 def _sub_width(width: int, m: int) -> int:
@@ -153,13 +176,18 @@ def _prune_block(w1, u1, count, d_valid, pattern, ties):
     es = jnp.zeros_like(ws)
     if nm:
       ds = jax.lax.dynamic_slice_in_dim(inv_d2, i1, sub)
-      for g in range(0, sub, m):  # the mask of each group from its weights updated so far, then its columns
-        scores = jnp.square(ws[g:g + m]) * ds[g:g + m, None]
-        ms = ms.at[g:g + m].set(nm_mask(scores.T, n=pattern.n, m=m).T)
-        ws, es = _obs_columns(ws, es, uss, ms, g, m)
+
+      def group(g, carry):
+        """The mask of group ``g`` from its weights updated so far, then its columns."""
+        ws, es, ms = carry
+        wg = jax.lax.dynamic_slice_in_dim(ws, g * m, m, axis=0)
+        scores = jnp.square(wg) * jax.lax.dynamic_slice_in_dim(ds, g * m, m)[:, None]
+        ms = jax.lax.dynamic_update_slice_in_dim(ms, nm_mask(scores.T, n=pattern.n, m=m).T, g * m, axis=0)
+        return (*_obs_columns(ws, es, uss, ms, g * m, m), ms)
+
+      qs, es, ms = jax.lax.fori_loop(0, sub // m, group, (ws, es, ms))
     else:
-      ws, es = _obs_columns(ws, es, uss, ms, 0, sub)
-    qs = ws
+      qs, es = _obs_columns(ws, es, uss, ms, 0, sub)
     if sub < width:  # the later columns of the block (U is upper: rows of the sub-block hold nothing before it)
       later = jnp.where(jnp.arange(width)[None, :] >= i1 + sub, u_rows, 0)
       wt = wt - jnp.matmul(later.T, es, precision=HIGHEST)
