@@ -76,14 +76,16 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
 
 def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: bool, desc: str) -> np.ndarray:
   """Per-window losses of a streamed model: every window through one block before the next block is read."""
-  rest, layers = split(params)
-  rest = runner.place(rest)
+  layers = params["layers"]
+  rest = runner.place(split(params)[0])  # the embeddings and head are read (if lazy) now and again for the head
   h = runner.map_windows(lambda tokens: runner.embed(rest, tokens), windows)
+  del rest
   for i in tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False):
     block = runner.place(layers[i])
     modes = runner.config.sublayer_modes(i)
     h = runner.map_windows(lambda x: runner.block(block, as_input(x, block), modes=modes), h)
     del block
+  rest = runner.place(split(params)[0])
   batches = runner.batches(*windows.shape)
   losses = [fetch(runner.head_losses(rest, as_input(x, rest), tokens))[:real]
             for (tokens, _, real), (x, _, _) in zip(batches.chunks(windows), batches.chunks(h))]

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._stream import Blocks, is_streamed, join, split, timed
+from jaxprune.io._stream import Blocks, Lazy, is_streamed, join, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer
@@ -164,9 +164,9 @@ def _link_tree(source: Path, dest: Path) -> None:
 def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
   """Writes ``params`` (and ``masks``) block by block (the blocked layout). Blocks already written as Orbax trees
   (:class:`SavedTree`) are linked, not read and written again."""
-  rest, layers = split(params)
+  save_tree(root / "params", split(params)[0])  # the embeddings and head, read (if lazy) and dropped
+  layers = params["layers"]
   mask_layers = masks["layers"] if masks is not None else None
-  save_tree(root / "params", rest)
   for i in range(len(layers)):
     for name, blocks in (("params", layers), ("masks", mask_layers)):
       if blocks is None:
@@ -197,7 +197,7 @@ def read_meta(path: Path) -> dict:
 def tree_dtype(params: Params) -> str:
   """The name of the float dtype holding most parameters of ``params`` (``float32``, ``bfloat16``, ...)."""
   sizes: dict[str, int] = {}
-  rest, layers = split(params) if is_streamed(params) else (params, ())
+  rest, layers = split(params, read=False) if is_streamed(params) else (params, ())
   for leaf in jax.tree.leaves(rest) + [x for i in range(len(layers)) for x in jax.tree.leaves(layers.abstract(i))]:
     sizes[np.dtype(leaf.dtype).name] = sizes.get(np.dtype(leaf.dtype).name, 0) + int(np.size(leaf))
   return max(sorted(sizes), key=sizes.__getitem__) if sizes else "float32"
@@ -240,7 +240,14 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None, lazy: b
   n = len(abstract_layers)
   layers = Blocks([block(i) for i in range(n)], abstract=abstract_block)
   mask_layers = Blocks([block_masks(i) for i in range(n)]) if want_masks else None
-  params = join(_restore_or_fail(path, path / "params", rest, dtype), layers if lazy else layers[:])
+  if lazy:
+    def read_rest():
+      return _restore_or_fail(path, path / "params", rest, dtype)
+
+    abstract_rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype or x.dtype), rest)
+    params = join({k: Lazy(k, read_rest, v) for k, v in abstract_rest.items()}, layers)
+  else:
+    params = join(_restore_or_fail(path, path / "params", rest, dtype), layers[:])
   masks = None if mask_layers is None else {"layers": mask_layers if lazy else mask_layers[:]}
   return config, params, masks, meta.get("metadata", {})
 

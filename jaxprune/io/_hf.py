@@ -125,7 +125,7 @@ def read_hf_dir(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelC
   causal-LM directory; the params in ``dtype``, by default the dtype most weights are stored in.
 
   ``stream``: the decoder blocks are a :class:`~jaxprune.io._stream.Blocks`, read from the safetensors files by
-  byte range when used; the embeddings and the head are read now."""
+  byte range when used, and so are the embeddings and the head."""
   path = Path(path)
   hf_config = read_hf_config(path)
   config = from_hf_config(hf_config)
@@ -251,8 +251,8 @@ def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) ->
   from safetensors.numpy import save_file
 
   target = np.dtype(jnp.dtype(dtype))
-  rest, layers = split(params)
-  parts = [lambda: params_to_hf(rest, config)]
+  layers = params["layers"]
+  parts = [lambda: params_to_hf(split(params)[0], config)]  # the embeddings and head, read (if lazy) when written
   parts += [lambda i=i: params_to_hf({"layers": {str(i): layers[i]}}, config) for i in range(len(layers))]
   weight_map, total = {}, 0
   for k, part in enumerate(parts):

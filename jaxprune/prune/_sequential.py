@@ -290,8 +290,9 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   if state is None:
     inputs = None
     if needs_inputs:
-      rest = split(params)[0]
+      rest = split(params)[0]  # read now if lazy (a streamed model), and dropped: the pass holds no embeddings
       inputs = runner.map_windows(lambda tokens: runner.embed(rest, tokens), calib)
+      del rest
     state = BlockState(0, params, [], [], inputs)
   stop = config.num_layers if linears is None else max(layer for layer, _ in linears) + 1
   bar = tqdm(total=stop, initial=state.done, desc=f"prune {spec.method}", unit="block", disable=not progress)
