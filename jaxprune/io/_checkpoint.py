@@ -35,7 +35,7 @@ from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._stream import Blocks, Lazy, is_streamed, join, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
-from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer
+from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer, save_local
 
 FORMAT = "jaxprune-checkpoint/1"  # one Orbax tree of all params (and one of all masks)
 BLOCKED_FORMAT = "jaxprune-checkpoint/2"  # written block by block: see save_checkpoint
@@ -48,9 +48,8 @@ def is_checkpoint(path: Path) -> bool:
 
 def save_tree(path: Path, tree) -> None:
   """Writes ``tree`` (of arrays) as an Orbax tree at ``path``, which must not exist."""
-  with timed("write"), local_checkpointer() as ckptr:
-    ckptr.save(path.absolute(), jax.tree.map(np.asarray, tree))
-    ckptr.wait_until_finished()
+  with timed("write"):
+    save_local(path.absolute(), jax.tree.map(np.asarray, tree))
 
 
 _TENSORSTORE_STATUS = re.compile(r"^[A-Z_]+: ")  # absl status codes: "OUT_OF_RANGE: ...", "DATA_LOSS: ..."

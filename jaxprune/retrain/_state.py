@@ -27,7 +27,7 @@ import numpy as np
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._checkpoint import quiet_stray_reads
-from jaxprune.runner._distributed import barrier, fetch, is_primary, local_checkpointer
+from jaxprune.runner._distributed import barrier, fetch, is_primary, local_checkpointer, save_local
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -46,9 +46,7 @@ def save_state(state_dir: Path | str, state: Any, progress: dict) -> Path:
   leaves = [fetch(x) for x in jax.tree.leaves(state)]
   if is_primary():
     with atomic_dir(path, replace=True) as tmp:
-      with local_checkpointer() as ckptr:
-        ckptr.save((tmp / "arrays").absolute(), dict(zip(_keys(len(leaves)), leaves)))
-        ckptr.wait_until_finished()
+      save_local((tmp / "arrays").absolute(), dict(zip(_keys(len(leaves)), leaves)))
       (tmp / PROGRESS).write_text(json.dumps({"format": FORMAT, **progress}, default=str))
   barrier(f"train state {path}")
   return path

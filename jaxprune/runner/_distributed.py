@@ -194,3 +194,20 @@ def local_checkpointer():
   me = jax.process_index()
   options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
   return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
+def save_local(path, tree) -> None:
+  """Writes ``tree`` (of host arrays) as an Orbax tree at ``path`` (which must not exist) for this process alone,
+  as :func:`local_checkpointer` reads it, and returns once it is on disk.
+
+  The arrays are stored **uncompressed** (OCDBT, zarr3 without Orbax's default zstd): on a 2-core machine zstd
+  sets the pace of a write at about a third of the disk's, while weights gain at most a fifth in size from it.
+  """
+  import orbax.checkpoint as ocp
+
+  me = jax.process_index()
+  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False,
+                                        multiprocessing_options=options)
+  with ocp.Checkpointer(handler, multiprocessing_options=options) as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
