@@ -92,8 +92,9 @@ def _same_source(a: str, b: str) -> bool:
   return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def _train_windows(model, args):
-  """``(windows (n, seqlen) int32, sha256)`` of the training part of ``--data``."""
+def train_windows(model, source, *, start: int = 0, seqlen: int | None = None, flag: str = "--data"):
+  """``(windows (n, seqlen) int32, sha256)`` of the training part of ``source`` (non-overlapping windows from token
+  ``start`` on; a ``.npy`` file's windows as they are). ``flag`` names the option in errors."""
   import numpy as np
 
   from jaxprune.data import eval_windows, load_text, tokenize, tokens_sha256
@@ -101,39 +102,41 @@ def _train_windows(model, args):
   from jaxprune.data._windows import check_vocab
   from jaxprune.errors import JaxpruneError
 
-  source = str(args.data)
+  source = str(source)
   if source.endswith(".npy"):
-    if args.data_start:
-      raise JaxpruneError("--data-start cuts a text; a .npy file's windows are used as they are")
-    data = common.windows(model, source, seqlen=args.seqlen, role="eval")
+    if start:
+      raise JaxpruneError(f"{flag}-start cuts a text; a .npy file's windows are used as they are")
+    data = common.windows(model, source, seqlen=seqlen, role="eval")
     return data.tokens, data.sha256
   if is_hub(source):
     raise JaxpruneError(f"retraining reads a bundled corpus, a text file or .npy windows, not {source!r}")
-  seqlen = args.seqlen or common.DEFAULT_EVAL_SEQLEN
+  seqlen = seqlen or common.DEFAULT_EVAL_SEQLEN
   limit = model.config.max_position_embeddings
   if seqlen > limit:
-    raise JaxpruneError(f"--seqlen {seqlen} exceeds the model's {limit} positions (max_position_embeddings)")
+    raise JaxpruneError(f"{flag.replace('data', 'seqlen')} {seqlen} exceeds the model's {limit} positions "
+                        "(max_position_embeddings)")
   stream = tokenize(load_text(source), model.tokenizer)
-  if args.data_start >= stream.size:
-    raise JaxpruneError(f"--data-start {args.data_start} is beyond the {stream.size} tokens of {source}")
-  windows = eval_windows(stream[args.data_start:], seqlen)
+  if start >= stream.size:
+    raise JaxpruneError(f"{flag}-start {start} is beyond the {stream.size} tokens of {source}")
+  windows = eval_windows(stream[start:], seqlen)
   check_vocab(windows, model.config.vocab_size, source)
   return np.ascontiguousarray(windows), tokens_sha256(windows)
 
 
-def _check_disjoint(args, evals) -> None:
-  """Training and evaluation windows of one text must not overlap: evaluation reads its first tokens."""
+def check_disjoint(data, start: int, evals, eval_source, *, flag: str = "--data") -> None:
+  """Training windows of ``data`` (from token ``start``) and evaluation windows ``evals`` of ``eval_source`` must
+  not overlap: evaluation reads the first tokens of its text. ``flag`` names the training option in errors."""
   from jaxprune.errors import JaxpruneError
 
-  if evals is None or not _same_source(str(args.data), str(args.eval)):
+  if evals is None or not _same_source(str(data), str(eval_source)):
     return
-  if str(args.data).endswith(".npy"):
-    raise JaxpruneError(f"--data and --eval are the same token file {args.data}: training and evaluation windows "
+  if str(data).endswith(".npy"):
+    raise JaxpruneError(f"{flag} and --eval are the same token file {data}: training and evaluation windows "
                         "would overlap; evaluate on other windows")
   used = evals.num_windows * evals.seqlen
-  if args.data_start < used:
-    raise JaxpruneError(f"--data and --eval are the same text ({args.data}) and evaluation reads its first {used} "
-                        f"tokens: start training after them with --data-start {used}, or evaluate on another text")
+  if start < used:
+    raise JaxpruneError(f"{flag} and --eval are the same text ({data}) and evaluation reads its first {used} "
+                        f"tokens: start training after them with {flag}-start {used}, or evaluate on another text")
 
 
 def run(args) -> dict:
@@ -151,9 +154,9 @@ def run(args) -> dict:
   model = common.load(args.model, with_masks=True)
   params, config, masks, spec = prepare(model.params, model.config, model.masks, spec,
                                         mask_from_zeros=args.mask_from_zeros, allow_densify=args.allow_densify)
-  windows, sha256 = _train_windows(model, args)
+  windows, sha256 = train_windows(model, args.data, start=args.data_start, seqlen=args.seqlen)
   evals = common.eval_windows(args, model, args.eval) if args.eval else None
-  _check_disjoint(args, evals)
+  check_disjoint(args.data, args.data_start, evals, args.eval)
   mesh = data_mesh()
   batch = Runner(config, mesh=mesh, batch_size=args.batch_size).batches(args.batch_size, windows.shape[1]).batch
   check_budget(len(windows), windows.shape[1], steps=args.steps, batch=batch, accumulate=args.accumulate,

@@ -16,6 +16,9 @@ Shot ``i`` of ``T``:
    model's parameters (:mod:`jaxprune.prune._surgeon_units`).
 4. **OBS updates**, block by block: elements in chunks (``remove_elements``), rows with ``G⁻¹`` and columns with
    ``A⁻¹`` (``remove_rows_columns``). Pruned weights are exactly 0.
+5. Optionally (``SurgeonSpec.retrain``, as the reference's ``--lora``): **retraining** of a zero-keeping subset
+   (MaskLoRA, ScaleLoRA, norms, ...) on training windows, merged into the weights before the next shot
+   (:mod:`jaxprune.prune._surgeon_retrain`); after every shot, the last one included.
 
 Every per-linear function is jitted with the hyper-parameters static, so linears of one shape share one compilation
 whatever the depth and the shot. After each shot the state (params and masks) can be saved atomically and a run
@@ -47,7 +50,8 @@ from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
 from jaxprune.prune._patterns import NM, Unstructured, pattern_name
-from jaxprune.prune import _surgeon_units as U
+from jaxprune.prune import _surgeon_retrain as R, _surgeon_units as U
+from jaxprune.prune._surgeon_retrain import Retraining
 from jaxprune.prune._surgeon_units import Units
 from jaxprune.prune.solvers import _surgeon as sg
 from jaxprune.runner import Runner
@@ -85,6 +89,8 @@ class SurgeonSpec:
     allocation: ``"global"`` (the paper: one threshold over the costs of all layers decides how much each loses)
       or ``"layer"`` (every linear loses the same fraction, chosen by its own costs, as SparseGPT and Wanda
       allocate; the costs and OBS updates are LLM Surgeon's).
+    retrain: a :class:`~jaxprune.prune._surgeon_retrain.Retraining` run after every shot (the last included), or
+      None.
   """
 
   pattern: Unstructured | NM | RowsColumns | Units
@@ -95,6 +101,7 @@ class SurgeonSpec:
   chunk: int = 2000
   seed: int = 0
   allocation: str = "global"
+  retrain: Retraining | None = None
 
   @property
   def kind(self) -> str:
@@ -105,7 +112,8 @@ class SurgeonSpec:
   def to_json(self) -> dict:
     return {"method": "surgeon", "pattern": surgeon_pattern_name(self.pattern), "shots": self.shots,
             "fisher_labels": self.fisher_labels, "damping_a": self.damping_a, "damping_g": self.damping_g,
-            "chunk": self.chunk, "seed": self.seed, "allocation": self.allocation}
+            "chunk": self.chunk, "seed": self.seed, "allocation": self.allocation,
+            **({"retrain": self.retrain.to_json()} if self.retrain is not None else {})}
 
 
 def surgeon_pattern_name(pattern) -> str:
@@ -145,6 +153,8 @@ def check_surgeon_spec(spec: SurgeonSpec) -> SurgeonSpec:
     raise JaxpruneError(f"surgeon chunk must be a positive integer, got {spec.chunk!r}")
   if not _is_int(spec.seed):
     raise JaxpruneError(f"surgeon seed must be an integer, got {spec.seed!r}")
+  if spec.retrain is not None:
+    return dataclasses.replace(spec, retrain=R.check_retraining(spec.retrain))
   return spec
 
 
@@ -445,11 +455,18 @@ def initial_state(params, config: ModelConfig) -> SurgeonState:
 
 def run_surgeon(params, config: ModelConfig, spec: SurgeonSpec, calib: np.ndarray, *, batch_size: int = 8,
                 mesh: Mesh | None = None, state: SurgeonState | None = None,
-                on_shot: Callable[[SurgeonState], None] | None = None, progress: bool = True) -> SurgeonState:
+                on_shot: Callable[[SurgeonState], None] | None = None, progress: bool = True,
+                train_windows: np.ndarray | None = None, retrain_dir: Path | None = None) -> SurgeonState:
   """All shots of ``spec`` on ``params`` with calibration windows ``calib`` ``(n, seqlen)`` int32; ``state`` resumes
-  after a finished shot, ``on_shot(state)`` is called after each (the checkpointing hook)."""
+  after a finished shot, ``on_shot(state)`` is called after each shot and after each retraining (the checkpointing
+  hook). With ``spec.retrain``: ``train_windows`` ``(n, seqlen)`` int32 are the retraining data and
+  ``retrain_dir`` keeps the train state of a shot's retraining."""
   spec = check_surgeon_spec(spec)
   calib = np.asarray(calib, np.int32)
+  if spec.retrain is not None:
+    train_windows = R.check_training(params, config, spec.retrain, train_windows, mesh=mesh)
+  elif train_windows is not None:
+    raise JaxpruneError("training windows given without retraining (spec.retrain)")
   if isinstance(spec.pattern, NM):
     for block in params["layers"]:
       for paths in M.present_linears(config, block).values():
@@ -458,11 +475,18 @@ def run_surgeon(params, config: ModelConfig, spec: SurgeonSpec, calib: np.ndarra
   runner = Runner(config, mesh=mesh, batch_size=batch_size)
   state = initial_state(params, config) if state is None else state
   bar = tqdm(total=spec.shots, initial=state.done, desc="surgeon", unit="shot", disable=not progress)
-  while state.done < spec.shots:
-    state = surgeon_shot(state, config, spec, calib, runner, progress=progress)
-    last = state.reports[-1]
-    bar.set_postfix(sparsity=f"{last['sparsity']:.4f}", seconds=f"{last['seconds']:.1f}")
-    bar.update()
+  while state.done < spec.shots or R.pending(state, spec.retrain):
+    if R.pending(state, spec.retrain):
+      shot_dir = None if retrain_dir is None else Path(retrain_dir) / f"shot{state.done}"
+      state = R.retrain_shot(state, config, spec.retrain, train_windows, mesh=mesh, state_dir=shot_dir,
+                             progress=progress)
+      last = state.reports[-1]["retrain"]
+      bar.set_postfix(loss=f"{last['loss_before']:.3f}->{last['loss_after']:.3f}")
+    else:
+      state = surgeon_shot(state, config, spec, calib, runner, progress=progress)
+      last = state.reports[-1]
+      bar.set_postfix(sparsity=f"{last['sparsity']:.4f}", seconds=f"{last['seconds']:.1f}")
+      bar.update()
     if on_shot is not None:
       on_shot(state)
   bar.close()
@@ -511,9 +535,12 @@ def count_params(params) -> int:
 
 def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out: Path | None = None,
                   identity: dict | None = None, batch_size: int = 8, mesh: Mesh | None = None,
-                  progress: bool = True):
-  """Prunes ``params`` with LLM Surgeon (see the module docstring); with ``out``, the state after every shot is
-  kept in ``OUT.partial/surgeon`` and a rerun with the same identity resumes from the last finished shot.
+                  progress: bool = True, train_windows=None):
+  """Prunes ``params`` with LLM Surgeon (see the module docstring); with ``out``, the state after every shot (and
+  after every retraining) is kept in ``OUT.partial/surgeon`` and a rerun with the same identity resumes from the
+  last finished step. ``train_windows`` ``(n, seqlen)``: the retraining data of ``spec.retrain``, from text
+  disjoint from the evaluation (see :mod:`jaxprune.prune._surgeon_retrain`); each shot's report then holds a
+  ``retrain`` entry (mean training loss on its windows before and after, seconds).
 
   Returns a :class:`~jaxprune.prune._job.PruneOutcome` whose metadata holds the spec, per-linear ``layers``
   reports (last shot), ``per_layer_sparsity`` (per block ``{path: fraction}``), one report per shot
@@ -538,13 +565,20 @@ def surgeon_prune(params, calib, *, config: ModelConfig, spec: SurgeonSpec, out:
     raise JaxpruneError("surgeon needs calibration windows")
   calib = as_windows(calib, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
                      what="calibration windows")
+  if spec.retrain is not None:
+    from jaxprune.data import tokens_sha256
+
+    train_windows = R.check_training(params, config, spec.retrain, train_windows, mesh=mesh)
+    identity = {**(identity or {}), "train_windows_sha256": tokens_sha256(train_windows)}
   store = ShotStore(out, config, {**(identity or {}), **spec.to_json()}) if out is not None else None
   state = store.load(params) if store is not None else None
   if state is not None and progress:
     print(f"resuming after shot {state.done} ({store.dir})", file=sys.stderr, flush=True)
   start = time.perf_counter()
   state = run_surgeon(params, config, spec, calib, batch_size=batch_size, mesh=mesh, state=state,
-                      on_shot=store.save if store is not None else None, progress=progress)
+                      on_shot=store.save if store is not None else None, progress=progress,
+                      train_windows=train_windows, retrain_dir=store.dir.with_name("surgeon-retrain")
+                      if store is not None else None)
   seconds = time.perf_counter() - start
   final = jax.tree.map(np.asarray, state.params)
   meta = {**spec.to_json(), **_summary(final, state, spec), "versions": versions(), **(identity or {})}
