@@ -15,6 +15,8 @@ so an interrupted run resumes where it stopped:
   one curvature and one set of unit costs; the model is shrunk and evaluated.
 * ``magnitude-units``: the same units and parameter targets ranked by the RMS of their weights, no update.
 * ``depth:UNIT:K:RECOVERY``: depth pruning of ``K`` blocks (``depth``, ``units_depth``).
+* ``surgeon-retrain:PxT``: ``T`` shots to ``P`` with ``units_retrain``'s subset trained after every shot on the next
+  ``steps × batch_size`` windows of its text and merged before the next shot (``jaxprune prune --retrain``).
 
 Patterns: ``uNN`` = NN % unstructured, ``N:M`` = N kept of every M, ``rcNN`` = NN % of the linears' weights by
 rows and columns, ``unitsNN`` = NN % of the model's parameters (embeddings included) by whole units,
@@ -231,6 +233,29 @@ def multi_shot(cfg: dict, out: Path, case: str) -> None:
                            **_evaluate(outcome.params, outcome.config or model.config, evals, cfg)})
 
 
+def retrained(cfg: dict, out: Path, case: str) -> None:
+  """``surgeon-retrain:PxT``: ``T`` shots to ``P`` with retraining after every shot (``units_retrain``)."""
+  from jaxprune.data import eval_windows, load_text, tokenize
+  from jaxprune.prune import _surgeon_pass as P
+
+  shape, shots = case.split(":")[1].rsplit("x", 1)
+  r = cfg["units_retrain"]
+  model, calib, evals = _setup(cfg)
+  stream = tokenize(load_text(r["data"]), model.tokenizer)[r["data_start"]:]
+  train = eval_windows(stream, r["seqlen"])
+  retrain = P.Retraining(r["train"], steps=r["steps"], lr=r["lr"], batch_size=r["batch_size"], seed=cfg["seed"])
+  spec = P.SurgeonSpec(_pattern(shape, model.params), shots=int(shots), chunk=cfg["chunk"], seed=cfg["seed"],
+                       retrain=retrain)
+  outcome = P.surgeon_prune(model.params, calib.tokens, config=model.config, spec=spec,
+                            batch_size=cfg["batch_size"], progress=False, train_windows=train)
+  meta = outcome.metadata
+  _record(out, cfg, case, {"shots": int(shots), "retrain": meta["retrain"], "train_windows": list(train.shape),
+                           "prune_seconds": round(outcome.seconds, 1), "shots_report": meta["shots_report"],
+                           **{k: meta[k] for k in ("params_before", "params_after", "layer_widths")},
+                           "peak_rss_gb": round(peak_rss_gb(), 2),
+                           **_evaluate(outcome.params, outcome.config, evals, cfg)})
+
+
 def baseline(cfg: dict, out: Path, case: str) -> None:
   from jaxprune.prune._job import prune
   from jaxprune.prune._sequential import PruneSpec
@@ -267,7 +292,9 @@ def groups(cfg: dict) -> list[str]:
           + list(cfg.get("depth", [])) + [multi_case(m) for m in cfg["multi_shot"][2:]]
           + (["one-shot-units", "magnitude-units"] + list(cfg["units_depth"][:2])
              + [multi_case(m) for m in cfg["units_multi"][:1]] + list(cfg["units_depth"][2:])
-             + [multi_case(m) for m in cfg["units_multi"][1:]] if cfg.get("units") else []))
+             + [multi_case(m) for m in cfg["units_multi"][1:]] if cfg.get("units") else [])
+          + list(cfg.get("units_depth_recovery", []))
+          + [f"surgeon-retrain:{p}x{t}" for p, t in cfg.get("units_retrain", {}).get("cases", [])])
 
 
 def multi_case(entry: list) -> str:
@@ -330,8 +357,8 @@ def table(cfg: dict, runs: dict) -> str:
 
 
 def units_table(cfg: dict, runs: dict) -> str:
-  """Structured units per target of the model's parameters, and depth pruning at the nearest block counts: each
-  cell the perplexity and the share of the model's parameters actually removed."""
+  """Structured units per target of the model's parameters, and depth pruning at the nearest block counts (without
+  and with recovery): each cell the perplexity and the share of the model's parameters actually removed."""
   if not cfg.get("units"):
     return ""
 
@@ -343,20 +370,45 @@ def units_table(cfg: dict, runs: dict) -> str:
       return "refused: " + r["error"].split(";")[0].replace("structured units ", "")
     return f"{r['perplexity']:.2f} ({1 - r['params_after'] / r['params_before']:.1%})"
 
+  def table(corner: str, labels: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    return (f"| {corner} | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
+            + "\n".join(f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows) + "\n")
+
   variants = sorted({(e[1], tuple(e[2:])) for e in cfg["units_multi"]})
-  head = ("\n| units target (of the model's parameters) | surgeon, 1 shot | "
-          + " | ".join(f"surgeon, {n} shot{'s' if n > 1 else ''}" + (f", {opts[0]} labels" if opts else "")
-                       for n, opts in variants)
-          + " | magnitude units (RMS), no update |\n|---|---|" + "---|" * len(variants) + "---|\n")
-  rows = [f"| {t} % | " if isinstance(t, int) else f"| {t[1:]} blocks' parameters | "
-          for t in cfg["units"]]
-  rows = [label + f"{cell(f'surgeon:units{t}')} | "
-          + " | ".join(cell(f"surgeon:units{t}x{n}" + "".join(f":{o}" for o in opts)) for n, opts in variants)
-          + f" | {cell(f'magnitude-units:units{t}')} |" for label, t in zip(rows, cfg["units"])]
-  depth = sorted((c for c in runs if c.startswith("depth:block:") and c.endswith(":none")),
-                 key=lambda c: int(c.split(":")[2]))
-  return (head + "\n".join(rows) + "\n\n| depth pruning, no recovery | perplexity (parameters removed) |\n|---|---|\n"
-          + "\n".join(f"| {c.split(':')[2]} blocks | {cell(c)} |" for c in depth) + "\n")
+  r = cfg.get("units_retrain")
+  retrain_shots = sorted({t for _, t in r["cases"]}) if r else []
+  cases = ([("surgeon, 1 shot", "surgeon:units{}")]
+           + [(f"surgeon, {n} shot{'s' if n > 1 else ''}" + (f", {opts[0]} labels" if opts else ""),
+               "surgeon:units{}x" + str(n) + "".join(f":{o}" for o in opts)) for n, opts in variants]
+           + [(f"surgeon, {n} shots, {r['train']} after each", "surgeon-retrain:units{}x" + str(n))
+              for n in retrain_shots]
+           + [("magnitude units (RMS), no update", "magnitude-units:units{}")])
+  units = table("units target (of the model's parameters)", [label for label, _ in cases],
+                [(f"{t} %" if isinstance(t, int) else f"{t[1:]} blocks' parameters",
+                  [cell(fmt.format(t)) for _, fmt in cases]) for t in cfg["units"]])
+  blocks = sorted({int(c.split(":")[2]) for c in runs if c.startswith("depth:block:")})
+  recoveries = ["none"] + sorted({c.split(":")[3] for c in runs if c.startswith("depth:block:")} - {"none"})
+  depth = table("depth pruning (cosine)", ["no recovery" if k == "none" else f"{k} recovery" for k in recoveries],
+                [(f"{k} blocks", [cell(f"depth:block:{k}:{rec}") for rec in recoveries]) for k in blocks])
+  return "\n" + units + "\n" + depth + retrain_note(cfg, runs)
+
+
+def retrain_note(cfg: dict, runs: dict) -> str:
+  """Per retrained case: the training loss on each shot's windows before and after, and the seconds."""
+  cases = [c for c in sorted(runs) if c.startswith("surgeon-retrain:")]
+  if not cases:
+    return ""
+  r = cfg["units_retrain"]
+  lines = [f"\nRetraining after each shot: {r['train']}, {r['steps']} AdamW steps of {r['batch_size']} × "
+           f"{r['seqlen']} tokens of {r['data']} (lr {r['lr']:g}), the next {r['steps'] * r['batch_size']} windows "
+           "each shot.\n",
+           "| case | training loss before → after, per shot | retraining seconds per shot | prune seconds |",
+           "|---|---|---|---|"]
+  for c in cases:
+    shots = [s["retrain"] for s in runs[c]["shots_report"]]
+    lines.append(f"| {c} | " + ", ".join(f"{s['loss_before']:.3f} → {s['loss_after']:.3f}" for s in shots)
+                 + " | " + ", ".join(f"{s['seconds']:.0f}" for s in shots) + f" | {runs[c]['prune_seconds']} |")
+  return "\n".join(lines) + "\n"
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -404,6 +456,8 @@ def main() -> None:
       return one_shot(cfg, out, "global" if args.group == "one-shot" else "layer")
     if args.group.startswith("surgeon:"):
       return multi_shot(cfg, out, args.group)
+    if args.group.startswith("surgeon-retrain:"):
+      return retrained(cfg, out, args.group)
     if args.group.startswith("depth:"):
       return depth(cfg, out, args.group)
     return baseline(cfg, out, args.group)
