@@ -325,19 +325,5 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     bar.update()
     if on_block is not None:
       state = on_block(state) or state
-      _return_freed_memory()
   bar.close()
   return state
-
-
-def _return_freed_memory() -> None:
-  """Hands the memory freed by a finished block back to the system (glibc's ``malloc_trim``; nothing elsewhere),
-  so that a streamed pass's peak is one block's, not one block's on top of what the allocator kept from the last."""
-  import ctypes
-  import gc
-
-  gc.collect()
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
