@@ -112,6 +112,7 @@ def units(params, calib, train):
   return _states(params, calib, P.Units(0.3), 2, RETRAIN, train)
 
 
+@pytest.mark.slow  # about 30 s (its own three-shot units pass); the default suite keeps the unstructured one
 def test_units_with_retrained_biases_shrink_and_keep_removed_rows_zero(params, calib, units):
   states = units
   for state in states[1::2]:

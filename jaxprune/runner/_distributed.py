@@ -191,22 +191,27 @@ def local_checkpointer():
   written by process 0 only, and every process reads them on its own."""
   import orbax.checkpoint as ocp
 
+  return ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+
+
+def _this_process_only():
+  import orbax.checkpoint as ocp
+
   me = jax.process_index()
-  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-  return ocp.StandardCheckpointer(multiprocessing_options=options)
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 def save_local(path, tree) -> None:
   """Writes ``tree`` (of host arrays) as an Orbax tree at ``path`` (which must not exist) for this process alone,
   as :func:`local_checkpointer` reads it, and returns once it is on disk.
 
-  The arrays are stored **uncompressed** (OCDBT, zarr3 without Orbax's default zstd): on a 2-core machine zstd
-  sets the pace of a write at about a third of the disk's, while weights gain at most a fifth in size from it.
+  The arrays are stored **uncompressed** (OCDBT, zarr3 without Orbax's default zstd), as safetensors are: time over
+  disk. Writing one 0.4 GB bfloat16 block on 2 cores took 0.34 s uncompressed and 0.91 s with zstd, which saved
+  a fifth of its size (random weights; more where half the weights are pruned to zero).
   """
   import orbax.checkpoint as ocp
 
-  me = jax.process_index()
-  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  options = _this_process_only()
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False,
                                         multiprocessing_options=options)
   with ocp.Checkpointer(handler, multiprocessing_options=options) as ckptr:
