@@ -20,27 +20,13 @@ from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
 from jaxprune.models import _model as M
 from jaxprune.models._compact import compact
-from jaxprune.models._config import ModelConfig
 from jaxprune.prune import Unstructured, _surgeon_pass as P, _surgeon_retrain as R
 from jaxprune.runner import Runner
 
-VOCAB, SEQ, BATCH = 61, 16, 8
-# test_surgeon_pass's model (two linear shapes, so few compilations; shared with it in one session), untrained
-CONFIG = ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_layers=2,
-                     num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
-                     qkv_bias=True)
-SUCCESSORS = np.random.default_rng(0).integers(0, VOCAB, size=(VOCAB, 2))
+from test_surgeon_pass import CONFIG, SEQ, chain  # its model (two linear shapes: few compilations), untrained
+
+BATCH = 8
 RETRAIN = P.Retraining("biases,norms,masklora:4", steps=4, lr=1e-2, batch_size=2)  # one spec: one compilation
-
-
-def chain(n: int, seed: int) -> np.ndarray:
-  """``(n, SEQ)`` int32 windows of a Markov chain with two successors per token: something to learn."""
-  rng = np.random.default_rng(seed)
-  x = np.zeros((n, SEQ), np.int32)
-  x[:, 0] = rng.integers(0, VOCAB, n)
-  for t in range(1, SEQ):
-    x[:, t] = SUCCESSORS[x[:, t - 1], rng.integers(0, 2, n)]
-  return x
 
 
 @pytest.fixture(scope="module")
