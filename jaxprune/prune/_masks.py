@@ -46,7 +46,8 @@ def _ordered_keys(scores: jax.Array):
     utype, bits = jnp.uint64, 64
   else:
     scores, utype, bits = scores.astype(jnp.float32), jnp.uint32, 32
-  u = jax.lax.bitcast_convert_type(scores + 0.0, utype)
+  # -0.0 as +0.0 by a select: XLA simplifies ``scores + 0.0`` to ``scores`` when it compiles, keeping the sign.
+  u = jax.lax.bitcast_convert_type(jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores), utype)
   negative = (u >> (bits - 1)) == 1
   flip = jnp.where(negative, ~jnp.zeros((), utype), jnp.asarray(1, utype) << (bits - 1))
   return u ^ flip, bits
