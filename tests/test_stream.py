@@ -17,7 +17,7 @@ import jaxprune as jp
 from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _stream
-from jaxprune.io._checkpoint import BLOCKED_FORMAT, META_FILE
+from jaxprune.io._checkpoint import BLOCKED_FORMAT, META_FILE, _restore_tree, read_checkpoint, save_checkpoint
 from jaxprune.io._load import load_model
 from jaxprune.prune import _job as job
 from jaxprune.prune._sequential import PruneSpec
@@ -91,6 +91,31 @@ def test_streamed_prune_writes_block_by_block_and_equals_in_memory(tiny, tmp_pat
     _equal_trees(_stream.materialize(back.params), expected.params)
     _equal_trees(_stream.materialize(back.masks), expected.masks)
     assert back.dtype == "bfloat16"
+
+
+def test_masks_are_written_as_bits_and_read_back_as_the_same_booleans(tiny, tmp_path):
+  """A keep mask whose last axis is a multiple of 8 is written 8 flags to a byte, in both layouts; any other mask
+  as booleans; every mask reads back as it was."""
+  model = load_model(str(tiny / "hf"))
+  rng = np.random.default_rng(4)
+  masks = {"layers": [{"mlp": {"down_proj": {"kernel": rng.random((32, 16)) < 0.5}},  # 16 outputs: bits
+                       "odd": {"kernel": rng.random((4, 5)) < 0.5}} for _ in range(3)]}  # 5: booleans
+  whole = save_checkpoint(tmp_path / "whole", model.config, model.params, masks=masks)
+  spec = PruneSpec("magnitude", Unstructured(0.5))
+  expected = jp.prune(model.params, None, config=model.config, spec=spec, progress=False)
+  outcome = jp.prune(load_model(str(tiny / "hf"), stream=True).params, None, config=model.config, spec=spec,
+                     out=tmp_path / "blocked", progress=False)
+  blocked = job.save_outcome(outcome, tmp_path / "blocked", model.config)
+  on_disk = [_restore_tree(whole / "masks", None)["layers"][1],
+             _restore_tree(blocked / "layers" / "00001" / "masks", None)]
+  assert on_disk[0]["mlp"]["down_proj"]["kernel"].dtype == np.uint8
+  assert on_disk[0]["mlp"]["down_proj"]["kernel"].shape == (32, 2)
+  assert on_disk[0]["odd"]["kernel"].dtype == np.bool_
+  assert {x.dtype for x in jax.tree.leaves(on_disk[1])} == {np.dtype(np.uint8)}
+  _equal_trees(read_checkpoint(whole, with_masks=True)[2], masks)
+  for lazy in (False, True):
+    back = jp.load_checkpoint(blocked, with_masks=True, lazy=lazy)
+    _equal_trees(_stream.materialize(back.masks), expected.masks)
 
 
 def test_streamed_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ Layout of a checkpoint directory::
   jaxprune.json   format version, model config, the params' dtype, metadata (method, calibration hash,
                   per-layer results, ...)
   params/         Orbax tree of the params, each in the dtype it was saved in
-  masks/          Orbax tree of the pruning masks (optional)
+  masks/          Orbax tree of the pruning masks (optional), as bits: see :func:`pack_masks`
   tokenizer/      the tokenizer, saved with ``save_pretrained`` (optional)
 
 A streamed model (``params["layers"]`` a :class:`~jaxprune.io._stream.Blocks`) is written block by block
@@ -50,6 +50,21 @@ def save_tree(path: Path, tree) -> None:
   """Writes ``tree`` (of arrays) as an Orbax tree at ``path``, which must not exist."""
   with timed("write"):
     save_local(path.absolute(), jax.tree.map(np.asarray, tree))
+
+
+def pack_masks(masks):
+  """``masks`` (boolean keep masks) as written: a mask whose last axis is a multiple of 8 becomes that axis's bits,
+  8 to a byte (``np.packbits``, an eighth of the bytes); any other leaf stays as it is. :func:`unpack_masks`
+  reverses it (a checkpoint written before masks were packed holds booleans only, which it leaves alone)."""
+  def pack(mask):
+    mask = np.asarray(mask)
+    return np.packbits(mask, axis=-1) if mask.dtype == np.bool_ and mask.shape[-1] % 8 == 0 else mask
+  return jax.tree.map(pack, masks)
+
+
+def unpack_masks(masks):
+  """The boolean masks of a tree written by :func:`pack_masks` (bytes of bits along the last axis)."""
+  return jax.tree.map(lambda m: np.unpackbits(m, axis=-1).view(np.bool_) if m.dtype == np.uint8 else m, masks)
 
 
 _TENSORSTORE_STATUS = re.compile(r"^[A-Z_]+: ")  # absl status codes: "OUT_OF_RANGE: ...", "DATA_LOSS: ..."
@@ -116,7 +131,7 @@ def save_checkpoint(out: Path, config: ModelConfig, params: Params, *, masks=Non
     else:
       save_tree(tmp / "params", params)
       if masks is not None:
-        save_tree(tmp / "masks", masks)
+        save_tree(tmp / "masks", pack_masks(masks))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp / "tokenizer"))
     meta = {"format": BLOCKED_FORMAT if blocked else FORMAT, "config": json.loads(config.to_json()),
@@ -134,15 +149,16 @@ class SavedTree:
   """An Orbax tree already written at ``path`` (by a streamed pass), restored when called: an entry of
   :class:`~jaxprune.io._stream.Blocks` that :func:`save_checkpoint` links into place instead of writing again.
   ``missing``: what a call returns when nothing was written (a block without masks); ``owner``: the directory
-  named in errors."""
+  named in errors; ``masks``: the tree holds masks written by :func:`pack_masks`."""
 
-  def __init__(self, path: Path, owner: Path, missing=None):
-    self.path, self.owner, self.missing = Path(path), Path(owner), missing
+  def __init__(self, path: Path, owner: Path, missing=None, masks: bool = False):
+    self.path, self.owner, self.missing, self.masks = Path(path), Path(owner), missing, masks
 
   def __call__(self):
     if self.missing is not None and not self.path.exists():
       return self.missing
-    return _restore_or_fail(self.owner, self.path, None)
+    tree = _restore_or_fail(self.owner, self.path, None)
+    return unpack_masks(tree) if self.masks else tree
 
 
 def _link_tree(source: Path, dest: Path) -> None:
@@ -176,8 +192,10 @@ def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
           _link_tree(entry.path, _block_dir(root, i) / name)
         continue
       value = entry() if callable(entry) else entry
-      if value or name == "params":
+      if name == "params":
         save_tree(_block_dir(root, i) / name, value)
+      elif value:
+        save_tree(_block_dir(root, i) / name, pack_masks(value))
       del value
 
 
@@ -221,7 +239,7 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None, lazy: b
   want_masks = with_masks and meta.get("has_masks")
   if meta["format"] == FORMAT:
     params = _restore_or_fail(path, path / "params", abstract, dtype)
-    masks = _restore_or_fail(path, path / "masks", None) if want_masks else None
+    masks = unpack_masks(_restore_or_fail(path, path / "masks", None)) if want_masks else None
     return config, params, masks, meta.get("metadata", {})
   rest, abstract_layers = split(abstract)
   saved_dtype = dtype or meta.get("dtype")
@@ -230,8 +248,7 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None, lazy: b
     return lambda: _restore_or_fail(path, _block_dir(path, i) / "params", abstract_layers[i], dtype)
 
   def block_masks(i: int):
-    return lambda: (_restore_or_fail(path, _block_dir(path, i) / "masks", None)
-                    if (_block_dir(path, i) / "masks").exists() else {})
+    return SavedTree(_block_dir(path, i) / "masks", path, missing={}, masks=True)
 
   def abstract_block(i: int):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype or x.dtype), abstract_layers[i])

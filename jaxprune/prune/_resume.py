@@ -24,7 +24,7 @@ import numpy as np
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_write
-from jaxprune.io._checkpoint import SavedTree, save_tree
+from jaxprune.io._checkpoint import SavedTree, pack_masks, save_tree
 from jaxprune.io._stream import is_streamed, timed, with_layer
 from jaxprune.prune._sequential import BlockState
 from jaxprune.runner._distributed import barrier, is_primary
@@ -67,7 +67,7 @@ class ResumeStore:
       save_tree(root / "params", jax.device_get(state.params["layers"][i]))
       block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
       if block_masks:
-        save_tree(root / "masks", tree.unflatten(block_masks))
+        save_tree(root / "masks", pack_masks(tree.unflatten(block_masks)))
       self._write(state, {})
     barrier(f"resume {self.dir} block {i}")
     return self._released(state, i)
@@ -79,7 +79,7 @@ class ResumeStore:
     root = self._block_root(i)
     layers = with_layer(state.params["layers"], i, SavedTree(root / "params", self.dir))
     masks = list(state.masks)
-    masks[i] = SavedTree(root / "masks", self.dir, missing={})
+    masks[i] = SavedTree(root / "masks", self.dir, missing={}, masks=True)
     return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
 
   def _write(self, state: BlockState, arrays: dict) -> None:
