@@ -1,10 +1,13 @@
-"""Strict test setup: 8 simulated CPU devices, strict dtype and rank promotion.
+"""Strict test setup: 8 simulated CPU devices, strict dtype and rank promotion, quick compilation.
 
 The device count must be set before any JAX backend starts, hence at import of this file.
 """
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The suite's time is mostly XLA compiling small programs: LLVM's optimisation level 0 compiles them about a third
+# faster. It changes how fast the generated code runs, not what it computes (no fast-math at any level).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,10 +5,10 @@ Hugging Face directory that transformers loads with the same logits."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jitted
 import tolerances as tol
 from jaxprune.io._checkpoint import read_checkpoint, save_checkpoint
 from jaxprune.models import _model as M
@@ -54,14 +54,14 @@ def test_compact_removes_dead_units_and_heads_and_keeps_the_logits(config):
   assert cfg.layer_widths == ((21, groups * config.num_heads // config.num_kv_heads, groups),
                               (21, groups * config.num_heads // config.num_kv_heads, groups),
                               (21, config.num_heads, config.num_kv_heads))
-  want = np.asarray(M.forward(params, jnp.asarray(TOKENS), config=config))
-  got = np.asarray(M.forward(small, jnp.asarray(TOKENS), config=cfg))
+  want = np.asarray(jitted.forward(params, TOKENS, config=config))
+  got = np.asarray(jitted.forward(small, TOKENS, config=cfg))
   tol.assert_reordered(got, want, "logits")  # the same function; the removed terms were exact zeros
   assert sum(x.size for x in jax.tree.leaves(small)) < sum(x.size for x in jax.tree.leaves(params))
   # Padding restores the uniform shapes and, again, the same function.
   padded, uniform = pad(small, cfg)
   assert uniform.layer_widths == () and jax.tree.map(np.shape, padded) == jax.tree.map(np.shape, params)
-  again = np.asarray(M.forward(padded, jnp.asarray(TOKENS), config=uniform))
+  again = np.asarray(jitted.forward(padded, TOKENS, config=uniform))
   tol.assert_reordered(again, want, "padded logits")
 
 
@@ -96,5 +96,5 @@ def test_compacted_model_checkpoints_evaluates_in_float32_and_exports_for_transf
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
   with torch.no_grad():
     theirs = model(torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
-  ours = np.asarray(M.forward(params, jnp.asarray(TOKENS), config=LLAMA))
+  ours = np.asarray(jitted.forward(params, TOKENS, config=LLAMA))
   tol.assert_reordered(theirs, ours, "transformers logits of the padded export")

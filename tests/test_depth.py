@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import jitted
 import tolerances as tol
 
 from jaxprune import depth as D
@@ -50,17 +51,22 @@ def _loss(params, config, tokens):
 
 
 def _streams(params, tokens):
-  """Per layer ``(h_in, h_mid, h_out)`` from the model's own modules: attention alone, then the full block."""
-  ctx = M.context(CONFIG, *tokens.shape)
-  h = M.embed(params, jnp.asarray(tokens), config=CONFIG)
-  out = []
-  for bp in params["layers"]:
-    x = RMSNorm(CONFIG.norm_eps).apply({"params": bp["input_layernorm"]}, h)
-    mid = h + llama.Attention(CONFIG).apply({"params": bp["self_attn"]}, x, ctx)
-    nxt = M.block(bp, h, ctx, config=CONFIG)
-    out.append(tuple(np.asarray(a, np.float64) for a in (h, mid, nxt)))
-    h = nxt
-  return out
+  """Per layer ``(h_in, h_mid, h_out)`` from the model's own modules: attention alone, then the full block (one
+  jitted program)."""
+  @jax.jit
+  def run(params, tokens):
+    ctx = M.context(CONFIG, *tokens.shape)
+    h = M.embed(params, tokens, config=CONFIG)
+    out = []
+    for bp in params["layers"]:
+      x = RMSNorm(CONFIG.norm_eps).apply({"params": bp["input_layernorm"]}, h)
+      mid = h + llama.Attention(CONFIG).apply({"params": bp["self_attn"]}, x, ctx)
+      nxt = M.block(bp, h, ctx, config=CONFIG)
+      out.append((h, mid, nxt))
+      h = nxt
+    return out
+
+  return [tuple(np.asarray(a, np.float64) for a in layer) for layer in run(params, jnp.asarray(tokens))]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def test_skipped_stage_equals_forward_of_smaller_model(params, tokens, unit):
   toks, _ = next(iter(chain))
   h = chain.streams(chain.embed(toks), present)[-1]
   p, c = _without(params, unit, [1])
-  ref = M.forward(p, jnp.asarray(tokens), config=c)
+  ref = jitted.forward(p, tokens, config=c)
   np.testing.assert_allclose(M.head(params, h, config=CONFIG), ref, atol=1e-4)
 
 
@@ -218,7 +224,7 @@ def test_pipeline_checkpoint_round_trip(params, tokens, tmp_path):
   config, loaded, _, meta = read_checkpoint(tmp_path / "ck")
   assert config == r2.config and meta["depth"]["removed"] == r2.to_json()["removed"]
   ids = jnp.asarray(tokens)
-  np.testing.assert_allclose(M.forward(loaded, ids, config=config), M.forward(r2.params, ids, config=config),
+  np.testing.assert_allclose(jitted.forward(loaded, ids, config=config), jitted.forward(r2.params, ids, config=config),
                              atol=1e-6)
 
 
@@ -263,7 +269,7 @@ def test_export_of_pruned_models_loads_in_transformers(tokens, tmp_path):
   save_hf_dir(tmp_path / "blocks", *D.hf_compatible(c, p))
   logits, hf_config = _hf_logits(tmp_path / "blocks", tokens)
   assert hf_config.num_hidden_layers == 2
-  np.testing.assert_allclose(logits, M.forward(p, jnp.asarray(tokens), config=c), atol=1e-4)
+  np.testing.assert_allclose(logits, jitted.forward(p, tokens, config=c), atol=1e-4)
   rng = np.random.default_rng(0)
   bias = D.Recovery("bias")
   p, c = D.replace_units(params, config, unit="attention", adapters={0: {}}, recovery=D.Recovery())
@@ -274,7 +280,7 @@ def test_export_of_pruned_models_loads_in_transformers(tokens, tmp_path):
   save_hf_dir(tmp_path / "subs", *D.hf_compatible(c, p))
   logits, hf_config = _hf_logits(tmp_path / "subs", tokens)
   assert hf_config.attention_bias and hf_config.mlp_bias and hf_config.num_hidden_layers == 3
-  np.testing.assert_allclose(logits, M.forward(p, jnp.asarray(tokens), config=c), atol=1e-4)
+  np.testing.assert_allclose(logits, jitted.forward(p, tokens, config=c), atol=1e-4)
   p, c = D.replace_units(params, config, unit="mlp", adapters={0: {"bias": np.zeros(24, np.float32),
                          "down": np.zeros((24, 2), np.float32), "up": np.zeros((2, 24), np.float32)}},
                          recovery=D.Recovery("lowrank", 2))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import jitted
 import tolerances as tol
 
 from jaxprune.models import _model as M
@@ -66,7 +67,7 @@ def test_windowed_block_really_loops(model, tokens):
 
 def _f64_window_losses(params, config, tokens):
   """The protocol's per-window loss in float64 NumPy from the model's logits."""
-  logits = np.asarray(M.forward(params, tokens, config=config), np.float64)
+  logits = np.asarray(jitted.forward(params, tokens, config=config), np.float64)
   top = logits.max(-1, keepdims=True)
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp[:, :-1], np.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
@@ -189,7 +190,7 @@ def _brute_force_factors(params, config, tokens):
   b, t = tokens.shape
   zeros = [{p: jnp.zeros((t, tree_get(block, p)["kernel"].shape[1]), jnp.float64) for ps in g.values() for p in ps}
            for block, g in zip(params["layers"], groups)]
-  grads, taps = jax.vmap(jax.grad(window_loss, has_aux=True), in_axes=(None, 0))(zeros, tokens)
+  grads, taps = jax.jit(jax.vmap(jax.grad(window_loss, has_aux=True), in_axes=(None, 0)))(zeros, tokens)
   out = []
   for i, g in enumerate(groups):
     a = {tap: np.asarray(taps[i][tap], np.float64).reshape(-1, np.shape(taps[i][tap])[-1]) for tap in g}
@@ -275,7 +276,7 @@ def test_block_mse_and_gradient_equal_a_float64_reference():
       per_window = jnp.mean((out - target) ** 2, axis=(1, 2))
       return jnp.sum(per_window * weights) / jnp.sum(weights)
 
-    want_loss, want = jax.value_and_grad(reference)(trainable)
+    want_loss, want = jax.jit(jax.value_and_grad(reference))(trainable)
   assert float(loss) == pytest.approx(float(want_loss), rel=tol.F64_REFERENCE)
   assert jax.tree.structure(grads) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):

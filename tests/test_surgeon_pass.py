@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import jitted
 import tolerances as tol
 
 from jaxprune.cli import main
@@ -346,5 +347,5 @@ def test_structured_model_shrinks_and_computes_what_the_zeroed_one_does(params, 
   small, config, _ = compact(state.params, CONFIG)
   assert config.layer_widths and any(w != (CONFIG.intermediate_size, CONFIG.num_heads, CONFIG.num_kv_heads)
                                      for w in config.layer_widths)
-  want = M.forward(state.params, jnp.asarray(calib[:2]), config=CONFIG)
-  tol.assert_reordered(M.forward(small, jnp.asarray(calib[:2]), config=config), want, "logits")
+  want = jitted.forward(state.params, calib[:2], config=CONFIG)
+  tol.assert_reordered(jitted.forward(small, calib[:2], config=config), want, "logits")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import jitted
 import tolerances as tol
 
 from jaxprune.cli import main
@@ -113,7 +114,7 @@ def test_units_with_retrained_biases_shrink_and_keep_removed_rows_zero(params, c
   small, config, _ = compact(states[-1].params, CONFIG)
   assert config.layer_widths and P.count_params(small) == P.count_params(params) - states[-1].reports[-1]["pruned"]
   tokens = jnp.asarray(calib[:2])
-  tol.assert_reordered(M.forward(small, tokens, config=config), M.forward(states[-1].params, tokens, config=CONFIG),
+  tol.assert_reordered(jitted.forward(small, tokens, config=config), jitted.forward(states[-1].params, tokens, config=CONFIG),
                        "logits")
 
 

@@ -158,7 +158,13 @@ def forward(params: Params, tokens: jax.Array, *, config: ModelConfig, mask: jax
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-  """Random params (for tests and abstract shapes); ``jax.eval_shape`` of it costs no memory."""
+  """Random params (for tests and abstract shapes); ``jax.eval_shape`` of it costs no memory. Compiled as one
+  program per config: run op by op, Flax's initialisation compiles every operation on its own (seconds)."""
+  return _init_params(config, key, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _init_params(config: ModelConfig, key: jax.Array, dtype) -> Params:
   fam = family(config)
   keys = jax.random.split(key, config.num_layers + 2)
   tokens = jnp.zeros((1, 2), jnp.int32)

@@ -17,7 +17,6 @@ from jaxprune.models._config import ModelConfig
 from jaxprune.models._layers import compute_dtype
 from jaxprune.runner import _forward as F
 from jaxprune.runner._batches import Batches
-from jaxprune.runner._mesh import data_size
 
 
 def windows_in_turn(mesh: Mesh | None) -> bool:
