@@ -11,7 +11,8 @@ Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
      the pruned perplexity on ``--eval-windows`` windows;
   3. ``prune --stream --method sparsegpt --blocks 0:2``: SparseGPT on the first two blocks only, the others copied;
   4. ``eval --stream`` of the Wanda checkpoint;
-  5. ``dd``: sequential write and read of a 4 GiB file with direct I/O, the disk's own bandwidth.
+  5. ``dd``: sequential write and read of a 4 GiB file, the disk's own bandwidth (direct I/O), and a write through
+     the page cache flushed with fsync.
 """
 from __future__ import annotations
 
@@ -96,18 +97,30 @@ def run(argv: list[str]) -> dict:
 
 
 def disk_bandwidth(work: Path, gib: int = 4) -> dict:
-  """Sequential write and read of ``gib`` GiB with direct I/O (``dd``), in GB/s."""
+  """Sequential write and read of ``gib`` GiB (``dd``, 16 MiB blocks), in GB/s: with direct I/O (the device's
+  own rate), and written through the page cache and flushed to disk before ``dd`` returns (``conv=fsync``), as a
+  program that writes files and syncs them does."""
   file = work / "dd.bin"
   out = {}
   for kind, args in (("write", ["if=/dev/zero", f"of={file}", "oflag=direct"]),
+                     ("buffered_fsync_write", ["if=/dev/zero", f"of={file}", "conv=fsync"]),
                      ("read", [f"if={file}", "of=/dev/null", "iflag=direct"])):
     start = time.perf_counter()
     subprocess.run(["dd", *args, "bs=16M", f"count={gib * 64}", "status=none"], check=True)
-    if kind == "write":
-      os.sync()
     out[f"{kind}_gb_per_s"] = round(gib * 2**30 / 1e9 / (time.perf_counter() - start), 3)
   file.unlink()
   return out
+
+
+def dir_gb(path: Path) -> float:
+  """GB of the files under ``path`` (each hard link counted once)."""
+  seen, total = set(), 0
+  for f in path.rglob("*"):
+    st = f.stat()
+    if f.is_file() and (st.st_dev, st.st_ino) not in seen:
+      seen.add((st.st_dev, st.st_ino))
+      total += st.st_size
+  return round(total / 1e9, 2)
 
 
 def split(step: dict) -> dict:
@@ -141,11 +154,13 @@ def main() -> None:
                         *common, "--out", str(work / "wanda"), "--eval", str(work / "eval.npy")])
   print(json.dumps({k: v for k, v in steps["wanda"].items() if k != "result"}), flush=True)
   steps["eval_wanda"] = run(["eval", "--model", str(work / "wanda"), "--stream", "--data", str(work / "eval.npy")])
+  written = {"wanda": dir_gb(work / "wanda")}
   if not args.keep:
     shutil.rmtree(work / "wanda")
   steps["sparsegpt_blocks_0_2"] = run(["prune", "--model", str(model), "--stream", "--method", "sparsegpt",
                                        "--sparsity", "0.5", "--blocks", "0:2", *common,
                                        "--out", str(work / "sparsegpt_blocks_0_2")])
+  written["sparsegpt_blocks_0_2"] = dir_gb(work / "sparsegpt_blocks_0_2")
   if not args.keep:
     shutil.rmtree(work / "sparsegpt_blocks_0_2")
   disk = disk_bandwidth(work)
@@ -157,17 +172,24 @@ def main() -> None:
                           **{key: v["result"].get(key) for key in ("perplexity", "sparsity", "prune_seconds")}}
                       for k, v in steps.items()}}
   for k, v in result["steps"].items():
-    # every byte of the model is read once and written once by a prune step (the resume state and the
-    # checkpoint: twice written, once read back); at the disk's own rates that takes:
+    # Reads: the model once (the Wanda step also reads its checkpoint back for --eval). Writes: the checkpoint's
+    # bytes (each block is written once, into the resume directory, and hard-linked into the checkpoint).
     v["disk_bound_read_s"] = round(size_gb / disk["read_gb_per_s"], 1)
-    v["disk_bound_write_s"] = round(size_gb / disk["write_gb_per_s"], 1)
+    if k in written:
+      v["written_gb"] = written[k]
+      v["write_over_direct"] = round(v["write"] / (written[k] / disk["write_gb_per_s"]), 2)
+      v["write_over_buffered_fsync"] = round(v["write"] / (written[k] / disk["buffered_fsync_write_gb_per_s"]), 2)
   write_json(HERE / "stream7b.json", result)
-  lines = ["| step | peak RSS GB | seconds | read s | write s | compute and rest s | perplexity |", "|---|---|---|---|---|---|---|"]
+  lines = ["| step | peak RSS GB | seconds | read s | write s (GB; × direct dd, × dd with fsync) | compute and rest s |"
+           " perplexity |", "|---|---|---|---|---|---|---|"]
   for k, v in result["steps"].items():
-    lines.append(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.0f} | {v['read']:.0f} | {v['write']:.0f} | "
+    ratio = (f" ({v['written_gb']} GB; {v['write_over_direct']}×, {v['write_over_buffered_fsync']}×)"
+             if "written_gb" in v else "")
+    lines.append(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.0f} | {v['read']:.0f} | {v['write']:.0f}{ratio} | "
                  f"{v['compute_and_rest']:.0f} | {v.get('perplexity') or ''} |")
-  lines.append(f"\nModel {size_gb:.2f} GB on disk; disk: write {disk['write_gb_per_s']} GB/s, read "
-               f"{disk['read_gb_per_s']} GB/s (dd, direct I/O, same run).")
+  lines.append(f"\nModel {size_gb:.2f} GB on disk; disk (dd, same run): write {disk['write_gb_per_s']} GB/s direct, "
+               f"{disk['buffered_fsync_write_gb_per_s']} GB/s through the page cache with fsync; read "
+               f"{disk['read_gb_per_s']} GB/s direct.")
   (HERE / "stream7b.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
