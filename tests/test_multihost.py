@@ -99,7 +99,8 @@ def _saved_pass(path) -> tuple[list[dict], list[dict], list[int]]:
 
 
 def test_two_processes_prune_as_one_process(files, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # 4 devices each; quick compilation, as in conftest.py
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
   address = f"localhost:{_free_port()}"
   args = [str(files / "tiny"), str(files / "calib.npy"), str(files / "eval.npy"), address]
   dirs = [tmp_path / "p0", tmp_path / "p1"]
