@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+import jitted
 import tolerances as tol
 
 from jaxprune.errors import JaxpruneError
@@ -22,7 +23,7 @@ def setup():
 
 def test_formula_is_exp_of_mean_window_loss(setup):
   params, windows = setup
-  logits = np.asarray(jax.jit(lambda p, t: M.forward(p, t, config=CONFIG))(params, windows), np.float64)
+  logits = np.asarray(jitted.forward(params, windows, config=CONFIG), np.float64)
   top = logits.max(-1, keepdims=True)
   logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
   nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1)[..., 0]

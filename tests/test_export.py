@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
+
+import jitted
 
 from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import load_model, save_hf_dir
-from jaxprune.models import _model as M
 from jaxprune.models._config import from_hf_config
 
 torch = pytest.importorskip("torch")
@@ -51,7 +51,7 @@ def _torch_logits(model) -> np.ndarray:
 
 
 def _our_logits(loaded) -> np.ndarray:
-  return np.asarray(jax.jit(lambda p, t: M.forward(p, t, config=loaded.config))(loaded.params, TOKENS))
+  return np.asarray(jitted.forward(loaded.params, TOKENS, config=loaded.config))
 
 
 def run(capsys, *argv):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
+import jitted
+
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import load_model, save_hf_dir
-from jaxprune.models import _model as M
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -99,7 +99,7 @@ def test_gguf_logits_equal_transformers_gguf_load(case, tmp_path):
   path = write_gguf(tmp_path / "m.gguf", model, arch, name=name)
   theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
   loaded = load_model(str(path))
-  ours = np.asarray(jax.jit(lambda p, t: M.forward(p, t, config=loaded.config))(loaded.params, TOKENS))
+  ours = np.asarray(jitted.forward(loaded.params, TOKENS, config=loaded.config))
   np.testing.assert_allclose(ours, _logits(theirs), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(ours, _logits(model), rtol=1e-4, atol=1e-4)
   assert json.loads(loaded.config.hf_config_json)["model_type"] == model_type

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jitted
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +76,7 @@ def test_logits_match_transformers(case):
   ids = tokens()
   with torch.no_grad():
     ref = model(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
-  ours = jax.jit(lambda p, t: M.forward(p, t, config=config))(params, ids)
+  ours = jitted.forward(params, ids, config=config)
   assert np.abs(np.asarray(ours) - ref.logits.numpy()).max() <= TOL
   # Per block: hidden_states[i] is the input of layer i (the last entry has the final norm applied).
   ctx = M.context(config, *ids.shape)

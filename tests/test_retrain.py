@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jitted
+
 from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import save_checkpoint
@@ -95,7 +97,6 @@ def test_sparse_model_without_masks_is_refused_for_all_and_masklora(pruned, wind
 
 # -------------------------------------------------------------------------------------------------- adapters
 
-_FORWARD = jax.jit(lambda p, t: M.forward(p, t, config=LLAMA))
 
 
 @pytest.mark.parametrize("kind", ["masklora", "scalelora"])
@@ -118,7 +119,7 @@ def test_merged_adapters_keep_every_zero_and_equal_the_unmerged_model(kind, prun
   tokens = jnp.asarray(windows[:BATCH])
   on_the_fly = jax.jit(lambda p, a, t: M.forward(R.apply(p, a, masks, spec), t, config=LLAMA))
   want = np.asarray(on_the_fly(params, unmerged.adapters, tokens))
-  assert np.abs(np.asarray(_FORWARD(result.params, tokens)) - want).max() <= 1e-5 * np.abs(want).max()
+  assert np.abs(np.asarray(jitted.forward(result.params, tokens, config=LLAMA)) - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_biases_on_llama_add_zero_biases_that_train(pruned):

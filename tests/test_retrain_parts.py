@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import jitted
 import tolerances as tol
 
 from jaxprune.errors import JaxpruneError
@@ -24,7 +25,6 @@ OPT = ModelConfig(family="opt", vocab_size=V, hidden_size=H, intermediate_size=I
                   num_kv_heads=4, head_dim=6, max_position_embeddings=P, tie_word_embeddings=True, norm_eps=1e-5,
                   pre_norm=True, activation="relu", qkv_bias=True, o_bias=True, mlp_bias=True, norm_affine=True)
 TOKENS = np.random.default_rng(0).integers(0, V, size=(2, 9)).astype(np.int32)
-_FORWARDS: dict = {}
 
 
 def _random_params(config, seed):
@@ -43,9 +43,7 @@ def _random_params(config, seed):
 
 def _logits(params, config):
   """``forward`` of ``TOKENS``, jitted once per config."""
-  if config not in _FORWARDS:
-    _FORWARDS[config] = jax.jit(lambda p, t: M.forward(p, t, config=config))
-  return np.asarray(_FORWARDS[config](params, TOKENS))
+  return np.asarray(jitted.forward(params, TOKENS, config=config))
 
 
 @pytest.fixture(scope="module")
