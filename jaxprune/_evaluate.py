@@ -82,6 +82,7 @@ def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: b
   del rest
   for i in tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False):
     block = runner.place(layers[i])
+    layers.prefetch(i + 1)  # read while block i computes
     modes = runner.config.sublayer_modes(i)
     h = runner.map_windows(lambda x: runner.block(block, as_input(x, block), modes=modes), h)
     del block

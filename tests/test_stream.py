@@ -210,3 +210,66 @@ def test_streamed_gguf_reads_each_tensor_by_range_and_equals_the_whole_read():
   for i in (0, len(layers) - 1):
     _equal_trees(layers[i], whole.params["layers"][i])
   _equal_trees(_stream.split(streamed.params)[0], {k: v for k, v in whole.params.items() if k != "layers"})
+
+
+def _block_bytes(hf_dir, i: int) -> set[tuple[str, int, int]]:
+  """``(file name, offset, length)`` of the tensors of block ``i`` in a safetensors directory, from its header."""
+  out = set()
+  for file in sorted(hf_dir.glob("*.safetensors")):
+    header, start = _stream._header(file)
+    for name, info in header.items():
+      if name.startswith(f"model.layers.{i}."):
+        begin, end = info["data_offsets"]
+        out.add((file.name, start + begin, end - begin))
+  return out
+
+
+def test_a_streamed_pass_reads_each_next_block_ahead_and_writes_behind(tiny, tmp_path, monkeypatch):
+  """While block i is pruned, block i + 1's bytes are read ahead (exactly its tensors' byte ranges; a replaced
+  block: the files it was written to), and block i's write finishes before the pass hands it over."""
+  asked = []
+  monkeypatch.setattr(_stream, "read_ahead", lambda ranges: asked.append({(f.name, o, n) for f, o, n in ranges}))
+  model = load_model(str(tiny / "hf"), stream=True)
+  for i in range(3):
+    model.params["layers"].prefetch(i)
+    assert asked.pop() == _block_bytes(tiny / "hf", i) != set()
+  model.params["layers"].prefetch(3)  # past the last block: nothing
+  assert asked == []
+  outcome = jp.prune(model.params, np.load(tiny / "calib.npy"), config=model.config,
+                     spec=PruneSpec("wanda", Unstructured(0.5)), batch_size=2, progress=False, out=tmp_path / "ck")
+  assert asked == [_block_bytes(tiny / "hf", 1), _block_bytes(tiny / "hf", 2)]
+  layers = outcome.params["layers"]
+  written = layers.entry(1)  # a loader of the written block: read ahead from its own files
+  layers.prefetch(1)
+  assert asked[-1] == {(f.name, 0, f.stat().st_size) for f in written.path.rglob("*") if f.is_file()} != set()
+  assert all(not layers.held(i) and layers.entry(i).path.is_dir() for i in range(3))  # all written
+  progress = json.loads((tmp_path / "ck.partial" / "progress.json").read_text())
+  assert progress["done"] == 3
+
+
+def test_read_ahead_reads_the_ranges_on_its_own_thread_and_ignores_what_it_cannot_read(tmp_path):
+  file = tmp_path / "w.bin"
+  file.write_bytes(bytes(3 * _stream.READ_AHEAD_CHUNK + 5))
+  before = dict(_stream.IO_SECONDS)
+  _stream.read_ahead([(tmp_path / "missing", 0, 10), (file, 1, file.stat().st_size - 1)])
+  _stream._pool("read_ahead").submit(lambda: None).result()  # tasks run in order: the read ahead is done
+  assert _stream.IO_SECONDS["read_ahead"] > before["read_ahead"]
+  assert _stream.IO_SECONDS["read"] == before["read"]  # not counted as this thread's reading
+
+
+def test_a_write_behind_that_fails_stops_the_pass_with_its_error(tiny, tmp_path, monkeypatch):
+  from jaxprune.prune import _resume
+
+  save = _resume.save_tree
+
+  def disk_full_at_block_1(path, tree):
+    if "00001" in str(path):
+      raise OSError(28, "No space left on device")
+    save(path, tree)
+
+  monkeypatch.setattr(_resume, "save_tree", disk_full_at_block_1)
+  model = load_model(str(tiny / "hf"), stream=True)
+  with pytest.raises(OSError, match="No space left"):
+    jp.prune(model.params, None, config=model.config, spec=PruneSpec("magnitude", Unstructured(0.5)),
+             progress=False, out=tmp_path / "ck")
+  assert json.loads((tmp_path / "ck.partial" / "progress.json").read_text())["done"] == 1  # block 0 only

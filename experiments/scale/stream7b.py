@@ -2,7 +2,7 @@
 in as float32, streaming its blocks from disk: peak resident memory, seconds, and their split into reading,
 computing and writing, against the disk's own sequential bandwidth measured in the same run.
 
-    python experiments/scale/stream7b.py [--work DIR]      # -> stream7b.json, stream7b.md
+    python experiments/scale/stream7b.py [--work DIR] [--baseline REF]     # -> stream7b.json, stream7b.md
 
 Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
   1. the model: a Hugging Face directory with LLaMA-2-7B's config and random N(0, 0.02) bfloat16 weights, written
@@ -13,6 +13,12 @@ Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
   4. ``eval --stream`` of the Wanda checkpoint;
   5. ``dd``: sequential write and read of a 4 GiB file, the disk's own bandwidth (direct I/O), and a write through
      the page cache flushed with fsync.
+With ``--baseline REF`` (a git commit), steps 2 and 3 also run with the code of ``REF`` (checked out into a
+temporary worktree and put first on ``PYTHONPATH``), each right after the same step with this checkout's code.
+
+Reading and writing run beside the computation (the next block read ahead, each pruned block written behind): a
+step's ``read`` and ``write`` seconds are those its main thread waited for them, ``read_ahead`` and
+``write_behind`` those of the background threads.
 """
 from __future__ import annotations
 
@@ -82,11 +88,13 @@ def write_model(out: Path, config: dict, seed: int = 0) -> float:
   return time.perf_counter() - start
 
 
-def run(argv: list[str]) -> dict:
-  """``python -m jaxprune ARGV --json F`` in a fresh process: its JSON, wall seconds and peak RSS (GB)."""
+def run(argv: list[str], code: Path | None = None) -> dict:
+  """``python -m jaxprune ARGV --json F`` in a fresh process (with the package from the checkout ``code`` when
+  given): its JSON, wall seconds and peak RSS (GB)."""
   out = Path(argv[argv.index("--out") + 1] if "--out" in argv else "/tmp/jaxprune-stream-eval") .with_suffix(".json")
+  env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
   start = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *argv, "--json", str(out)])
+  proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *argv, "--json", str(out)], env=env)
   _, status, usage = os.wait4(proc.pid, 0)
   seconds = time.perf_counter() - start
   if os.waitstatus_to_exitcode(status) != 0:
@@ -124,11 +132,22 @@ def dir_gb(path: Path) -> float:
 
 
 def split(step: dict) -> dict:
-  """Seconds of a step split into reading, writing and the rest (computing, compiling, start-up)."""
+  """Seconds of a step split into reading, writing and the rest (computing, compiling, start-up), as its main
+  thread spent them; beside them, the seconds of the background reading and writing."""
   io = step["result"].get("io_seconds", {})
   read, write = io.get("read", 0.0), io.get("write", 0.0)
   return {"seconds": step["seconds"], "read": read, "write": write,
-          "compute_and_rest": round(step["seconds"] - read - write, 1)}
+          "compute_and_rest": round(step["seconds"] - read - write, 1),
+          "read_ahead": io.get("read_ahead", 0.0), "write_behind": io.get("write_behind", 0.0)}
+
+
+def worktree(ref: str, where: Path) -> Path:
+  """A checkout of commit ``ref`` of this repository at ``where`` (replaced if there)."""
+  repo = HERE.parents[1]
+  subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(where)], capture_output=True)
+  subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(where), ref], check=True,
+                 capture_output=True)
+  return where
 
 
 def main() -> None:
@@ -138,6 +157,7 @@ def main() -> None:
   parser.add_argument("--seqlen", type=int, default=128)
   parser.add_argument("--eval-windows", type=int, default=2)
   parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+  parser.add_argument("--baseline", help="a git commit whose code also runs the two prune steps, for comparison")
   args = parser.parse_args()
   work = args.work
   work.mkdir(parents=True, exist_ok=True)
@@ -147,22 +167,28 @@ def main() -> None:
   np.save(work / "calib.npy", rng.integers(0, 32000, (args.nsamples, args.seqlen)).astype(np.int32))
   np.save(work / "eval.npy", rng.integers(0, 32000, (args.eval_windows, args.seqlen)).astype(np.int32))
   common = ["--calib", str(work / "calib.npy"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-  steps = {}
-  for name in ("wanda", "sparsegpt_blocks_0_2"):
-    shutil.rmtree(work / name, ignore_errors=True)
-  steps["wanda"] = run(["prune", "--model", str(model), "--stream", "--method", "wanda", "--sparsity", "0.5",
-                        *common, "--out", str(work / "wanda"), "--eval", str(work / "eval.npy")])
-  print(json.dumps({k: v for k, v in steps["wanda"].items() if k != "result"}), flush=True)
-  steps["eval_wanda"] = run(["eval", "--model", str(work / "wanda"), "--stream", "--data", str(work / "eval.npy")])
-  written = {"wanda": dir_gb(work / "wanda")}
-  if not args.keep:
-    shutil.rmtree(work / "wanda")
-  steps["sparsegpt_blocks_0_2"] = run(["prune", "--model", str(model), "--stream", "--method", "sparsegpt",
-                                       "--sparsity", "0.5", "--blocks", "0:2", *common,
-                                       "--out", str(work / "sparsegpt_blocks_0_2")])
-  written["sparsegpt_blocks_0_2"] = dir_gb(work / "sparsegpt_blocks_0_2")
-  if not args.keep:
-    shutil.rmtree(work / "sparsegpt_blocks_0_2")
+  steps, written = {}, {}
+  codes = {"": None}
+  if args.baseline:
+    codes[f"_at_{args.baseline}"] = worktree(args.baseline, work / "baseline-code")
+  prunes = {"wanda": ["--method", "wanda", *common, "--eval", str(work / "eval.npy")],
+            "sparsegpt_blocks_0_2": ["--method", "sparsegpt", "--blocks", "0:2", *common]}
+  for name, options in prunes.items():
+    for suffix, code in codes.items():
+      out = work / (name + suffix)
+      shutil.rmtree(out, ignore_errors=True)
+      shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+      steps[name + suffix] = run(["prune", "--model", str(model), "--stream", "--sparsity", "0.5", *options,
+                                  "--out", str(out)], code)
+      print(json.dumps({k: v for k, v in steps[name + suffix].items() if k != "result"}), flush=True)
+      written[name + suffix] = dir_gb(out)
+      if name == "wanda" and not suffix:
+        steps["eval_wanda"] = run(["eval", "--model", str(out), "--stream", "--data", str(work / "eval.npy")])
+      if not args.keep:
+        shutil.rmtree(out)
+  if args.baseline:
+    subprocess.run(["git", "-C", str(HERE.parents[1]), "worktree", "remove", "--force", str(codes.popitem()[1])],
+                   check=True)
   disk = disk_bandwidth(work)
   size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
   result = {"command": command(Path(__file__)), "machine": machine(), "model_gb": round(size_gb, 2),
@@ -179,14 +205,20 @@ def main() -> None:
       v["written_gb"] = written[k]
       v["write_over_direct"] = round(v["write"] / (written[k] / disk["write_gb_per_s"]), 2)
       v["write_over_buffered_fsync"] = round(v["write"] / (written[k] / disk["buffered_fsync_write_gb_per_s"]), 2)
+      v["behind_over_direct"] = round(v["write_behind"] / (written[k] / disk["write_gb_per_s"]), 2)
+      v["behind_over_buffered_fsync"] = round(v["write_behind"] / (written[k] / disk["buffered_fsync_write_gb_per_s"]),
+                                              2)
   write_json(HERE / "stream7b.json", result)
   lines = ["| step | peak RSS GB | seconds | read s | write s (GB; × direct dd, × dd with fsync) | compute and rest s |"
-           " perplexity |", "|---|---|---|---|---|---|---|"]
+           " read ahead s | write behind s (× direct dd, × dd with fsync) | perplexity |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for k, v in result["steps"].items():
     ratio = (f" ({v['written_gb']} GB; {v['write_over_direct']}×, {v['write_over_buffered_fsync']}×)"
              if "written_gb" in v else "")
+    behind = (f" ({v['behind_over_direct']}×, {v['behind_over_buffered_fsync']}×)" if v.get("write_behind") else "")
     lines.append(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.0f} | {v['read']:.0f} | {v['write']:.0f}{ratio} | "
-                 f"{v['compute_and_rest']:.0f} | {v.get('perplexity') or ''} |")
+                 f"{v['compute_and_rest']:.0f} | {v['read_ahead']:.0f} | {v['write_behind']:.0f}{behind} | "
+                 f"{v.get('perplexity') or ''} |")
   lines.append(f"\nModel {size_gb:.2f} GB on disk; disk (dd, same run): write {disk['write_gb_per_s']} GB/s direct, "
                f"{disk['buffered_fsync_write_gb_per_s']} GB/s through the page cache with fsync; read "
                f"{disk['read_gb_per_s']} GB/s direct.")

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._stream import Blocks, Lazy, is_streamed, join, split, timed
+from jaxprune.io._stream import Blocks, Lazy, file_ranges, is_streamed, join, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer, save_local
@@ -160,6 +160,10 @@ class SavedTree:
     tree = _restore_or_fail(self.owner, self.path, None)
     return unpack_masks(tree) if self.masks else tree
 
+  def ranges(self) -> list:
+    """The files a call reads, for :meth:`~jaxprune.io._stream.Blocks.prefetch`."""
+    return file_ranges(self.path)
+
 
 def _link_tree(source: Path, dest: Path) -> None:
   """``dest`` as a copy of the directory ``source`` made of hard links (a copy where links are not possible)."""
@@ -183,6 +187,8 @@ def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
   layers = params["layers"]
   mask_layers = masks["layers"] if masks is not None else None
   for i in range(len(layers)):
+    if isinstance(layers, Blocks):
+      layers.prefetch(i + 1)  # read while block i is written
     for name, blocks in (("params", layers), ("masks", mask_layers)):
       if blocks is None:
         continue
@@ -254,7 +260,8 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None, lazy: b
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype or x.dtype), abstract_layers[i])
 
   n = len(abstract_layers)
-  layers = Blocks([block(i) for i in range(n)], abstract=abstract_block)
+  layers = Blocks([block(i) for i in range(n)], abstract=abstract_block,
+                  ranges=lambda i: file_ranges(_block_dir(path, i) / "params"))
   mask_layers = Blocks([block_masks(i) for i in range(n)]) if want_masks else None
   if lazy:
     def read_rest():

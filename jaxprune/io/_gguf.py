@@ -201,7 +201,8 @@ def read_gguf(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelCon
 
   dtype = np.float32 if dtype is None else dtype
   if stream:
-    params = streamed_params(get, set(tensors), config, np.dtype(dtype), path)
+    where = lambda name: (path, tensors[name].data_offset, tensors[name].n_bytes)  # noqa: E731
+    params = streamed_params(get, set(tensors), config, np.dtype(dtype), path, where=where)
   else:
     params = params_from_hf(get, set(tensors), config, dtype)
   return config, params, {"source_dtype": _source_dtype(reader)}

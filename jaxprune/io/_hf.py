@@ -12,7 +12,7 @@ import numpy as np
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
-from jaxprune.io._stream import SafetensorsFiles, is_streamed, materialize, split, streamed_params, timed
+from jaxprune.io._stream import Blocks, SafetensorsFiles, is_streamed, materialize, split, streamed_params, timed
 from jaxprune.models._compact import pad
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.models._convert import params_from_hf, params_to_hf
@@ -135,13 +135,13 @@ def read_hf_dir(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelC
       raise JaxpruneError(f"{path}: streaming reads safetensors weights, and there are none (convert the model, "
                           "or load it without streaming)")
     files = SafetensorsFiles(shards)
-    get, dtypes = files.get, files.dtypes
+    get, dtypes, where = files.get, files.dtypes, files.where
   else:
     get, dtypes = _tensor_source(path)
   if config.tie_word_embeddings is False and "lm_head.weight" not in dtypes:
     raise JaxpruneError(f"{path}: untied model without lm_head.weight")
   provenance = {"source_dtype": stored_dtype(dtypes, hf_config)}
-  build = functools.partial(streamed_params, source=path) if stream else params_from_hf
+  build = functools.partial(streamed_params, source=path, where=where) if stream else params_from_hf
   params = build(get, set(dtypes), config, jnp.dtype(dtype or provenance["source_dtype"]))
   generation = read_generation_config(path)
   if generation is not None:
@@ -257,6 +257,8 @@ def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) ->
   weight_map, total = {}, 0
   for k, part in enumerate(parts):
     file = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+    if isinstance(layers, Blocks):
+      layers.prefetch(k)  # block k (part k + 1) is read while this part is converted and written
     state = part()
     if config.tie_word_embeddings:
       state.pop("lm_head.weight", None)

@@ -10,16 +10,24 @@ solver.
 Safetensors are read by byte range (``os.pread`` into a fresh buffer) rather than memory-mapped: pages of a
 memory map that were touched stay counted in the process's resident memory until the map is closed, so a
 memory-mapped 13 GB model read block by block looks, and is accounted, as 13 GB resident.
+
+Reading and writing overlap the computation: :meth:`Blocks.prefetch` reads the next block's bytes on a background
+thread into the operating system's page cache (not into this process's memory, see :func:`read_ahead`), and a
+streamed pass writes each pruned block on a background thread while it works on the next (:func:`write_behind`).
+``IO_SECONDS`` counts the seconds of both kinds apart: what the calling thread waited for (``read``, ``write``)
+and what ran beside the computation (``read_ahead``, ``write_behind``).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
 import os
 import struct
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
@@ -32,18 +40,66 @@ Block = dict
 Loader = Callable[[], Block]
 
 # Seconds spent reading and writing weights in this process (safetensors, checkpoints, resume state): what a
-# streamed run reports beside its total, to split it into reading, computing and writing.
-IO_SECONDS = {"read": 0.0, "write": 0.0}
+# streamed run reports beside its total, to split it into reading, computing and writing. ``read`` and ``write``:
+# seconds the calling thread spent in them (a write includes waiting for a write behind); ``read_ahead`` and
+# ``write_behind``: seconds of the background threads, which overlap the rest.
+IO_SECONDS = {"read": 0.0, "write": 0.0, "read_ahead": 0.0, "write_behind": 0.0}
+_IO_LOCK = threading.Lock()
+_BACKGROUND = threading.local()  # ``kind`` set on the threads of read_ahead ("read_ahead") and write_behind
+READ_AHEAD_CHUNK = 8 << 20  # bytes per read of read_ahead (its one scratch buffer)
 
 
 @contextlib.contextmanager
 def timed(kind: str):
-  """Adds the seconds of the ``with`` body to ``IO_SECONDS[kind]``."""
+  """Adds the seconds of the ``with`` body to ``IO_SECONDS[kind]`` (on a background I/O thread, to that thread's
+  own kind instead)."""
+  kind = getattr(_BACKGROUND, "kind", None) or kind
   start = time.perf_counter()
   try:
     yield
   finally:
-    IO_SECONDS[kind] += time.perf_counter() - start
+    with _IO_LOCK:
+      IO_SECONDS[kind] += time.perf_counter() - start
+
+
+@functools.cache
+def _pool(kind: str) -> concurrent.futures.ThreadPoolExecutor:
+  """The one background thread of ``kind``: its tasks run one at a time, in the order they were given."""
+  return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"jaxprune-{kind}",
+                                               initializer=lambda: setattr(_BACKGROUND, "kind", kind))
+
+
+def read_ahead(ranges: Iterable[tuple[Path, int, int]]) -> None:
+  """Starts reading ``ranges`` (``(file, offset, length)``) on a background thread, 8 MiB at a time into one
+  scratch buffer that is thrown away: the bytes are then in the operating system's page cache when the pass asks
+  for them, and its read copies from memory instead of waiting for the disk. This process holds no more than the
+  scratch buffer (the page cache is not its memory). Read errors are ignored here; the real read reports them."""
+  _pool("read_ahead").submit(_warm, list(ranges))
+
+
+def _warm(ranges: list[tuple[Path, int, int]]) -> None:
+  scratch = memoryview(bytearray(READ_AHEAD_CHUNK))
+  with timed("read"):  # counted as read_ahead on this thread
+    for file, offset, length in ranges:
+      try:
+        with open(file, "rb") as f:
+          for at in range(offset, offset + length, READ_AHEAD_CHUNK):
+            if os.preadv(f.fileno(), [scratch[:min(READ_AHEAD_CHUNK, offset + length - at)]], at) <= 0:
+              break
+      except OSError:
+        continue
+
+
+def file_ranges(root: Path) -> list[tuple[Path, int, int]]:
+  """Every file under ``root`` as a whole-file range for :func:`read_ahead` (none if ``root`` does not exist)."""
+  root = Path(root)
+  return [(f, 0, f.stat().st_size) for f in sorted(root.rglob("*")) if f.is_file()] if root.is_dir() else []
+
+
+def write_behind(fn: Callable[[], None]) -> concurrent.futures.Future:
+  """Runs ``fn`` (a write) on the background writing thread, after the writes given before it; its ``result()``
+  waits for it and raises what it raised."""
+  return _pool("write_behind").submit(fn)
 
 
 class Blocks(Sequence):
@@ -51,12 +107,17 @@ class Blocks(Sequence):
 
   ``abstract(i)`` gives block ``i``'s ``ShapeDtypeStruct`` tree without reading it, when the blocks' source
   knows it (else it reads the block). :meth:`with_block` returns a copy with one entry replaced: a pass
-  replaces each block by a loader of where it wrote the pruned block.
+  replaces each block by a loader of where it wrote the pruned block. ``ranges(i)``: the byte ranges
+  ``(file, offset, length)`` that entry ``i`` as given reads, for :meth:`prefetch` (a replaced entry gives its
+  own, as its ``ranges()`` method if it has one).
   """
 
-  def __init__(self, entries: Sequence[Block | Loader], abstract: Callable[[int], Block] | None = None):
+  def __init__(self, entries: Sequence[Block | Loader], abstract: Callable[[int], Block] | None = None,
+               ranges: Callable[[int], list] | None = None, _replaced: frozenset = frozenset()):
     self._entries = list(entries)
     self._abstract = abstract
+    self._ranges = ranges
+    self._replaced = _replaced
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -84,7 +145,18 @@ class Blocks(Sequence):
   def with_block(self, i: int, entry: Block | Loader) -> "Blocks":
     entries = list(self._entries)
     entries[i] = entry
-    return Blocks(entries, self._abstract)
+    return Blocks(entries, self._abstract, self._ranges, self._replaced | {i})
+
+  def prefetch(self, i: int) -> None:
+    """Starts reading block ``i`` from disk in the background (:func:`read_ahead`), so that indexing it later
+    waits less; nothing for a block held in memory or out of range."""
+    if not 0 <= i < len(self) or self.held(i):
+      return
+    entry = self._entries[i]
+    if hasattr(entry, "ranges"):
+      read_ahead(entry.ranges())
+    elif self._ranges is not None and i not in self._replaced:
+      read_ahead(self._ranges(i))
 
   def __repr__(self) -> str:
     held = sum(self.held(i) for i in range(len(self)))
@@ -150,11 +222,13 @@ def materialize(params: dict) -> dict:
   return join(rest, [layers[i] for i in range(len(layers))] if isinstance(layers, Blocks) else layers)
 
 
-def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, source) -> dict:
+def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, source,
+                    where: Callable[[str], tuple[Path, int, int]] | None = None) -> dict:
   """Params whose embeddings and head are :class:`Lazy` and whose blocks are a :class:`Blocks`, read when used, from a
   Hugging Face state dict given tensor by tensor (``get(name)``, ``names``; see
   :func:`~jaxprune.models._convert.tree_from_hf`), in ``dtype``. Missing tensors are named now; a block that does
-  not fit ``dtype`` (float16 infinities) fails when it is read. ``source`` names the model in errors."""
+  not fit ``dtype`` (float16 infinities) fails when it is read. ``source`` names the model in errors.
+  ``where(name)``: the byte range ``(file, offset, length)`` of a tensor, for :meth:`Blocks.prefetch`."""
   from jaxprune import _tree as tree
   from jaxprune.models._convert import hf_name, tree_from_hf
   from jaxprune.models._model import abstract_params
@@ -180,8 +254,12 @@ def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, sour
                           "that become infinite; use bfloat16 or float32")
     return block
 
+  def ranges(i: int) -> list:
+    block_names = (hf_name(config, ("layers", str(i)) + p) for p, _ in tree.items(abstract["layers"][i]))
+    return [where(name) for name in block_names if name in names]
+
   return join(rest, Blocks([functools.partial(read, i) for i in range(config.num_layers)],
-                           abstract=lambda i: abstract["layers"][i]))
+                           abstract=lambda i: abstract["layers"][i], ranges=ranges if where else None))
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
@@ -212,6 +290,12 @@ class SafetensorsFiles:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name][1]["shape"])
+
+  def where(self, name: str) -> tuple[Path, int, int]:
+    """``(file, offset, length)`` of tensor ``name``'s bytes."""
+    file, info, start = self._where[name]
+    begin, end = info["data_offsets"]
+    return file, start + begin, end - begin
 
   def get(self, name: str) -> np.ndarray:
     file, info, start = self._where[name]

@@ -149,6 +149,8 @@ def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | No
                    on_block=(store.save_and_release if streamed else store.save) if store is not None else None,
                    progress=progress,
                    refine=_refiner(reconstruct), **selection)
+  if streamed and store is not None:
+    state = store.finish(state)  # the last block's write, behind the pass until now
   params = state.params if streamed else jax.tree.map(np.asarray, state.params)
   untouched = config.num_layers - len(state.masks)  # blocks after the last one pruned
   state.masks.extend([{}] * untouched)

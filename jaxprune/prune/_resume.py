@@ -25,7 +25,7 @@ from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_write
 from jaxprune.io._checkpoint import SavedTree, pack_masks, save_tree
-from jaxprune.io._stream import is_streamed, timed, with_layer
+from jaxprune.io._stream import is_streamed, timed, with_layer, write_behind
 from jaxprune.prune._sequential import BlockState
 from jaxprune.runner._distributed import barrier, is_primary
 
@@ -45,6 +45,7 @@ class ResumeStore:
   def __init__(self, out: Path, identity: dict):
     self.dir = partial_dir(out)
     self.identity = json.loads(json.dumps(identity, default=str))
+    self._pending = None  # (block, future of its write) given to save_and_release and not yet released
 
   def save(self, state: BlockState) -> None:
     """Writes the block just finished (params, masks and report in ``block_NNN.npz``), then the progress."""
@@ -57,20 +58,44 @@ class ResumeStore:
 
   def save_and_release(self, state: BlockState) -> BlockState:
     """For a streamed pass: writes the block just finished as Orbax trees (``layers/NNNNN/params`` and
-    ``masks``, which the final checkpoint links instead of writing them again) and its report, then the progress;
-    returns the state with that block's params and masks replaced by loaders of what was written, so that the
-    pass keeps no pruned block in memory."""
+    ``masks``, which the final checkpoint links instead of writing them again) and its report, then the progress,
+    on the background writing thread (:func:`~jaxprune.io._stream.write_behind`) while the pass goes on with the
+    next block. Returns the state with the block written before it replaced by loaders of what was written, so
+    that the pass holds at most the block being written besides the one it works on; :meth:`finish` releases
+    the last."""
+    state = self._release_written(state)
     i = state.done - 1
-    root = self._block_root(i)
     if is_primary():  # written once, by process 0; the others wait until it is, and read it from there
-      shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
-      save_tree(root / "params", jax.device_get(state.params["layers"][i]))
-      block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
-      if block_masks:
-        save_tree(root / "masks", pack_masks(tree.unflatten(block_masks)))
-      self._write(state, {})
+      params = jax.device_get(state.params["layers"][i])
+      self._pending = (i, write_behind(lambda: self._write_block(state, i, params)))
+    else:
+      self._pending = (i, None)
+    return state
+
+  def finish(self, state: BlockState) -> BlockState:
+    """The state once every block given to :meth:`save_and_release` is written (and released)."""
+    return self._release_written(state)
+
+  def _release_written(self, state: BlockState) -> BlockState:
+    """Waits for the block being written (raising what its write raised) and releases it from ``state``."""
+    pending, self._pending = self._pending, None
+    if pending is None:
+      return state
+    i, future = pending
+    if future is not None:
+      with timed("write"):
+        future.result()
     barrier(f"resume {self.dir} block {i}")
     return self._released(state, i)
+
+  def _write_block(self, state: BlockState, i: int, params) -> None:
+    root = self._block_root(i)
+    shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
+    save_tree(root / "params", params)
+    block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
+    if block_masks:
+      save_tree(root / "masks", pack_masks(tree.unflatten(block_masks)))
+    self._write(state, {}, done=i + 1)
 
   def _block_root(self, i: int) -> Path:
     return self.dir / "layers" / f"{i:05d}"
@@ -82,15 +107,18 @@ class ResumeStore:
     masks[i] = SavedTree(root / "masks", self.dir, missing={}, masks=True)
     return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
 
-  def _write(self, state: BlockState, arrays: dict) -> None:
+  def _write(self, state: BlockState, arrays: dict, done: int | None = None) -> None:
+    """Block ``done - 1``'s ``arrays`` and report, the inputs of block ``done``, then the progress (``done``:
+    ``state.done`` unless given)."""
     self.dir.mkdir(parents=True, exist_ok=True)
-    i = state.done - 1
+    done = state.done if done is None else done
+    i = done - 1
     arrays = {**arrays, "report": np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)}
     with timed("write"):
       atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
       if state.inputs is not None:
         atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, state.inputs))
-    progress = {"identity": self.identity, "done": state.done}
+    progress = {"identity": self.identity, "done": done}
     atomic_write(self.dir / "progress.json", json.dumps(progress))
 
   def load(self, params: dict) -> BlockState | None:
