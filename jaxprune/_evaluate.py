@@ -8,6 +8,7 @@ devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -74,6 +75,11 @@ def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: 
   return EvalResult(float(np.exp(mean)), mean, per_window, n, seqlen, n * seqlen, seconds)
 
 
+def _through(runner: Runner, block, modes, h):
+  """``h`` through one block."""
+  return runner.block(block, as_input(h, block), modes=modes)
+
+
 def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: bool, desc: str) -> np.ndarray:
   """Per-window losses of a streamed model: every window through one block before the next block is read."""
   layers = params["layers"]
@@ -83,9 +89,8 @@ def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: b
   for i in tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False):
     block = runner.place(layers[i])
     layers.prefetch(i + 1)  # read while block i computes
-    modes = runner.config.sublayer_modes(i)
-    h = runner.map_windows(lambda x: runner.block(block, as_input(x, block), modes=modes), h)
-    del block
+    h = runner.map_windows(functools.partial(_through, runner, block, runner.config.sublayer_modes(i)), h)
+    del block  # before the next block is read
   rest = runner.place(split(params)[0])
   batches = runner.batches(*windows.shape)
   losses = [fetch(runner.head_losses(rest, as_input(x, rest), tokens))[:real]

@@ -94,7 +94,8 @@ def run(argv: list[str], code: Path | None = None) -> dict:
   out = Path(argv[argv.index("--out") + 1] if "--out" in argv else "/tmp/jaxprune-stream-eval") .with_suffix(".json")
   env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
   start = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *argv, "--json", str(out)], env=env)
+  # ``-m`` puts the working directory first on the path: the checkout's own directory when ``code`` is given
+  proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *argv, "--json", str(out)], env=env, cwd=code)
   _, status, usage = os.wait4(proc.pid, 0)
   seconds = time.perf_counter() - start
   if os.waitstatus_to_exitcode(status) != 0:

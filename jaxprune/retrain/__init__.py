@@ -11,7 +11,7 @@ optimizer (:func:`make_optimizer`), the zero-keeping projection (:func:`project_
 block.
 """
 from jaxprune.retrain._adapters import (
-    ADAPTER_PARAMS, SPARSE_FRACTION, Masks, apply, effective_kernel, lora_init, merge, target_paths)
+    ADAPTER_PARAMS, SPARSE_FRACTION, Masks, apply, effective_kernel, lora_init, merge)
 from jaxprune.retrain._optim import (
     TrainState, init_state, lr_schedule, make_optimizer, project_masked, train_step)
 from jaxprune.retrain._subsets import (
