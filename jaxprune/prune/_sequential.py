@@ -214,8 +214,8 @@ def prune_block(block_params, inputs, runner: Runner, spec: PruneSpec, *, modes,
     stats = _statistics(runner, block_params, inputs, runner.batches(*inputs.shape[:2]), groups, modes=modes,
                         needs_gram=get_solver(spec.method).needs_gram)
   masks, reports = {}, []
-  for tap, paths in groups.items():
-    block_params = _prune_group(block_params, paths, stats[tap], spec, _row_mesh(runner), masks, reports)
+  for tap, paths in groups.items():  # each group's statistics dropped once its linears are pruned
+    block_params = _prune_group(block_params, paths, stats.pop(tap), spec, _row_mesh(runner), masks, reports)
   return block_params, masks, reports
 
 
