@@ -1,5 +1,6 @@
 """Two processes on this machine (4 simulated CPU devices each, a coordinator on a free localhost port) prune as one:
-the same masks, weights and perplexity as a single process, whole on every process, the checkpoint written once;
+the same masks, weights and perplexity as a single process, whole on every process, the checkpoint written once
+(also streamed, each block written behind by process 0 into a directory both see);
 a coordinator that cannot be reached is a one-line error within the timeout."""
 import json
 import os
@@ -16,7 +17,8 @@ from jaxprune import _tree as tree
 from jaxprune._evaluate import perplexity
 from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
-from jaxprune.io._checkpoint import read_checkpoint, save_checkpoint
+from jaxprune.io._checkpoint import BLOCKED_FORMAT, read_checkpoint, read_meta, save_checkpoint
+from jaxprune.io._stream import Blocks
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.prune import Unstructured
@@ -45,10 +47,14 @@ from jaxprune.prune import Unstructured, _sequential as S
 from jaxprune.runner import data_mesh
 from jaxprune.runner._distributed import initialize
 
-model, calib, evals, address, pid = sys.argv[1:]
+model, blocked, shared, calib, evals, address, pid = sys.argv[1:]
 run = ["--coordinator", address, "--num-processes", "2", "--process-id", pid, "--coordinator-timeout", "120"]
-code = main(["prune", "--model", model, "--method", "wanda", "--calib", calib, "--nsamples", "16", "--seqlen", "16",
-             "--batch-size", "8", "--out", "wanda", "--eval", evals, "--json", "wanda.json", *run])
+data = ["--calib", calib, "--nsamples", "16", "--seqlen", "16", "--batch-size", "8", "--eval", evals]
+code = main(["prune", "--model", model, "--method", "wanda", *data, "--out", "wanda", "--json", "wanda.json", *run])
+if code:
+  sys.exit(code)
+# Streamed, into a directory both processes see (as on a shared file system): blocks written behind by process 0
+code = main(["prune", "--model", blocked, "--stream", "--method", "wanda", *data, "--out", shared, *run])
 if code:
   sys.exit(code)
 assert initialize(address, num_processes=2, process_id=int(pid))  # joined already: nothing more to do
@@ -69,6 +75,7 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   params = jax.tree.map(np.asarray, M.init_params(CONFIG, jax.random.key(0)))
   save_checkpoint(root / "tiny", CONFIG, params)
+  save_checkpoint(root / "blocked", CONFIG, {**params, "layers": Blocks(params["layers"])})  # one tree per block
   np.save(root / "calib.npy", np.random.default_rng(0).integers(0, 97, size=(16, 16)).astype(np.int32))
   np.save(root / "eval.npy", np.random.default_rng(1).integers(0, 97, size=(8, 16)).astype(np.int32))
   return root
@@ -102,7 +109,8 @@ def test_two_processes_prune_as_one_process(files, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",  # 4 devices each; quick compilation, as in conftest.py
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
   address = f"localhost:{_free_port()}"
-  args = [str(files / "tiny"), str(files / "calib.npy"), str(files / "eval.npy"), address]
+  args = [str(files / "tiny"), str(files / "blocked"), str(tmp_path / "streamed"), str(files / "calib.npy"),
+          str(files / "eval.npy"), address]
   dirs = [tmp_path / "p0", tmp_path / "p1"]
   procs = []
   for pid, cwd in enumerate(dirs):
@@ -136,6 +144,11 @@ def test_two_processes_prune_as_one_process(files, tmp_path):
                           got_params["layers"], S.kernel_at)
   doc = json.loads((p0 / "wanda.json").read_text())
   tol.assert_reordered(doc["perplexity"], ppl, "perplexity")
+  # Streamed (each block written behind by process 0, read back by both): the same run, the same bits.
+  _, streamed_params, streamed_masks, _ = read_checkpoint(tmp_path / "streamed", with_masks=True)
+  assert not (tmp_path / "streamed.partial").exists()
+  assert read_meta(tmp_path / "streamed")["format"] == BLOCKED_FORMAT
+  assert jax.tree.all(jax.tree.map(np.array_equal, (streamed_params, streamed_masks), (got_params, got_masks)))
   assert "multi-process run: 2 processes, 8 devices (4 on process 0)" in outputs[0][1]
   # Gloo's C++ threads print "[Gloo] Rank N is connected to M peer ranks ..." to stdout, at times split over lines.
   printed = [[line for line in out.splitlines() if "[Gloo]" not in line and "peer ranks" not in line]
