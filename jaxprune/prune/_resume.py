@@ -13,6 +13,7 @@ refuses to mix.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -53,49 +54,52 @@ class ResumeStore:
     arrays = {f"params/{k}": v for k, v in tree.flatten(jax.device_get(state.params["layers"][i])).items()}
     arrays.update({f"masks/{k}": v for k, v in state.masks[i].items()})
     if is_primary():  # written once, by process 0; the others wait until it is
-      self._write(state, arrays)
+      self._write(state.done, state.reports[i], state.inputs, arrays)
     barrier(f"resume {self.dir} block {i}")
 
   def save_and_release(self, state: BlockState) -> BlockState:
     """For a streamed pass: writes the block just finished as Orbax trees (``layers/NNNNN/params`` and
     ``masks``, which the final checkpoint links instead of writing them again) and its report, then the progress,
     on the background writing thread (:func:`~jaxprune.io._stream.write_behind`) while the pass goes on with the
-    next block. Returns the state with the block written before it replaced by loaders of what was written, so
-    that the pass holds at most the block being written besides the one it works on; :meth:`finish` releases
-    the last."""
-    state = self._release_written(state)
+    next block; waits first for the write before it. Returns the state with the block's params and masks replaced
+    by loaders of where they are being written: the writing thread holds the params and the masks (packed into
+    bits) until they are written, so the pass holds at most that block besides the one it works on. The loaders
+    must not be called before :meth:`finish` has returned."""
+    self._wait()
     i = state.done - 1
     if is_primary():  # written once, by process 0; the others wait until it is, and read it from there
       params = jax.device_get(state.params["layers"][i])
-      self._pending = (i, write_behind(lambda: self._write_block(state, i, params)))
+      block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
+      masks = pack_masks(tree.unflatten(block_masks)) if block_masks else None
+      write = functools.partial(self._write_block, i, params, masks, state.reports[i], state.inputs)
+      self._pending = (i, write_behind(write))
     else:
       self._pending = (i, None)
-    return state
+    return self._released(state, i)
 
   def finish(self, state: BlockState) -> BlockState:
-    """The state once every block given to :meth:`save_and_release` is written (and released)."""
-    return self._release_written(state)
+    """``state`` once every block given to :meth:`save_and_release` is written (its loaders can then be called)."""
+    self._wait()
+    return state
 
-  def _release_written(self, state: BlockState) -> BlockState:
-    """Waits for the block being written (raising what its write raised) and releases it from ``state``."""
+  def _wait(self) -> None:
+    """Waits for the block being written (raising what its write raised), and until every process has."""
     pending, self._pending = self._pending, None
     if pending is None:
-      return state
+      return
     i, future = pending
     if future is not None:
       with timed("write"):
         future.result()
     barrier(f"resume {self.dir} block {i}")
-    return self._released(state, i)
 
-  def _write_block(self, state: BlockState, i: int, params) -> None:
+  def _write_block(self, i: int, params, masks, report: list, inputs) -> None:
     root = self._block_root(i)
     shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
     save_tree(root / "params", params)
-    block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
-    if block_masks:
-      save_tree(root / "masks", pack_masks(tree.unflatten(block_masks)))
-    self._write(state, {}, done=i + 1)
+    if masks is not None:
+      save_tree(root / "masks", masks)
+    self._write(i + 1, report, inputs, {})
 
   def _block_root(self, i: int) -> Path:
     return self.dir / "layers" / f"{i:05d}"
@@ -107,17 +111,15 @@ class ResumeStore:
     masks[i] = SavedTree(root / "masks", self.dir, missing={}, masks=True)
     return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
 
-  def _write(self, state: BlockState, arrays: dict, done: int | None = None) -> None:
-    """Block ``done - 1``'s ``arrays`` and report, the inputs of block ``done``, then the progress (``done``:
-    ``state.done`` unless given)."""
+  def _write(self, done: int, report: list, inputs: np.ndarray | None, arrays: dict) -> None:
+    """Block ``done - 1``'s ``arrays`` and ``report``, the ``inputs`` of block ``done``, then the progress."""
     self.dir.mkdir(parents=True, exist_ok=True)
-    done = state.done if done is None else done
     i = done - 1
-    arrays = {**arrays, "report": np.frombuffer(json.dumps(state.reports[i]).encode(), np.uint8)}
+    arrays = {**arrays, "report": np.frombuffer(json.dumps(report).encode(), np.uint8)}
     with timed("write"):
       atomic_write(self.dir / f"block_{i:03d}.npz", lambda f: np.savez(f, **arrays))
-      if state.inputs is not None:
-        atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, state.inputs))
+      if inputs is not None:
+        atomic_write(self.dir / "inputs.npy", lambda f: np.save(f, inputs))
     progress = {"identity": self.identity, "done": done}
     atomic_write(self.dir / "progress.json", json.dumps(progress))
 
