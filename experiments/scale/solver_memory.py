@@ -51,7 +51,8 @@ def main() -> None:
   seconds = time.perf_counter() - start
   result = {"command": command(Path(__file__)), "machine": machine(), "shape": [d_out, d_in], "tokens": tokens,
             "xla_gb": {"arguments": analysis.argument_size_in_bytes / 1e9,
-                       "temporaries": analysis.temp_size_in_bytes / 1e9, "outputs": analysis.output_size_in_bytes / 1e9},
+                       "temporaries": analysis.temp_size_in_bytes / 1e9,
+                       "outputs": analysis.output_size_in_bytes / 1e9},
             "gram_gb": d_in * d_in * 4 / 1e9, "peak_rss_gb_before_solve": before, "peak_rss_gb_after_solve": peak_gb(),
             "solve_seconds": seconds}
   write_json(HERE / "solver_memory.json", result)

@@ -142,12 +142,14 @@ def split(step: dict) -> dict:
           "read_ahead": io.get("read_ahead", 0.0), "write_behind": io.get("write_behind", 0.0)}
 
 
+def git(*args: str, check: bool = True) -> None:
+  subprocess.run(["git", "-C", str(HERE.parents[1]), *args], check=check, capture_output=True)
+
+
 def worktree(ref: str, where: Path) -> Path:
   """A checkout of commit ``ref`` of this repository at ``where`` (replaced if there)."""
-  repo = HERE.parents[1]
-  subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(where)], capture_output=True)
-  subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(where), ref], check=True,
-                 capture_output=True)
+  git("worktree", "remove", "--force", str(where), check=False)
+  git("worktree", "add", "--detach", str(where), ref)
   return where
 
 
@@ -170,8 +172,9 @@ def main() -> None:
   common = ["--calib", str(work / "calib.npy"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
   steps, written = {}, {}
   codes = {"": None}
+  baseline = work / "baseline-code"
   if args.baseline:
-    codes[f"_at_{args.baseline}"] = worktree(args.baseline, work / "baseline-code")
+    codes[f"_at_{args.baseline}"] = worktree(args.baseline, baseline)
   prunes = {"wanda": ["--method", "wanda", *common, "--eval", str(work / "eval.npy")],
             "sparsegpt_blocks_0_2": ["--method", "sparsegpt", "--blocks", "0:2", *common]}
   for name, options in prunes.items():
@@ -188,8 +191,7 @@ def main() -> None:
       if not args.keep:
         shutil.rmtree(out)
   if args.baseline:
-    subprocess.run(["git", "-C", str(HERE.parents[1]), "worktree", "remove", "--force", str(codes.popitem()[1])],
-                   check=True)
+    git("worktree", "remove", "--force", str(baseline))
   disk = disk_bandwidth(work)
   size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
   result = {"command": command(Path(__file__)), "machine": machine(), "model_gb": round(size_gb, 2),

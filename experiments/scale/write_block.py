@@ -98,7 +98,8 @@ def main() -> None:
   finally:
     shutil.rmtree(root, ignore_errors=True)
   write_json(HERE / "write_block.json", {
-      "command": command(Path(__file__)), "machine": machine(), "gb": round(nbytes / 1e9, 3), "seconds": seconds, "runs": runs,
+      "command": command(Path(__file__)), "machine": machine(), "gb": round(nbytes / 1e9, 3), "seconds": seconds,
+      "runs": runs,
       "gb_per_s": {k: round(nbytes / v / 1e9, 3) for k, v in seconds.items()},
       "over_dd_direct": {k: round(v / seconds["dd_direct"], 2) for k, v in seconds.items()}})
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._stream import Blocks, Lazy, file_ranges, is_streamed, join, split, timed
+from jaxprune.io._stream import Blocks, Lazy, file_ranges, is_streamed, join, prefetch, split, timed
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer, save_local
@@ -187,8 +187,7 @@ def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
   layers = params["layers"]
   mask_layers = masks["layers"] if masks is not None else None
   for i in range(len(layers)):
-    if isinstance(layers, Blocks):
-      layers.prefetch(i + 1)  # read while block i is written
+    prefetch(layers, i + 1)  # read while block i is written
     for name, blocks in (("params", layers), ("masks", mask_layers)):
       if blocks is None:
         continue

@@ -12,7 +12,8 @@ import numpy as np
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
-from jaxprune.io._stream import Blocks, SafetensorsFiles, is_streamed, materialize, split, streamed_params, timed
+from jaxprune.io._stream import (SafetensorsFiles, is_streamed, materialize, prefetch, split, streamed_params,
+                                 timed)
 from jaxprune.models._compact import pad
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.models._convert import params_from_hf, params_to_hf
@@ -257,8 +258,7 @@ def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) ->
   weight_map, total = {}, 0
   for k, part in enumerate(parts):
     file = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
-    if isinstance(layers, Blocks):
-      layers.prefetch(k)  # block k (part k + 1) is read while this part is converted and written
+    prefetch(layers, k)  # block k (part k + 1) is read while this part is converted and written
     state = part()
     if config.tie_word_embeddings:
       state.pop("lm_head.weight", None)

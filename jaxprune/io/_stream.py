@@ -79,7 +79,7 @@ def read_ahead(ranges: Iterable[tuple[Path, int, int]]) -> None:
 
 def _warm(ranges: list[tuple[Path, int, int]]) -> None:
   scratch = memoryview(bytearray(READ_AHEAD_CHUNK))
-  with timed("read"):  # counted as read_ahead on this thread
+  with timed("read_ahead"):
     for file, offset, length in ranges:
       try:
         with open(file, "rb") as f:
@@ -214,6 +214,12 @@ def layer_abstract(layers, i: int) -> Block:
   if isinstance(layers, Blocks):
     return layers.abstract(i)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), layers[i])
+
+
+def prefetch(layers, i: int) -> None:
+  """:meth:`Blocks.prefetch` of block ``i`` when ``layers`` is a :class:`Blocks`; nothing for a list."""
+  if isinstance(layers, Blocks):
+    layers.prefetch(i)
 
 
 def materialize(params: dict) -> dict:

@@ -150,7 +150,7 @@ def prune(params, calib, *, config: ModelConfig, spec: PruneSpec, out: Path | No
                    progress=progress,
                    refine=_refiner(reconstruct), **selection)
   if streamed and store is not None:
-    state = store.finish(state)  # the last block's write, behind the pass until now
+    store.finish()  # the last block's write, behind the pass until now
   params = state.params if streamed else jax.tree.map(np.asarray, state.params)
   untouched = config.num_layers - len(state.masks)  # blocks after the last one pruned
   state.masks.extend([{}] * untouched)

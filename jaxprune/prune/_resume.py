@@ -77,10 +77,9 @@ class ResumeStore:
       self._pending = (i, None)
     return self._released(state, i)
 
-  def finish(self, state: BlockState) -> BlockState:
-    """``state`` once every block given to :meth:`save_and_release` is written (its loaders can then be called)."""
+  def finish(self) -> None:
+    """Returns once every block given to :meth:`save_and_release` is written (its loaders can then be called)."""
     self._wait()
-    return state
 
   def _wait(self) -> None:
     """Waits for the block being written (raising what its write raised), and until every process has."""

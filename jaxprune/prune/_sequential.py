@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
-from jaxprune.io._stream import Blocks, layer_abstract, split, with_layer
+from jaxprune.io._stream import layer_abstract, prefetch, split, with_layer
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
@@ -300,8 +300,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     start = time.perf_counter()
     modes = config.sublayer_modes(i)
     block_params = runner.place(state.params["layers"][i])
-    if isinstance(state.params["layers"], Blocks):
-      state.params["layers"].prefetch(i + 1)  # read while block i is pruned
+    prefetch(state.params["layers"], i + 1)  # read while block i is pruned
     select = None if linears is None else frozenset(path for layer, path in linears if layer == i)
     if needs_calib and spec.true_sequential:
       new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
