@@ -10,10 +10,13 @@ import importlib.util
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import jaxprune as jp
+from jaxprune import _tree as tree
 from jaxprune.cli import main
 from jaxprune.errors import JaxpruneError
 from jaxprune.io import _stream
@@ -106,8 +109,8 @@ def test_masks_are_written_as_bits_and_read_back_as_the_same_booleans(tiny, tmp_
   outcome = jp.prune(load_model(str(tiny / "hf"), stream=True).params, None, config=model.config, spec=spec,
                      out=tmp_path / "blocked", progress=False)
   blocked = job.save_outcome(outcome, tmp_path / "blocked", model.config)
-  on_disk = [_restore_tree(whole / "masks", None)["layers"][1],
-             _restore_tree(blocked / "layers" / "00001" / "masks", None)]
+  on_disk = [_restore_tree(whole / "masks", None)["layers"][1],  # read by the safetensors package, not jaxprune
+             tree.unflatten(safetensors.numpy.load_file(blocked / "layers" / "00001" / "masks.safetensors"))]
   assert on_disk[0]["mlp"]["down_proj"]["kernel"].dtype == np.uint8
   assert on_disk[0]["mlp"]["down_proj"]["kernel"].shape == (32, 2)
   assert on_disk[0]["odd"]["kernel"].dtype == np.bool_
@@ -241,8 +244,8 @@ def test_a_streamed_pass_reads_each_next_block_ahead_and_writes_behind(tiny, tmp
   layers = outcome.params["layers"]
   written = layers.entry(1)  # a loader of the written block: read ahead from its own files
   layers.prefetch(1)
-  assert asked[-1] == {(f.name, 0, f.stat().st_size) for f in written.path.rglob("*") if f.is_file()} != set()
-  assert all(not layers.held(i) and layers.entry(i).path.is_dir() for i in range(3))  # all written
+  assert asked[-1] == {(written.path.name, 0, written.path.stat().st_size)}
+  assert all(not layers.held(i) and layers.entry(i).path.is_file() for i in range(3))  # all written
   progress = json.loads((tmp_path / "ck.partial" / "progress.json").read_text())
   assert progress["done"] == 3
 
@@ -260,16 +263,106 @@ def test_read_ahead_reads_the_ranges_on_its_own_thread_and_ignores_what_it_canno
 def test_a_write_behind_that_fails_stops_the_pass_with_its_error(tiny, tmp_path, monkeypatch):
   from jaxprune.prune import _resume
 
-  save = _resume.save_tree
+  write = _resume.write_block
 
-  def disk_full_at_block_1(path, tree):
-    if "00001" in str(path):
+  def disk_full_at_block_1(root, name, block):
+    if "00001" in str(root):
       raise OSError(28, "No space left on device")
-    save(path, tree)
+    write(root, name, block)
 
-  monkeypatch.setattr(_resume, "save_tree", disk_full_at_block_1)
+  monkeypatch.setattr(_resume, "write_block", disk_full_at_block_1)
   model = load_model(str(tiny / "hf"), stream=True)
   with pytest.raises(OSError, match="No space left"):
     jp.prune(model.params, None, config=model.config, spec=PruneSpec("magnitude", Unstructured(0.5)),
              progress=False, out=tmp_path / "ck")
   assert json.loads((tmp_path / "ck.partial" / "progress.json").read_text())["done"] == 1  # block 0 only
+
+
+def _tensors(rng) -> dict:
+  """Every dtype a block file holds, a scalar, a strided view and an array larger than a few staging buffers."""
+  return {"attn/q/kernel": rng.standard_normal((37, 9)).astype(jnp.bfloat16),
+          "mlp/up/kernel": rng.standard_normal((5, 3)).astype(np.float16),
+          "bits": rng.integers(0, 256, (3, 7001), dtype=np.uint8), "flags": rng.random((4, 5)) < 0.5,
+          "scale": np.float32(2.5), "strided": rng.standard_normal((6, 8), np.float32)[:, ::2]}
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "refused"])
+def test_write_safetensors_writes_what_the_safetensors_package_reads(tmp_path, monkeypatch, direct):
+  """Through several staging buffers (shrunk here to 12 KiB) with direct I/O, or in plain writes where the file
+  system refuses direct I/O (``EINVAL`` on open): the same file, read back by the ``safetensors`` package."""
+  monkeypatch.setattr(_stream, "WRITE_CHUNK", 3 * _stream.DIRECT_ALIGN)
+  if not direct:
+    import errno
+    import os
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+      if flags & getattr(os, "O_DIRECT", 0):
+        raise OSError(errno.EINVAL, "Invalid argument")
+      return real_open(path, flags, *args)
+
+    monkeypatch.setattr(_stream.os, "open", no_direct)
+  writes, pwrite = [], _stream.os.pwrite
+  monkeypatch.setattr(_stream.os, "pwrite", lambda fd, data, at: writes.append((len(data), at)) or pwrite(fd, data, at))
+  tensors = _tensors(np.random.default_rng(0))
+  file = tmp_path / "block.safetensors"
+  _stream.write_safetensors(file, tensors, {"format": "test"})
+  if not direct:
+    assert writes == []
+  elif writes:  # (none where this file system refuses direct I/O too)
+    assert len(writes) > 2 and all(n % _stream.DIRECT_ALIGN == 0 == at % _stream.DIRECT_ALIGN for n, at in writes)
+  back = safetensors.numpy.load_file(file)
+  assert back.keys() == tensors.keys()
+  for name, value in tensors.items():
+    assert back[name].dtype == np.asarray(value).dtype and back[name].shape == np.shape(value)
+    np.testing.assert_array_equal(*(np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in (back[name], value)))
+  header = int.from_bytes(file.read_bytes()[:8], "little")
+  assert (8 + header) % _stream.DIRECT_ALIGN == 0  # the data starts aligned
+  assert [f.name for f in tmp_path.iterdir()] == ["block.safetensors"]  # no temporary file left
+
+
+def test_a_write_safetensors_that_fails_leaves_nothing(tmp_path, monkeypatch):
+  def disk_full(*args):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(_stream.os, "pwrite", disk_full)
+  monkeypatch.setattr(_stream.os, "write", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    _stream.write_safetensors(tmp_path / "block.safetensors", _tensors(np.random.default_rng(0)))
+  assert list(tmp_path.iterdir()) == []
+
+
+def _blocked_checkpoint(tiny, out):
+  model = load_model(str(tiny / "hf"), stream=True)
+  outcome = jp.prune(model.params, None, config=model.config, spec=PruneSpec("magnitude", Unstructured(0.5)),
+                     out=out, progress=False)
+  return job.save_outcome(outcome, out, model.config)
+
+
+def test_a_damaged_block_file_is_one_line_when_read(tiny, tmp_path, capsys):
+  ck = _blocked_checkpoint(tiny, tmp_path / "ck")
+  block = ck / "layers" / "00001" / "params.safetensors"
+  block.write_bytes(block.read_bytes()[:-100])
+  with pytest.raises(JaxpruneError, match="checkpoint is corrupt or incomplete.*00001"):
+    read_checkpoint(ck)
+  code = main(["eval", "--model", str(ck), "--stream", "--data", str(tiny / "eval.npy")])
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if "error:" in line]
+  assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+  assert "checkpoint is corrupt or incomplete" in lines[0]
+
+
+def test_a_checkpoint_with_orbax_blocks_as_written_before_still_reads(tiny, tmp_path):
+  """Blocked checkpoints used to hold an Orbax tree per block (``layers/NNNNN/params/``): they read as before."""
+  from jaxprune.io._checkpoint import save_tree
+
+  ck = _blocked_checkpoint(tiny, tmp_path / "ck")
+  new = read_checkpoint(ck, with_masks=True)
+  for file in sorted((ck / "layers").glob("*/*.safetensors")):
+    save_tree(file.with_suffix(""), tree.unflatten(safetensors.numpy.load_file(file)))
+    file.unlink()
+  for lazy in (False, True):
+    old = read_checkpoint(ck, with_masks=True, lazy=lazy)
+    _equal_trees(_stream.materialize(old[1]), new[1])
+    _equal_trees(_stream.materialize(old[2]), new[2])

@@ -1,21 +1,26 @@
-"""Where the seconds of writing one pruned block go: one LLaMA-2-7B block (random bfloat16 weights, 0.40 GB) and
-its keep masks as bits (0.03 GB), written as jaxprune writes them and in simpler ways, in one run.
+"""Where the seconds of writing pruned blocks go: LLaMA-2-7B blocks (random bfloat16 weights, 0.40 GB each) and
+their keep masks as bits (0.03 GB), written one after the other as jaxprune writes them and in other ways, in one
+run.
 
-    python experiments/scale/write_block.py [--dir DIR] [--repeats 3]     # -> write_block.json
+    python experiments/scale/write_block.py [--dir DIR] [--blocks 8]     # -> write_block.json
 
-Each way writes the same arrays to a new directory under ``--dir`` (default: a temporary directory on the disk
-holding /tmp) and is timed from the call to its return, ``--repeats`` times in a row (the mean is reported: a
-write returns before the disk has taken all of the previous one's pages, as in a pass that writes block after
-block):
-  - ``jaxprune``: :func:`jaxprune.runner._distributed.save_local` (Orbax, OCDBT + zarr3, uncompressed);
+Each way writes ``--blocks`` blocks in a row into its own directory (under ``--dir``, default: a temporary
+directory on the disk holding /tmp), kept until the last is written, as a pass leaves them, and is timed from the
+first call to the last return (a write through the page cache returns before the disk has taken all of its
+pages; the next ones then wait for them, as in a pass):
+  - ``jaxprune``: :func:`jaxprune.io._checkpoint.write_block` (one safetensors file for the params and one for
+    the masks, direct I/O through a 16 MiB staging buffer);
+  - ``orbax_ocdbt``: :func:`jaxprune.runner._distributed.save_local` (Orbax, OCDBT + zarr3, uncompressed), as
+    blocks were written before;
   - ``orbax_zarr3``: Orbax with one zarr3 array per leaf (no OCDBT), uncompressed;
-  - ``raw_fsync``: each array's bytes into one file, then ``fsync``;
-  - ``dd_direct`` / ``dd_fsync``: ``dd`` of as many bytes with direct I/O, and through the page cache with
-    ``conv=fsync``.
+  - ``raw_fsync``: each array's bytes into one file through the page cache, then ``fsync``;
+  - ``dd_direct`` / ``dd_fsync``: ``dd`` of as many bytes (16 MiB blocks) with direct I/O, and through the page
+    cache with ``conv=fsync``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -65,43 +70,51 @@ def raw_fsync(path: Path, tree: dict) -> None:
 
 
 def dd(path: Path, nbytes: int, flag: str) -> None:
-  count = -(-nbytes // 2**20)
-  subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", flag, "status=none"], check=True)
+  count = -(-nbytes // (16 << 20))
+  subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", flag, "status=none"], check=True)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dir", type=Path, default=None)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--blocks", type=int, default=8)
   args = parser.parse_args()
+  from jaxprune.io._checkpoint import write_block
   from jaxprune.runner._distributed import save_local
 
   tree = block()
-  nbytes = sum(a.nbytes for arrays in tree.values() for a in arrays.values())
-  ways = {"jaxprune": lambda p: save_local(p, tree), "orbax_zarr3": lambda p: orbax_zarr3(p, tree),
-          "raw_fsync": lambda p: raw_fsync(p, tree), "dd_direct": lambda p: dd(p, nbytes, "oflag=direct"),
-          "dd_fsync": lambda p: dd(p, nbytes, "conv=fsync")}
+  per_block = sum(a.nbytes for arrays in tree.values() for a in arrays.values())
+  nbytes = args.blocks * per_block
+
+  def jaxprune_block(path: Path) -> None:
+    for name, arrays in tree.items():
+      write_block(path, name, arrays)
+
+  blocks = {"jaxprune": jaxprune_block, "orbax_ocdbt": lambda p: save_local(p, tree),
+            "orbax_zarr3": lambda p: orbax_zarr3(p, tree), "raw_fsync": lambda p: raw_fsync(p, tree)}
+  ways = {name: functools.partial(lambda p, write: [write(p / f"{i:05d}") for i in range(args.blocks)], write=w)
+          for name, w in blocks.items()}
+  ways.update({"dd_direct": lambda p: dd(p, nbytes, "oflag=direct"), "dd_fsync": lambda p: dd(p, nbytes, "conv=fsync")})
   root = Path(tempfile.mkdtemp(prefix="jaxprune-write-", dir=args.dir))
-  seconds, runs = {}, {}
+  seconds = {}
   try:
     for name, write in ways.items():
-      times = []
-      for r in range(args.repeats):
-        path = root / f"{name}{r}"
-        start = time.perf_counter()
-        write(path)
-        times.append(time.perf_counter() - start)
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-      seconds[name] = round(sum(times) / len(times), 3)
-      runs[name] = [round(t, 3) for t in times]
+      path = root / name
+      if not name.startswith("dd"):
+        path.mkdir()
+      start = time.perf_counter()
+      write(path)
+      seconds[name] = round(time.perf_counter() - start, 3)
+      shutil.rmtree(path) if path.is_dir() else path.unlink()
       print(f"{name}: {seconds[name]} s ({nbytes / seconds[name] / 1e9:.2f} GB/s)", flush=True)
   finally:
     shutil.rmtree(root, ignore_errors=True)
   write_json(HERE / "write_block.json", {
-      "command": command(Path(__file__)), "machine": machine(), "gb": round(nbytes / 1e9, 3), "seconds": seconds,
-      "runs": runs,
+      "command": command(Path(__file__)), "machine": machine(), "blocks": args.blocks,
+      "gb": round(nbytes / 1e9, 3), "seconds": seconds,
       "gb_per_s": {k: round(nbytes / v / 1e9, 3) for k, v in seconds.items()},
-      "over_dd_direct": {k: round(v / seconds["dd_direct"], 2) for k, v in seconds.items()}})
+      "over_dd_direct": {k: round(v / seconds["dd_direct"], 2) for k, v in seconds.items()},
+      "over_dd_fsync": {k: round(v / seconds["dd_fsync"], 2) for k, v in seconds.items()}})
 
 
 if __name__ == "__main__":

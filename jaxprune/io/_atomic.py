@@ -59,21 +59,29 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], o
   Returns:
     ``path``. On any error the temporary file is removed and ``path`` is left as it was.
   """
+  with atomic_file(path) as tmp, open(tmp, "xb") as f:
+    if callable(content):
+      content(f)
+    else:
+      f.write(content.encode("utf-8") if isinstance(content, str) else content)
+  return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+  """Yields the name of a temporary sibling file (not yet created) that becomes ``path`` when the ``with`` block
+  ends without error, for writers that open the file themselves; on an error it is removed and ``path`` is left as
+  it was. The parent directory is created if missing."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = _sibling(path, "tmp")
   try:
-    with open(tmp, "xb") as f:
-      if callable(content):
-        content(f)
-      else:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
+    yield tmp
     _fix_modes(tmp)
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
-  return path
 
 
 @contextlib.contextmanager

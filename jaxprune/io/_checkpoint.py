@@ -10,7 +10,9 @@ Layout of a checkpoint directory::
 
 A streamed model (``params["layers"]`` a :class:`~jaxprune.io._stream.Blocks`) is written block by block
 instead, each block read, written and dropped in turn: ``params/`` then holds everything but the blocks, and
-``layers/NNNNN/params/`` (and ``layers/NNNNN/masks/``) one Orbax tree per block. Both layouts read the same;
+``layers/NNNNN/params.safetensors`` (and ``layers/NNNNN/masks.safetensors``) one block each, every leaf a tensor
+named by its path, written with direct I/O (:func:`write_block`). Checkpoints written before held an Orbax tree
+per block there (``layers/NNNNN/params/``), which still reads. Both layouts read the same;
 :func:`read_checkpoint` with ``lazy=True`` gives the blocks of the second as a ``Blocks`` again.
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash never leaves a
@@ -32,7 +34,9 @@ import numpy as np
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune.io._stream import Blocks, Lazy, file_ranges, is_streamed, join, prefetch, split, timed
+from jaxprune import _tree as tree
+from jaxprune.io._stream import (Blocks, Lazy, SafetensorsFiles, file_ranges, is_streamed, join, prefetch, split, timed,
+                                 write_safetensors)
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer, save_local
@@ -40,6 +44,7 @@ from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer
 FORMAT = "jaxprune-checkpoint/1"  # one Orbax tree of all params (and one of all masks)
 BLOCKED_FORMAT = "jaxprune-checkpoint/2"  # written block by block: see save_checkpoint
 META_FILE = "jaxprune.json"
+BLOCK_FILE_FORMAT = "jaxprune-block/1"  # the __metadata__ format of a block's safetensors file
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -146,33 +151,82 @@ def _block_dir(root: Path, i: int) -> Path:
 
 
 class SavedTree:
-  """An Orbax tree already written at ``path`` (by a streamed pass), restored when called: an entry of
-  :class:`~jaxprune.io._stream.Blocks` that :func:`save_checkpoint` links into place instead of writing again.
-  ``missing``: what a call returns when nothing was written (a block without masks); ``owner``: the directory
-  named in errors; ``masks``: the tree holds masks written by :func:`pack_masks`."""
+  """An Orbax tree already written at ``path``, restored when called (shaped like ``abstract`` and in ``dtype``
+  when given): a block of a checkpoint written block by block before blocks were written as safetensors (see
+  :class:`SavedBlock`, which it stands beside). ``missing``, ``owner``, ``masks``: as for :class:`SavedBlock`."""
 
-  def __init__(self, path: Path, owner: Path, missing=None, masks: bool = False):
+  def __init__(self, path: Path, owner: Path, missing=None, masks: bool = False, abstract=None, dtype=None):
     self.path, self.owner, self.missing, self.masks = Path(path), Path(owner), missing, masks
+    self.abstract, self.dtype = abstract, dtype
 
   def __call__(self):
     if self.missing is not None and not self.path.exists():
       return self.missing
-    tree = _restore_or_fail(self.owner, self.path, None)
-    return unpack_masks(tree) if self.masks else tree
+    restored = _restore_or_fail(self.owner, self.path, self.abstract, self.dtype)
+    return unpack_masks(restored) if self.masks else restored
 
   def ranges(self) -> list:
     """The files a call reads, for :meth:`~jaxprune.io._stream.Blocks.prefetch`."""
     return file_ranges(self.path)
 
 
-def _link_tree(source: Path, dest: Path) -> None:
-  """``dest`` as a copy of the directory ``source`` made of hard links (a copy where links are not possible)."""
+class SavedBlock:
+  """One block's params (or masks) already written as one safetensors file at ``path`` (:func:`write_block`), read
+  when called: an entry of :class:`~jaxprune.io._stream.Blocks` that :func:`save_checkpoint` links into place
+  instead of writing again. ``missing``: what a call returns when nothing was written (a block without masks);
+  ``owner``: the directory named in errors; ``masks``: the file holds masks written by :func:`pack_masks`;
+  ``abstract``: the tree the block must have (a file lacking one of its tensors is damaged); ``dtype``: the
+  params come in it (else each in the dtype it was written in)."""
+
+  def __init__(self, path: Path, owner: Path, missing=None, masks: bool = False, abstract=None, dtype=None):
+    self.path, self.owner, self.missing, self.masks = Path(path), Path(owner), missing, masks
+    self.abstract, self.dtype = abstract, dtype
+
+  def __call__(self):
+    if self.missing is not None and not self.path.exists():
+      return self.missing
+    try:
+      files = SafetensorsFiles([self.path])
+      if self.abstract is not None:
+        lacking = sorted(set(tree.flatten(self.abstract)) - set(files.dtypes))
+        if lacking:
+          raise JaxpruneError(f"{self.path} lacks {', '.join(lacking[:3])}")
+      flat = {name: files.get(name) for name in files.dtypes}
+    except (JaxpruneError, OSError) as err:
+      raise JaxpruneError(f"{self.owner}: checkpoint is corrupt or incomplete ({err})") from None
+    if self.dtype is not None:
+      flat = {k: v.astype(self.dtype) for k, v in flat.items()}
+    block = tree.unflatten(flat)
+    return unpack_masks(block) if self.masks else block
+
+  def ranges(self) -> list:
+    """The file a call reads, for :meth:`~jaxprune.io._stream.Blocks.prefetch`."""
+    return [(self.path, 0, self.path.stat().st_size)] if self.path.is_file() else []
+
+
+def write_block(root: Path, name: str, block) -> None:
+  """Writes one block's ``params`` (or its ``masks``, packed by :func:`pack_masks`) as ``root/<name>.safetensors``,
+  each leaf a tensor named by its path (``attn/q_proj/kernel``), with direct I/O
+  (:func:`~jaxprune.io._stream.write_safetensors`)."""
+  write_safetensors(root / f"{name}.safetensors", {k: np.asarray(v) for k, v in tree.flatten(block).items()},
+                    {"format": BLOCK_FILE_FORMAT})
+
+
+def saved_block(root: Path, name: str, owner: Path, **options) -> SavedBlock | SavedTree:
+  """The entry reading block ``root``'s ``name`` (``"params"`` or ``"masks"``): its safetensors file, or the Orbax
+  tree that checkpoints written before held there."""
+  if (root / name).is_dir():
+    return SavedTree(root / name, owner, **options)
+  return SavedBlock(root / f"{name}.safetensors", owner, **options)
+
+
+def _link(source: Path, dest: Path) -> None:
+  """``dest`` as a copy of the file or directory ``source`` made of hard links (a copy where links are not
+  possible)."""
   with timed("write"):
-    for file in sorted(source.rglob("*")):
-      target = dest / file.relative_to(source)
-      if file.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        continue
+    files = [source] if source.is_file() else sorted(f for f in source.rglob("*") if f.is_file())
+    for file in files:
+      target = dest if file == source else dest / file.relative_to(source)
       target.parent.mkdir(parents=True, exist_ok=True)
       try:
         os.link(file, target)
@@ -181,8 +235,8 @@ def _link_tree(source: Path, dest: Path) -> None:
 
 
 def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
-  """Writes ``params`` (and ``masks``) block by block (the blocked layout). Blocks already written as Orbax trees
-  (:class:`SavedTree`) are linked, not read and written again."""
+  """Writes ``params`` (and ``masks``) block by block (the blocked layout). Blocks already written
+  (:class:`SavedBlock`, :class:`SavedTree`) are linked, not read and written again."""
   save_tree(root / "params", split(params)[0])  # the embeddings and head, read (if lazy) and dropped
   layers = params["layers"]
   mask_layers = masks["layers"] if masks is not None else None
@@ -192,15 +246,15 @@ def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
       if blocks is None:
         continue
       entry = blocks.entry(i) if isinstance(blocks, Blocks) else blocks[i]
-      if isinstance(entry, SavedTree):
+      if isinstance(entry, (SavedBlock, SavedTree)):
         if entry.path.exists():
-          _link_tree(entry.path, _block_dir(root, i) / name)
+          _link(entry.path, _block_dir(root, i) / entry.path.name)
         continue
       value = entry() if callable(entry) else entry
       if name == "params":
-        save_tree(_block_dir(root, i) / name, value)
+        write_block(_block_dir(root, i), name, value)
       elif value:
-        save_tree(_block_dir(root, i) / name, pack_masks(value))
+        write_block(_block_dir(root, i), name, pack_masks(value))
       del value
 
 
@@ -250,17 +304,16 @@ def read_checkpoint(path: Path, *, with_masks: bool = False, dtype=None, lazy: b
   saved_dtype = dtype or meta.get("dtype")
 
   def block(i: int):
-    return lambda: _restore_or_fail(path, _block_dir(path, i) / "params", abstract_layers[i], dtype)
+    return saved_block(_block_dir(path, i), "params", path, abstract=abstract_layers[i], dtype=dtype)
 
   def block_masks(i: int):
-    return SavedTree(_block_dir(path, i) / "masks", path, missing={}, masks=True)
+    return saved_block(_block_dir(path, i), "masks", path, missing={}, masks=True)
 
   def abstract_block(i: int):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype or x.dtype), abstract_layers[i])
 
   n = len(abstract_layers)
-  layers = Blocks([block(i) for i in range(n)], abstract=abstract_block,
-                  ranges=lambda i: file_ranges(_block_dir(path, i) / "params"))
+  layers = Blocks([block(i) for i in range(n)], abstract=abstract_block)
   mask_layers = Blocks([block_masks(i) for i in range(n)]) if want_masks else None
   if lazy:
     def read_rest():

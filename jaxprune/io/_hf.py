@@ -13,7 +13,7 @@ from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
 from jaxprune.io._stream import (SafetensorsFiles, is_streamed, materialize, prefetch, split, streamed_params,
-                                 timed)
+                                 write_safetensors)
 from jaxprune.models._compact import pad
 from jaxprune.models._config import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.models._convert import params_from_hf, params_to_hf
@@ -246,11 +246,15 @@ def _shards(tensors: dict[str, tuple[tuple[int, ...], int]], max_bytes: int) -> 
   return shards
 
 
+def _as(value, target: np.dtype) -> np.ndarray:
+  """``value`` as a NumPy array of ``target`` (converted through float32 unless it is in ``target`` already)."""
+  value = np.asarray(value)
+  return value if value.dtype == target else np.asarray(value, np.float32).astype(target)
+
+
 def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) -> None:
   """The weights of a streamed model, one ``model-*-of-*.safetensors`` file for the embeddings and head and one
   per block (each block read, converted, written and dropped in turn), and ``model.safetensors.index.json``."""
-  from safetensors.numpy import save_file
-
   target = np.dtype(jnp.dtype(dtype))
   layers = params["layers"]
   parts = [lambda: params_to_hf(split(params)[0], config)]  # the embeddings and head, read (if lazy) when written
@@ -262,10 +266,9 @@ def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) ->
     state = part()
     if config.tie_word_embeddings:
       state.pop("lm_head.weight", None)
-    tensors = {name: np.ascontiguousarray(np.asarray(v, np.float32).astype(target)) for name, v in state.items()}
+    tensors = {name: _as(v, target) for name, v in state.items()}
     del state
-    with timed("write"):
-      save_file(tensors, str(out / file), metadata={"format": "pt"})
+    write_safetensors(out / file, tensors, {"format": "pt"})
     total += sum(t.nbytes for t in tensors.values())
     weight_map.update(dict.fromkeys(tensors, file))
     del tensors
@@ -275,16 +278,14 @@ def _write_blocks(out: Path, params: Params, config: ModelConfig, dtype: str) ->
 
 def _write_weights(out: Path, state: dict[str, np.ndarray], dtype: str, max_bytes: int) -> None:
   """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``."""
-  from safetensors.numpy import save_file
-
   target = np.dtype(jnp.dtype(dtype))
   shards = _shards({k: (v.shape, target.itemsize) for k, v in state.items()}, max_bytes)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map, total = {}, 0
   for file, shard in zip(names, shards):
-    tensors = {k: np.ascontiguousarray(np.asarray(state[k], np.float32).astype(target)) for k in shard}
-    save_file(tensors, str(out / file), metadata={"format": "pt"})
+    tensors = {k: _as(state[k], target) for k in shard}
+    write_safetensors(out / file, tensors, {"format": "pt"})
     total += sum(t.nbytes for t in tensors.values())
     weight_map.update(dict.fromkeys(shard, file))
   if len(shards) > 1:

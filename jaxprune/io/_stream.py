@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import json
+import mmap
 import os
 import struct
 import threading
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import JaxpruneError
+from jaxprune.io._atomic import atomic_file
 
 Block = dict
 Loader = Callable[[], Block]
@@ -316,6 +319,85 @@ class SafetensorsFiles:
       raise JaxpruneError(f"{file} is not a readable weight file (truncated or damaged?): tensor {name} ends at "
                           f"byte {start + end}, the file has {os.path.getsize(file)}")
     return out.view(dtype).reshape(info["shape"])
+
+
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+DIRECT_ALIGN = 4096  # offsets and lengths of direct writes are multiples of it (any disk's logical block size)
+WRITE_CHUNK = 16 << 20  # bytes per write of write_safetensors (its one aligned staging buffer)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+  """Writes ``tensors`` as one safetensors file at ``path`` (atomically: a temporary sibling, then a rename).
+
+  The file goes to disk with **direct I/O** (``O_DIRECT``) where the file system allows it: the bytes are copied
+  16 MiB at a time into one page-aligned staging buffer and written from there, bypassing the page cache, then
+  the file is cut to its size and synced. On the 2-core VM of ``experiments/scale`` a 7B block written so takes
+  about what ``dd oflag=direct`` takes for as many bytes, where a write through the page cache (Orbax, NumPy, or
+  ``dd conv=fsync``) takes several times longer. Where direct I/O is refused (tmpfs, some network file systems)
+  the same bytes are written through the page cache. The header is padded with spaces, as the format allows,
+  so that the tensors' data starts at a multiple of 4096 bytes.
+  """
+  header = {"__metadata__": dict(metadata)} if metadata else {}
+  pieces, offset = [], 0
+  for name, array in tensors.items():
+    array = np.asarray(array, order="C")  # (np.ascontiguousarray would make a scalar one-dimensional)
+    code = _SAFETENSORS_CODES.get(array.dtype)
+    if code is None:
+      raise JaxpruneError(f"cannot write tensor {name} of dtype {array.dtype} as safetensors")
+    header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+    pieces.append(array.reshape(-1).view(np.uint8))
+    offset += array.nbytes
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-(8 + len(text)) % DIRECT_ALIGN)
+  pieces.insert(0, np.frombuffer(struct.pack("<Q", len(text)) + text, np.uint8))
+  with timed("write"), atomic_file(path) as tmp:
+    try:
+      _write_pieces(tmp, pieces, direct=hasattr(os, "O_DIRECT"))
+    except OSError as err:
+      if err.errno != errno.EINVAL:
+        raise
+      _write_pieces(tmp, pieces, direct=False)  # direct I/O refused by this file system
+
+
+def _write_pieces(path: Path, pieces: list[np.ndarray], direct: bool) -> None:
+  """The concatenation of ``pieces`` (uint8 arrays) into a new file at ``path``, synced to disk: with direct I/O
+  through an aligned staging buffer, or else in plain writes."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o644)
+  try:
+    if not direct:
+      for piece in pieces:
+        view = memoryview(piece)
+        while view.nbytes:
+          view = view[os.write(fd, view):]
+    else:
+      staging = mmap.mmap(-1, WRITE_CHUNK)  # page-aligned, as direct I/O requires
+      filled, at = 0, 0
+      for piece in pieces:
+        start = 0
+        while start < piece.size:
+          n = min(WRITE_CHUNK - filled, piece.size - start)
+          staging[filled:filled + n] = piece[start:start + n].data
+          filled, start = filled + n, start + n
+          if filled == WRITE_CHUNK:
+            at += _pwrite_all(fd, staging, WRITE_CHUNK, at)
+            filled = 0
+      if filled:
+        padded = -(-filled // DIRECT_ALIGN) * DIRECT_ALIGN
+        staging[filled:padded] = bytes(padded - filled)
+        _pwrite_all(fd, staging, padded, at)
+        os.ftruncate(fd, at + filled)
+      staging.close()
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _pwrite_all(fd: int, buffer: mmap.mmap, length: int, at: int) -> int:
+  view = memoryview(buffer)[:length]
+  while view.nbytes:
+    done = os.pwrite(fd, view, at + length - view.nbytes)
+    view = view[done:]
+  return length
 
 
 def _header(file: Path) -> tuple[dict, int]:

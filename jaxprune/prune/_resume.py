@@ -4,7 +4,9 @@ A pass writing checkpoint ``OUT`` keeps its progress in the sibling directory ``
 
   progress.json      the run's identity (method, pattern, hyper-parameters, calibration hash, model) and
                      the number of finished blocks
-  block_NNN.npz      pruned params and masks of block NNN, and its per-linear report
+  block_NNN.npz      pruned params and masks of block NNN, and its per-linear report (of a streamed pass: the
+                     report only; the params and masks are in layers/NNNNN/params.safetensors and
+                     masks.safetensors)
   inputs.npy         calibration activations entering the next block
 
 Each file is written to a temporary name and renamed, and ``progress.json`` last, so a kill at any moment leaves
@@ -25,7 +27,7 @@ import numpy as np
 from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_write
-from jaxprune.io._checkpoint import SavedTree, pack_masks, save_tree
+from jaxprune.io._checkpoint import pack_masks, saved_block, write_block
 from jaxprune.io._stream import is_streamed, timed, with_layer, write_behind
 from jaxprune.prune._sequential import BlockState
 from jaxprune.runner._distributed import barrier, is_primary
@@ -58,16 +60,18 @@ class ResumeStore:
     barrier(f"resume {self.dir} block {i}")
 
   def save_and_release(self, state: BlockState) -> BlockState:
-    """For a streamed pass: writes the block just finished as Orbax trees (``layers/NNNNN/params`` and
-    ``masks``, which the final checkpoint links instead of writing them again) and its report, then the progress,
-    on the background writing thread (:func:`~jaxprune.io._stream.write_behind`) while the pass goes on with the
-    next block; waits first for the write before it. Returns the state with the block's params and masks replaced
+    """For a streamed pass: writes the block just finished as safetensors files (``layers/NNNNN/params.safetensors``
+    and ``masks.safetensors``, see :func:`~jaxprune.io._checkpoint.write_block`; the final checkpoint links them
+    instead of writing them again) and its report, then the progress, on the background writing thread
+    (:func:`~jaxprune.io._stream.write_behind`) while the pass goes on with the next block; waits first for the
+    write before it. Returns the state with the block's params and masks replaced
     by loaders of where they are being written: the writing thread holds the params and the masks (packed into
     bits) until they are written, so the pass holds at most that block besides the one it works on. The loaders
     must not be called before :meth:`finish` has returned."""
     self._wait()
     i = state.done - 1
     if is_primary():  # written once, by process 0; the others wait until it is, and read it from there
+      shutil.rmtree(self._block_root(i), ignore_errors=True)  # a block written before a crash, not counted as done
       params = jax.device_get(state.params["layers"][i])
       block_masks = {f"{path}/kernel": mask for path, mask in state.masks[i].items()}
       masks = pack_masks(tree.unflatten(block_masks)) if block_masks else None
@@ -94,10 +98,9 @@ class ResumeStore:
 
   def _write_block(self, i: int, params, masks, report: list, inputs) -> None:
     root = self._block_root(i)
-    shutil.rmtree(root, ignore_errors=True)  # a block written before a crash, not counted as done
-    save_tree(root / "params", params)
+    write_block(root, "params", params)
     if masks is not None:
-      save_tree(root / "masks", masks)
+      write_block(root, "masks", masks)
     self._write(i + 1, report, inputs, {})
 
   def _block_root(self, i: int) -> Path:
@@ -105,9 +108,9 @@ class ResumeStore:
 
   def _released(self, state: BlockState, i: int) -> BlockState:
     root = self._block_root(i)
-    layers = with_layer(state.params["layers"], i, SavedTree(root / "params", self.dir))
+    layers = with_layer(state.params["layers"], i, saved_block(root, "params", self.dir))
     masks = list(state.masks)
-    masks[i] = SavedTree(root / "masks", self.dir, missing={}, masks=True)
+    masks[i] = saved_block(root, "masks", self.dir, missing={}, masks=True)
     return BlockState(state.done, {**state.params, "layers": layers}, masks, state.reports, state.inputs)
 
   def _write(self, done: int, report: list, inputs: np.ndarray | None, arrays: dict) -> None:
