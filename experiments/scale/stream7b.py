@@ -11,8 +11,8 @@ Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
      the pruned perplexity on ``--eval-windows`` windows;
   3. ``prune --stream --method sparsegpt --blocks 0:2``: SparseGPT on the first two blocks only, the others copied;
   4. ``eval --stream`` of the Wanda checkpoint;
-  5. ``dd``: sequential write and read of a 4 GiB file, the disk's own bandwidth (direct I/O), and a write through
-     the page cache flushed with fsync.
+  5. ``dd``: sequential write and read of a 4 GiB file, the disk's own bandwidth (direct I/O), a write through
+     the page cache flushed with fsync, and a direct read of the model's own files.
 With ``--baseline REF`` (a git commit), steps 2 and 3 also run with the code of ``REF`` (checked out into a
 temporary worktree and put first on ``PYTHONPATH``), each right after the same step with this checkout's code.
 
@@ -105,10 +105,12 @@ def run(argv: list[str], code: Path | None = None) -> dict:
           "result": doc}
 
 
-def disk_bandwidth(work: Path, gib: int = 4) -> dict:
+def disk_bandwidth(work: Path, model: Path, gib: int = 4) -> dict:
   """Sequential write and read of ``gib`` GiB (``dd``, 16 MiB blocks), in GB/s: with direct I/O (the device's
   own rate), and written through the page cache and flushed to disk before ``dd`` returns (``conv=fsync``), as a
-  program that writes files and syncs them does."""
+  program that writes files and syncs them does; and the model's own safetensors files read with direct I/O
+  (``read_model``: the bytes the steps read, where the freshly written file may come back from a cache of the
+  storage)."""
   file = work / "dd.bin"
   out = {}
   for kind, args in (("write", ["if=/dev/zero", f"of={file}", "oflag=direct"]),
@@ -118,6 +120,11 @@ def disk_bandwidth(work: Path, gib: int = 4) -> dict:
     subprocess.run(["dd", *args, "bs=16M", f"count={gib * 64}", "status=none"], check=True)
     out[f"{kind}_gb_per_s"] = round(gib * 2**30 / 1e9 / (time.perf_counter() - start), 3)
   file.unlink()
+  files = sorted(model.glob("*.safetensors"))
+  start = time.perf_counter()
+  for f in files:
+    subprocess.run(["dd", f"if={f}", "of=/dev/null", "iflag=direct", "bs=16M", "status=none"], check=True)
+  out["read_model_gb_per_s"] = round(sum(f.stat().st_size for f in files) / 1e9 / (time.perf_counter() - start), 3)
   return out
 
 
@@ -192,7 +199,7 @@ def main() -> None:
         shutil.rmtree(out)
   if args.baseline:
     git("worktree", "remove", "--force", str(baseline))
-  disk = disk_bandwidth(work)
+  disk = disk_bandwidth(work, model)
   size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
   result = {"command": command(Path(__file__)), "machine": machine(), "model_gb": round(size_gb, 2),
             "generate_seconds": round(generated, 1), "calibration_tokens": args.nsamples * args.seqlen,
@@ -204,6 +211,7 @@ def main() -> None:
     # Reads: the model once (the Wanda step also reads its checkpoint back for --eval). Writes: the checkpoint's
     # bytes (each block is written once, into the resume directory, and hard-linked into the checkpoint).
     v["disk_bound_read_s"] = round(size_gb / disk["read_gb_per_s"], 1)
+    v["disk_bound_read_model_s"] = round(size_gb / disk["read_model_gb_per_s"], 1)
     if k in written:
       v["written_gb"] = written[k]
       v["write_over_direct"] = round(v["write"] / (written[k] / disk["write_gb_per_s"]), 2)
@@ -224,7 +232,7 @@ def main() -> None:
                  f"{v.get('perplexity') or ''} |")
   lines.append(f"\nModel {size_gb:.2f} GB on disk; disk (dd, same run): write {disk['write_gb_per_s']} GB/s direct, "
                f"{disk['buffered_fsync_write_gb_per_s']} GB/s through the page cache with fsync; read "
-               f"{disk['read_gb_per_s']} GB/s direct.")
+               f"{disk['read_gb_per_s']} GB/s direct (the model's own files: {disk['read_model_gb_per_s']} GB/s).")
   (HERE / "stream7b.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
