@@ -361,7 +361,8 @@ def test_prune_command_reconstructs_with_zero_biases_added(files, tmp_path, caps
   """``prune --reconstruct biases,norms`` on a LLaMA: zero linear biases are added (and saved with the config that
   says so), calibration windows are read also for magnitude, and every block reports its fitted error."""
   argv = ("prune", "--model", files / "dense", "--method", "magnitude", "--calib", files / "train.npy",
-          "--nsamples", 16, "--seqlen", SEQ, "--batch-size", BATCH, "--out", tmp_path / "ck", "--json", tmp_path / "p.json")
+          "--nsamples", 16, "--seqlen", SEQ, "--batch-size", BATCH, "--out", tmp_path / "ck",
+          "--json", tmp_path / "p.json")
   code, _, err = run(capsys, *argv, "--reconstruct", "biases,norms", "--reconstruct-steps", 3,
                      "--reconstruct-lr", 1e-2)
   assert code == 0, err

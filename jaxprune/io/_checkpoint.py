@@ -150,26 +150,6 @@ def _block_dir(root: Path, i: int) -> Path:
   return root / "layers" / f"{i:05d}"
 
 
-class SavedTree:
-  """An Orbax tree already written at ``path``, restored when called (shaped like ``abstract`` and in ``dtype``
-  when given): a block of a checkpoint written block by block before blocks were written as safetensors (see
-  :class:`SavedBlock`, which it stands beside). ``missing``, ``owner``, ``masks``: as for :class:`SavedBlock`."""
-
-  def __init__(self, path: Path, owner: Path, missing=None, masks: bool = False, abstract=None, dtype=None):
-    self.path, self.owner, self.missing, self.masks = Path(path), Path(owner), missing, masks
-    self.abstract, self.dtype = abstract, dtype
-
-  def __call__(self):
-    if self.missing is not None and not self.path.exists():
-      return self.missing
-    restored = _restore_or_fail(self.owner, self.path, self.abstract, self.dtype)
-    return unpack_masks(restored) if self.masks else restored
-
-  def ranges(self) -> list:
-    """The files a call reads, for :meth:`~jaxprune.io._stream.Blocks.prefetch`."""
-    return file_ranges(self.path)
-
-
 class SavedBlock:
   """One block's params (or masks) already written as one safetensors file at ``path`` (:func:`write_block`), read
   when called: an entry of :class:`~jaxprune.io._stream.Blocks` that :func:`save_checkpoint` links into place
@@ -185,6 +165,10 @@ class SavedBlock:
   def __call__(self):
     if self.missing is not None and not self.path.exists():
       return self.missing
+    block = self._read()
+    return unpack_masks(block) if self.masks else block
+
+  def _read(self):
     try:
       files = SafetensorsFiles([self.path])
       if self.abstract is not None:
@@ -196,12 +180,19 @@ class SavedBlock:
       raise JaxpruneError(f"{self.owner}: checkpoint is corrupt or incomplete ({err})") from None
     if self.dtype is not None:
       flat = {k: v.astype(self.dtype) for k, v in flat.items()}
-    block = tree.unflatten(flat)
-    return unpack_masks(block) if self.masks else block
+    return tree.unflatten(flat)
 
   def ranges(self) -> list:
-    """The file a call reads, for :meth:`~jaxprune.io._stream.Blocks.prefetch`."""
-    return [(self.path, 0, self.path.stat().st_size)] if self.path.is_file() else []
+    """The files a call reads, for :meth:`~jaxprune.io._stream.Blocks.prefetch`."""
+    return file_ranges(self.path)
+
+
+class SavedTree(SavedBlock):
+  """A :class:`SavedBlock` written as an Orbax tree (a directory) at ``path``, as checkpoints written block by
+  block held their blocks before they were written as safetensors."""
+
+  def _read(self):
+    return _restore_or_fail(self.owner, self.path, self.abstract, self.dtype)
 
 
 def write_block(root: Path, name: str, block) -> None:
@@ -236,7 +227,7 @@ def _link(source: Path, dest: Path) -> None:
 
 def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
   """Writes ``params`` (and ``masks``) block by block (the blocked layout). Blocks already written
-  (:class:`SavedBlock`, :class:`SavedTree`) are linked, not read and written again."""
+  (:class:`SavedBlock`) are linked, not read and written again."""
   save_tree(root / "params", split(params)[0])  # the embeddings and head, read (if lazy) and dropped
   layers = params["layers"]
   mask_layers = masks["layers"] if masks is not None else None
@@ -246,7 +237,7 @@ def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
       if blocks is None:
         continue
       entry = blocks.entry(i) if isinstance(blocks, Blocks) else blocks[i]
-      if isinstance(entry, (SavedBlock, SavedTree)):
+      if isinstance(entry, SavedBlock):
         if entry.path.exists():
           _link(entry.path, _block_dir(root, i) / entry.path.name)
         continue

@@ -94,9 +94,14 @@ def _warm(ranges: list[tuple[Path, int, int]]) -> None:
 
 
 def file_ranges(root: Path) -> list[tuple[Path, int, int]]:
-  """Every file under ``root`` as a whole-file range for :func:`read_ahead` (none if ``root`` does not exist)."""
+  """The file ``root``, or every file under the directory ``root``, as whole-file ranges for :func:`read_ahead`
+  (none if ``root`` does not exist)."""
   root = Path(root)
-  return [(f, 0, f.stat().st_size) for f in sorted(root.rglob("*")) if f.is_file()] if root.is_dir() else []
+  if root.is_file():
+    files = [root]
+  else:
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+  return [(f, 0, f.stat().st_size) for f in files]
 
 
 def write_behind(fn: Callable[[], None]) -> concurrent.futures.Future:
