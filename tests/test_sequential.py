@@ -146,7 +146,7 @@ def _true_sequential_by_full_forwards(params, config, spec, calib):
       x = M.block(block, h, ctx, config=config, modes=modes, taps=True)[1][tap]
       stats = S.accumulate(S.init_stats(x.shape[-1], gram=S.get_solver(spec.method).needs_gram), x)
       for path in paths:
-        kernel, block_masks[path], _ = S._solve(spec, S.kernel_at(block, path), stats, None)
+        kernel, block_masks[path], _, _ = S._solve(spec, S.kernel_at(block, path), stats, None)
         block = S._set_kernel(block, path, kernel)
     h = M.block(block, h, ctx, config=config, modes=modes)
     layers.append(block)
