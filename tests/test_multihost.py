@@ -75,7 +75,7 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   params = jax.tree.map(np.asarray, M.init_params(CONFIG, jax.random.key(0)))
   save_checkpoint(root / "tiny", CONFIG, params)
-  save_checkpoint(root / "blocked", CONFIG, {**params, "layers": Blocks(params["layers"])})  # one tree per block
+  save_checkpoint(root / "blocked", CONFIG, {**params, "layers": Blocks(params["layers"])})  # one file per block
   np.save(root / "calib.npy", np.random.default_rng(0).integers(0, 97, size=(16, 16)).astype(np.int32))
   np.save(root / "eval.npy", np.random.default_rng(1).integers(0, 97, size=(8, 16)).astype(np.int32))
   return root

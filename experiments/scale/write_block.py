@@ -20,7 +20,6 @@ pages; the next ones then wait for them, as in a pass):
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import subprocess
@@ -92,8 +91,10 @@ def main() -> None:
 
   blocks = {"jaxprune": jaxprune_block, "orbax_ocdbt": lambda p: save_local(p, tree),
             "orbax_zarr3": lambda p: orbax_zarr3(p, tree), "raw_fsync": lambda p: raw_fsync(p, tree)}
-  ways = {name: functools.partial(lambda p, write: [write(p / f"{i:05d}") for i in range(args.blocks)], write=w)
-          for name, w in blocks.items()}
+  def in_a_row(write_one):
+    return lambda path: [write_one(path / f"{i:05d}") for i in range(args.blocks)]
+
+  ways = {name: in_a_row(write_one) for name, write_one in blocks.items()}
   ways.update({"dd_direct": lambda p: dd(p, nbytes, "oflag=direct"), "dd_fsync": lambda p: dd(p, nbytes, "conv=fsync")})
   root = Path(tempfile.mkdtemp(prefix="jaxprune-write-", dir=args.dir))
   seconds = {}

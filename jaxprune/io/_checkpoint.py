@@ -32,11 +32,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
-from jaxprune import _tree as tree
-from jaxprune.io._stream import (Blocks, Lazy, SafetensorsFiles, file_ranges, is_streamed, join, prefetch, split, timed,
-                                 write_safetensors)
+from jaxprune.io._stream import (Blocks, Lazy, SafetensorsFiles, file_ranges, files_of, is_streamed, join, prefetch,
+                                 split, timed, write_safetensors)
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer, save_local
@@ -203,7 +203,7 @@ def write_block(root: Path, name: str, block) -> None:
                     {"format": BLOCK_FILE_FORMAT})
 
 
-def saved_block(root: Path, name: str, owner: Path, **options) -> SavedBlock | SavedTree:
+def saved_block(root: Path, name: str, owner: Path, **options) -> SavedBlock:
   """The entry reading block ``root``'s ``name`` (``"params"`` or ``"masks"``): its safetensors file, or the Orbax
   tree that checkpoints written before held there."""
   if (root / name).is_dir():
@@ -215,8 +215,7 @@ def _link(source: Path, dest: Path) -> None:
   """``dest`` as a copy of the file or directory ``source`` made of hard links (a copy where links are not
   possible)."""
   with timed("write"):
-    files = [source] if source.is_file() else sorted(f for f in source.rglob("*") if f.is_file())
-    for file in files:
+    for file in files_of(source):
       target = dest if file == source else dest / file.relative_to(source)
       target.parent.mkdir(parents=True, exist_ok=True)
       try:

@@ -93,15 +93,17 @@ def _warm(ranges: list[tuple[Path, int, int]]) -> None:
         continue
 
 
-def file_ranges(root: Path) -> list[tuple[Path, int, int]]:
-  """The file ``root``, or every file under the directory ``root``, as whole-file ranges for :func:`read_ahead`
-  (none if ``root`` does not exist)."""
+def files_of(root: Path) -> list[Path]:
+  """The file ``root``, or every file under the directory ``root`` (sorted), or none if ``root`` does not exist."""
   root = Path(root)
   if root.is_file():
-    files = [root]
-  else:
-    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
-  return [(f, 0, f.stat().st_size) for f in files]
+    return [root]
+  return sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+
+
+def file_ranges(root: Path) -> list[tuple[Path, int, int]]:
+  """The files of :func:`files_of` as whole-file ranges for :func:`read_ahead`."""
+  return [(f, 0, f.stat().st_size) for f in files_of(root)]
 
 
 def write_behind(fn: Callable[[], None]) -> concurrent.futures.Future:

@@ -64,10 +64,10 @@ class ResumeStore:
     and ``masks.safetensors``, see :func:`~jaxprune.io._checkpoint.write_block`; the final checkpoint links them
     instead of writing them again) and its report, then the progress, on the background writing thread
     (:func:`~jaxprune.io._stream.write_behind`) while the pass goes on with the next block; waits first for the
-    write before it. Returns the state with the block's params and masks replaced
-    by loaders of where they are being written: the writing thread holds the params and the masks (packed into
-    bits) until they are written, so the pass holds at most that block besides the one it works on. The loaders
-    must not be called before :meth:`finish` has returned."""
+    write before it. Returns the state with the block's params and masks replaced by loaders of where they are
+    being written: the writing thread holds the params and the masks (packed into bits) until they are written,
+    so the pass holds at most that block besides the one it works on. The loaders must not be called before
+    :meth:`finish` has returned."""
     self._wait()
     i = state.done - 1
     if is_primary():  # written once, by process 0; the others wait until it is, and read it from there
