@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxprune._memory import retained_memory
 from jaxprune.data._windows import as_windows
 from jaxprune.io._stream import is_streamed, split
 from jaxprune.models._config import ModelConfig
@@ -46,6 +47,7 @@ def check_windows(windows, config: ModelConfig, what: str = "token windows") -> 
   return as_windows(windows, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings, what=what)
 
 
+@retained_memory()
 def perplexity(params, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 8, mesh: Mesh | None = None,
                progress: bool = True, desc: str = "eval") -> EvalResult:
   """Perplexity of ``params`` on token ``windows`` ``(n, seqlen)`` int32.
@@ -86,10 +88,12 @@ def _streamed_losses(runner: Runner, params, windows: np.ndarray, *, progress: b
   rest = runner.place(split(params)[0])  # the embeddings and head are read (if lazy) now and again for the head
   h = runner.map_windows(lambda tokens: runner.embed(rest, tokens), windows)
   del rest
+  spare = None  # the activations of the block before the last one (see gathered)
   for i in tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress, leave=False):
     block = runner.place(layers[i])
     layers.prefetch(i + 1)  # read while block i computes
-    h = runner.map_windows(functools.partial(_through, runner, block, runner.config.sublayer_modes(i)), h)
+    h, spare = runner.map_windows(functools.partial(_through, runner, block, runner.config.sublayer_modes(i)), h,
+                                  into=spare), h
     del block  # before the next block is read
   rest = runner.place(split(params)[0])
   batches = runner.batches(*windows.shape)

@@ -16,6 +16,7 @@ from jaxprune.models._convert import params_to_hf
 from jaxprune.models._layers import MID
 from jaxprune._tree import get as tree_get
 from jaxprune.runner import Runner, _forward as F, make_mesh
+from jaxprune.runner._batches import gathered
 
 LLAMA = ModelConfig(family="llama", vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=6, max_position_embeddings=32, tie_word_embeddings=False, norm_eps=1e-5)
@@ -282,3 +283,17 @@ def test_block_mse_and_gradient_equal_a_float64_reference():
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
     tol.assert_within(a, b, tol.SOLVER_F64 * np.abs(np.asarray(b)).max(), "gradient")
     assert np.abs(np.asarray(b)).max() > 0
+
+
+def test_gathered_writes_into_memory_of_its_shape_only():
+  parts = [np.full((2, 3), k, np.float32) for k in range(3)]
+  into = np.zeros((6, 3), np.float32)
+  out = gathered(iter(parts), 6, into=into)
+  assert out is into
+  np.testing.assert_array_equal(out, np.repeat(np.arange(3, dtype=np.float32), 2)[:, None] * np.ones(3))
+  for other in (np.zeros((5, 3), np.float32), np.zeros((6, 3), np.float64), None):
+    fresh = gathered(iter(parts), 6, into=other)
+    assert fresh is not other and fresh.shape == (6, 3) and fresh.dtype == np.float32
+    np.testing.assert_array_equal(fresh, out)
+  with pytest.raises(ValueError, match="gathered 6 rows, expected 7"):
+    gathered(iter(parts), 7)

@@ -134,16 +134,19 @@ OPT_CONFIG = ModelConfig(family="opt", vocab_size=97, hidden_size=32, intermedia
                          norm_affine=True)
 
 
-def _true_sequential_by_full_forwards(params, config, spec, calib):
+def _true_sequential_by_full_forwards(params, config, spec, calib, *, default_order: bool = False):
   """The true-sequential order done the slow, obvious way: for each group, a full forward of the block with the
-  groups before it pruned, its input tapped; the block output from a full forward of the pruned block."""
+  groups before it pruned, its input tapped; the block output from a full forward of the pruned block. With
+  ``default_order``, every group's input is tapped from the dense block instead. Returns ``(layers, masks, h)``,
+  ``h`` the stream leaving the last pruned block."""
   ctx = M.context(config, *calib.shape)
   h = M.embed(params, calib, config=config)
   layers, masks = [], []
   for i, block in enumerate(params["layers"]):
     block_masks, modes = {}, config.sublayer_modes(i)
+    dense = block
     for tap, paths in S.block_linears(config, block).items():
-      x = M.block(block, h, ctx, config=config, modes=modes, taps=True)[1][tap]
+      x = M.block(dense if default_order else block, h, ctx, config=config, modes=modes, taps=True)[1][tap]
       stats = S.accumulate(S.init_stats(x.shape[-1], gram=S.get_solver(spec.method).needs_gram), x)
       for path in paths:
         kernel, block_masks[path], _, _ = S._solve(spec, S.kernel_at(block, path), stats, None)
@@ -151,7 +154,7 @@ def _true_sequential_by_full_forwards(params, config, spec, calib):
     h = M.block(block, h, ctx, config=config, modes=modes)
     layers.append(block)
     masks.append(block_masks)
-  return layers, masks
+  return layers, masks, h
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("opt", marks=pytest.mark.slow)])  # 7 s each
@@ -160,8 +163,9 @@ def test_true_sequential_equals_group_by_group_full_forwards(calib, family):
   params = jax.tree.map(np.asarray, M.init_params(config, jax.random.key(1)))
   spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),), true_sequential=True)
   state = S.run_pass(params, config, spec, calib, batch_size=3, progress=False)  # 8 windows: a padded batch
-  layers, masks = _true_sequential_by_full_forwards(params, config, spec, calib)
+  layers, masks, h = _true_sequential_by_full_forwards(params, config, spec, calib)
   tol.assert_passes_agree(state.masks, state.params["layers"], masks, layers, S.kernel_at)
+  tol.assert_reordered(state.inputs, h, "the stream leaving the last block")  # its memory reused (run_pass)
   # It differs from the default order, in which all groups see the dense block's inputs.
   default = S.run_pass(params, config, S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),)), calib,
                        batch_size=3, progress=False)
@@ -177,16 +181,22 @@ def test_true_sequential_with_removed_sublayers(calib, family):
   params = jax.tree.map(np.asarray, M.init_params(config, jax.random.key(2)))
   spec = S.PruneSpec("wanda", Unstructured(0.5), true_sequential=True)
   state = S.run_pass(params, config, spec, calib, batch_size=3, progress=False)
-  layers, masks = _true_sequential_by_full_forwards(params, config, spec, calib)
+  layers, masks, h = _true_sequential_by_full_forwards(params, config, spec, calib)
   assert [set(m) for m in state.masks] == [set(m) for m in masks]
   assert not any(name.startswith("self_attn/") for name in state.masks[1])
   assert all(name.startswith("self_attn/") for name in state.masks[2]) and state.masks[2]
   tol.assert_passes_agree(state.masks, state.params["layers"], masks, layers, S.kernel_at)
-  ctx = M.context(config, *calib.shape)
-  h = M.embed(params, calib, config=config)
-  for i, block in enumerate(layers):
-    h = M.block(block, h, ctx, config=config, modes=config.sublayer_modes(i))
   tol.assert_reordered(state.inputs, h, "next block's inputs")
+
+
+def test_default_order_equals_full_forwards_block_after_block(params, calib):
+  # Four blocks: the activations of block i + 2 go into the memory of block i's (run_pass's two host arrays);
+  # every block's result and the stream leaving the last one are held to the obvious way.
+  spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
+  state = S.run_pass(params, CONFIG, spec, calib, batch_size=3, progress=False)
+  layers, masks, h = _true_sequential_by_full_forwards(params, CONFIG, spec, calib, default_order=True)
+  tol.assert_passes_agree(state.masks, state.params["layers"], masks, layers, S.kernel_at)
+  tol.assert_reordered(state.inputs, h, "the stream leaving the last block")
 
 
 def test_true_sequential_compiles_once_per_group(params, calib):

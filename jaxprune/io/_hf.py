@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._memory import retained_memory
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._hub import hub_unavailable
@@ -293,6 +294,7 @@ def _write_weights(out: Path, state: dict[str, np.ndarray], dtype: str, max_byte
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+@retained_memory()
 def save_hf_dir(out: Path, config: ModelConfig, params: Params, tokenizer=None, *, dtype: str = "float32",
                 max_shard_size: str | int = DEFAULT_SHARD_SIZE, generation_config: dict | None = None,
                 recipe: dict | None = None, overwrite: bool = False) -> Path:

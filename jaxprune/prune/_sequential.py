@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxprune import _tree as tree
+from jaxprune._memory import retained_memory
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._stream import layer_abstract, prefetch, split, with_layer
 from jaxprune.models import _model as M
@@ -41,6 +42,7 @@ from jaxprune.prune._patterns import Pattern
 from jaxprune.prune.solvers import check_options, get_solver, reconstruction_error
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner, as_input
+from jaxprune.runner._batches import gathered
 from jaxprune.runner._distributed import fetch
 
 
@@ -225,9 +227,11 @@ def _batch(given: dict[str, list], b: int) -> dict:
 
 
 def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec, *, modes, select=None,
-                           release: bool = False) -> tuple[dict, dict, list, np.ndarray]:
+                           release: bool = False,
+                           into: np.ndarray | None = None) -> tuple[dict, dict, list, np.ndarray]:
   """Prunes the groups of one block in order, each from inputs computed with the groups before it pruned
-  (``release``: as :func:`prune_block`).
+  (``release``: as :func:`prune_block`; ``into``: an array the block outputs may overwrite, see
+  :func:`~jaxprune.runner._batches.gathered`).
 
   The inputs of every group but the first (which depends on the block input alone) and the residual stream
   entering the MLP stay on the devices, batch by batch, until the block is done: about
@@ -261,11 +265,12 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
       given[tap] = values
     block_params = _prune_group(block_params, paths, _counted(stats[tap], inputs), spec, _row_mesh(runner), masks,
                                 reports)
-  outputs = [fetch(runner.block(block_params, as_input(h, block_params), modes=modes, given=_batch(given, b)),
-                   np.float32)[:real] for b, (h, _, real) in enumerate(chunks)]
-  return block_params, masks, reports, np.concatenate(outputs)
+  outputs = (fetch(runner.block(block_params, as_input(h, block_params), modes=modes, given=_batch(given, b)),
+                   np.float32)[:real] for b, (h, _, real) in enumerate(chunks))
+  return block_params, masks, reports, gathered(outputs, len(inputs), into=into)
 
 
+@retained_memory()
 def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
              mesh: Mesh | None = None, state: BlockState | None = None,
              on_block: Callable[[BlockState], BlockState | None] | None = None, progress: bool = True,
@@ -276,11 +281,16 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   checkpointing hook of :mod:`jaxprune.prune._job`); when it returns a state (the same, with the finished
   block replaced by a loader of where it was written: streaming), the pass goes on from that one.
   ``params["layers"]`` may be a :class:`~jaxprune.io._stream.Blocks` (blocks read from disk when used).
-  ``refine(i, dense block, pruned block, {path: mask}, inputs, runner=, modes=) -> (block, report)`` changes each pruned block before its outputs feed the next one (layer-wise
-  reconstruction, :func:`jaxprune.retrain.make_refiner`; it needs calibration inputs, also for magnitude); the
-  report's keys join the block's per-linear reports. ``linears``: a set of ``(layer, path)`` to prune (default:
-  every linear; see ``select_linears`` in :mod:`jaxprune.prune._targets`); the others stay dense, and the pass
-  ends after the last block holding one of them. Returns the final :class:`BlockState`.
+  ``refine(i, dense block, pruned block, {path: mask}, inputs, runner=, modes=) -> (block, report)`` changes each
+  pruned block before its outputs feed the next one (layer-wise reconstruction,
+  :func:`jaxprune.retrain.make_refiner`; it needs calibration inputs, also for magnitude); the report's keys join
+  the block's per-linear reports. ``linears``: a set of ``(layer, path)`` to prune (default: every linear; see
+  ``select_linears`` in :mod:`jaxprune.prune._targets`); the others stay dense, and the pass ends after the last
+  block holding one of them. Returns the final :class:`BlockState`.
+
+  The calibration activations of block ``i + 2`` are written over those of block ``i`` (two host arrays serve
+  the whole pass: :func:`~jaxprune.runner._batches.gathered`), so ``on_block`` must be done with a state's
+  ``inputs`` when it is next called (the checkpointing hooks wait for their writes then).
   """
   needs_calib = spec.method != "magnitude"
   needs_inputs = needs_calib or refine is not None
@@ -296,6 +306,7 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
       del rest
     state = BlockState(0, params, [], [], inputs)
   stop = config.num_layers if linears is None else max(layer for layer, _ in linears) + 1
+  spare = None  # the activations of the block before the last one: memory for the next block's
   bar = tqdm(total=stop, initial=state.done, desc=f"prune {spec.method}", unit="block", disable=not progress)
   for i in range(state.done, stop):
     start = time.perf_counter()
@@ -305,7 +316,8 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
     select = None if linears is None else frozenset(path for layer, path in linears if layer == i)
     if needs_calib and spec.true_sequential:
       new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
-                                                                 modes=modes, select=select, release=refine is None)
+                                                                 modes=modes, select=select, release=refine is None,
+                                                                 into=spare)
     else:
       new_block, masks, reports = prune_block(block_params, state.inputs if needs_calib else None, runner, spec,
                                               modes=modes, select=select, release=refine is None)
@@ -316,10 +328,11 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
         r.update(report)
     if needs_inputs and (refine is not None or not (needs_calib and spec.true_sequential)):
       inputs = runner.map_windows(lambda h: runner.block(new_block, as_input(h, new_block), modes=modes),
-                                  state.inputs)
+                                  state.inputs, into=spare)
     layers = with_layer(state.params["layers"], i, jax.tree.map(fetch, new_block))  # the devices hold one block
     for r in reports:
       r["layer"] = i
+    spare = state.inputs if inputs is not state.inputs else spare
     state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],
                        state.reports + [reports], inputs)
     bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}",

@@ -158,9 +158,10 @@ class Runner:
     count = float(windows.shape[0] * windows.shape[1])
     return [{**jax.device_get(layer), "count": count} for layer in moments]
 
-  def map_windows(self, fn, x: np.ndarray) -> np.ndarray:
-    """``fn`` over batches of ``x`` ``(n, t, ...)``, gathered to host float32 ``(n, ...)``."""
-    return self.batches(*x.shape[:2]).map(fn, x)
+  def map_windows(self, fn, x: np.ndarray, *, into: np.ndarray | None = None) -> np.ndarray:
+    """``fn`` over batches of ``x`` ``(n, t, ...)``, gathered to host float32 ``(n, ...)``; into ``into`` if it
+    has that shape (see :func:`~jaxprune.runner._batches.gathered`)."""
+    return self.batches(*x.shape[:2]).map(fn, x, into=into)
 
 
 def as_input(h, params):
