@@ -1,19 +1,19 @@
-"""Host memory that a pass frees and asks for again is kept by the process, not handed back to the system.
+"""Opt-in: host memory that a pass frees and asks for again is kept by the process, not handed back to the system.
 
 A pass allocates the same large host buffers block after block: the next block's weights as read from disk,
-their converted and placed copies, the pruned weights fetched back, the activations between blocks. By default
-glibc's ``malloc`` gives every buffer above 32 MiB its own memory map and returns it to the system when it is
-freed, and trims freed memory at the top of its heap, so each block writes to memory it has just got from the
-system. On a virtual machine whose guest reports freed pages to its host (free page reporting), such memory is
-slow to write the first time: copying a 7B block (0.4 GB) from the page cache into fresh buffers ran at
-0.09-0.18 GB/s, and into buffers written before at 5-9 GB/s, faster than the disk (2-core VM, 2026-12-03;
-``experiments/scale/README.md``).
+their converted and placed copies, the pruned weights fetched back, solver temporaries. By default glibc's
+``malloc`` gives every buffer above 32 MiB its own memory map and returns it to the system when it is freed, so
+each block writes to memory it has just got from the system. On a virtual machine whose guest reports freed pages
+to its host (free page reporting), such memory is slow to write the first time: copying a 7B block (0.4 GB) from
+the page cache into fresh buffers ran at 0.09-0.18 GB/s, and into buffers written before at 5-9 GB/s, faster
+than the disk (2-core VM, 2026-12-03; ``experiments/scale/README.md``).
 
-:func:`retained_memory` therefore sets ``malloc`` (glibc only, once per process) to serve large requests from
-its heap and to keep what is freed there for the next request, and at the end of the outermost ``with`` hands the
-free memory back (``malloc_trim``), so that a notebook does not keep the pass's peak after it. The peak is
-unchanged: a freed buffer is reused rather than added to. ``JAXPRUNE_RETAIN_MEMORY=0`` in the environment leaves
-``malloc`` as it is.
+With ``JAXPRUNE_RETAIN_MEMORY=1`` in the environment, :func:`retained_memory` sets ``malloc`` (glibc only, once
+per process) to serve large requests from its heap and to keep what is freed there for the next request, and at
+the end of the outermost ``with`` hands the free memory back (``malloc_trim``), so that a notebook does not keep
+the pass's peak after it. The price is the peak: freed buffers of one size do not always serve requests of
+another, and a streamed 7B pass peaked 0.7-0.8 GB higher (``experiments/scale``). Without the variable (the
+default), ``malloc`` is left as it is.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ _LOCK = threading.Lock()
 @functools.cache
 def _libc():
   """glibc with ``malloc`` set to keep freed memory, or None (another C library, or the setting refused)."""
-  if os.environ.get(ENV, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if os.environ.get(ENV, "0") != "1" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return None
   try:
     libc = ctypes.CDLL("libc.so.6")
@@ -46,14 +46,15 @@ def _libc():
 
 
 def retains() -> bool:
-  """Whether :func:`retained_memory` keeps freed memory in this process (it sets ``malloc`` on first use)."""
+  """Whether :func:`retained_memory` keeps freed memory in this process (asked for in the environment, and glibc;
+  ``malloc`` is set on first use)."""
   return _libc() is not None
 
 
 @contextlib.contextmanager
 def retained_memory():
-  """Freed host memory is kept for reuse inside the ``with`` (see the module), and the free part handed back to
-  the system when the outermost one ends."""
+  """With ``JAXPRUNE_RETAIN_MEMORY=1`` (see the module), freed host memory is kept for reuse inside the ``with``
+  and the free part handed back to the system when the outermost one ends; otherwise nothing."""
   libc = _libc()
   with _LOCK:
     _DEPTH[0] += 1

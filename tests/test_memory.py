@@ -1,49 +1,63 @@
-"""Freed host memory is kept for reuse during a pass (glibc), and handed back when the pass ends."""
+"""Opt-in: freed host memory is kept for reuse during a pass (glibc), and handed back when the pass ends."""
 import os
 import platform
-import resource
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from jaxprune import _memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
+# Run in a fresh process: malloc's setting lasts as long as the process.
+REUSE = """
+import ctypes, os, resource, numpy as np
+from jaxprune import _memory
 
-def _rss() -> int:
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: one fault per 4 KiB page, countable
+
+def rss():
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-
-def _faults_touching(nbytes: int) -> int:
-  """Minor page faults of allocating ``nbytes`` and writing every page of it."""
+def faults_touching(nbytes):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   a = np.empty(nbytes, np.uint8)
   a[::4096] = 1
   del a
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+nbytes = 64 << 20  # above glibc's largest mmap threshold (32 MiB): by default a fresh map each time
+with _memory.retained_memory():
+  faults_touching(nbytes)
+  again = faults_touching(nbytes)
+  a = np.ones(nbytes, np.uint8)
+  del a
+  held = rss()
+print(_memory.retains(), again, nbytes // 4096, held - rss())
+"""
+
+
+def _run(env_value: str | None) -> list[str]:
+  env = {k: v for k, v in os.environ.items() if k != _memory.ENV}
+  if env_value is not None:
+    env[_memory.ENV] = env_value
+  return subprocess.run([sys.executable, "-c", REUSE], env=env, capture_output=True, text=True,
+                        check=True).stdout.split()
+
 
 @pytest.mark.skipif(not GLIBC, reason="malloc is set on glibc only")
-def test_freed_memory_is_reused_inside_and_handed_back_after():
-  nbytes = 64 << 20  # above glibc's largest mmap threshold (32 MiB): by default a fresh map each time
-  pages = nbytes // 4096
-  with _memory.retained_memory():
-    assert _memory.retains()
-    _faults_touching(nbytes)
-    assert _faults_touching(nbytes) < pages // 10  # the same memory again, not fresh pages
-  with _memory.retained_memory():
-    a = np.ones(nbytes, np.uint8)
-    del a
-    held = _rss()
-  assert _rss() < held - nbytes // 2  # handed back at the end of the outermost with
+def test_asked_for_freed_memory_is_reused_inside_and_handed_back_after():
+  retains, again, pages, returned = _run("1")
+  assert retains == "True"
+  assert int(again) < int(pages) // 10  # the same memory again, not fresh pages
+  assert int(returned) > (64 << 20) // 2  # handed back at the end of the outermost with
 
 
-def test_environment_leaves_malloc_alone():
-  code = "from jaxprune import _memory; print(_memory.retains())"
-  out = subprocess.run([sys.executable, "-c", code], env={**os.environ, _memory.ENV: "0"}, capture_output=True,
-                       text=True, check=True).stdout
-  assert out.strip() == "False"
+@pytest.mark.parametrize("value", [None, "0"])
+def test_by_default_malloc_is_left_alone(value):
+  retains, again, pages, _ = _run(value)
+  assert retains == "False"
+  if GLIBC:
+    assert int(again) > int(pages) // 2  # glibc maps a fresh region each time: what the option is for

@@ -2,7 +2,7 @@
 in as float32, streaming its blocks from disk: peak resident memory, seconds, and their split into reading,
 computing and writing, against the disk's own sequential bandwidth measured in the same run.
 
-    python experiments/scale/stream7b.py [--work DIR] [--baseline REF]     # -> stream7b.json, stream7b.md
+    python experiments/scale/stream7b.py [--work DIR] [--baseline REF] [--retain-memory]  # -> stream7b.json, .md
 
 Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
   1. the model: a Hugging Face directory with LLaMA-2-7B's config and random N(0, 0.02) bfloat16 weights, written
@@ -14,7 +14,8 @@ Steps, each a fresh ``jaxprune`` process whose peak RSS is read from ``wait4``:
   5. ``dd``: sequential write and read of a 4 GiB file, the disk's own bandwidth (direct I/O), a write through
      the page cache flushed with fsync, and a direct read of the model's own files.
 With ``--baseline REF`` (a git commit), steps 2 and 3 also run with the code of ``REF`` (checked out into a
-temporary worktree and put first on ``PYTHONPATH``), each right after the same step with this checkout's code.
+temporary worktree and put first on ``PYTHONPATH``), each right after the same step with this checkout's code;
+with ``--retain-memory``, steps 2 to 4 also run with ``JAXPRUNE_RETAIN_MEMORY=1`` (``jaxprune/_memory.py``).
 
 Reading and writing run beside the computation (the next block read ahead, each pruned block written behind): a
 step's ``read`` and ``write`` seconds are those its main thread waited for them, ``read_ahead`` and
@@ -68,8 +69,10 @@ def write_model(out: Path, config: dict, seed: int = 0) -> float:
             "lm_head.weight": lambda: normal(v, h)}]
   for i in range(n):
     p = f"model.layers.{i}."
-    parts.append({p + "self_attn.q_proj.weight": lambda: normal(h, h), p + "self_attn.k_proj.weight": lambda: normal(h, h),
-                  p + "self_attn.v_proj.weight": lambda: normal(h, h), p + "self_attn.o_proj.weight": lambda: normal(h, h),
+    parts.append({p + "self_attn.q_proj.weight": lambda: normal(h, h),
+                  p + "self_attn.k_proj.weight": lambda: normal(h, h),
+                  p + "self_attn.v_proj.weight": lambda: normal(h, h),
+                  p + "self_attn.o_proj.weight": lambda: normal(h, h),
                   p + "mlp.gate_proj.weight": lambda: normal(f, h), p + "mlp.up_proj.weight": lambda: normal(f, h),
                   p + "mlp.down_proj.weight": lambda: normal(h, f), p + "input_layernorm.weight": lambda: ones(h),
                   p + "post_attention_layernorm.weight": lambda: ones(h)})
@@ -88,11 +91,11 @@ def write_model(out: Path, config: dict, seed: int = 0) -> float:
   return time.perf_counter() - start
 
 
-def run(argv: list[str], code: Path | None = None) -> dict:
+def run(argv: list[str], code: Path | None = None, env: dict | None = None) -> dict:
   """``python -m jaxprune ARGV --json F`` in a fresh process (with the package from the checkout ``code`` when
-  given): its JSON, wall seconds and peak RSS (GB)."""
+  given, and ``env`` added to the environment): its JSON, wall seconds and peak RSS (GB)."""
   out = Path(argv[argv.index("--out") + 1] if "--out" in argv else "/tmp/jaxprune-stream-eval") .with_suffix(".json")
-  env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
+  env = {**os.environ, **(env or {}), **({"PYTHONPATH": str(code)} if code is not None else {})}
   start = time.perf_counter()
   # ``-m`` puts the working directory first on the path: the checkout's own directory when ``code`` is given
   proc = subprocess.Popen([sys.executable, "-m", "jaxprune", *argv, "--json", str(out)], env=env, cwd=code)
@@ -168,6 +171,8 @@ def main() -> None:
   parser.add_argument("--eval-windows", type=int, default=2)
   parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
   parser.add_argument("--baseline", help="a git commit whose code also runs the two prune steps, for comparison")
+  parser.add_argument("--retain-memory", action="store_true",
+                      help="the prune steps and the eval also with JAXPRUNE_RETAIN_MEMORY=1 (jaxprune/_memory.py)")
   args = parser.parse_args()
   work = args.work
   work.mkdir(parents=True, exist_ok=True)
@@ -178,23 +183,26 @@ def main() -> None:
   np.save(work / "eval.npy", rng.integers(0, 32000, (args.eval_windows, args.seqlen)).astype(np.int32))
   common = ["--calib", str(work / "calib.npy"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
   steps, written = {}, {}
-  codes = {"": None}
+  codes = {"": (None, None)}  # row suffix -> (checkout, environment)
   baseline = work / "baseline-code"
+  if args.retain_memory:
+    codes["_retain_memory"] = (None, {"JAXPRUNE_RETAIN_MEMORY": "1"})
   if args.baseline:
-    codes[f"_at_{args.baseline}"] = worktree(args.baseline, baseline)
+    codes[f"_at_{args.baseline}"] = (worktree(args.baseline, baseline), None)
   prunes = {"wanda": ["--method", "wanda", *common, "--eval", str(work / "eval.npy")],
             "sparsegpt_blocks_0_2": ["--method", "sparsegpt", "--blocks", "0:2", *common]}
   for name, options in prunes.items():
-    for suffix, code in codes.items():
+    for suffix, (code, env) in codes.items():
       out = work / (name + suffix)
       shutil.rmtree(out, ignore_errors=True)
       shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
       steps[name + suffix] = run(["prune", "--model", str(model), "--stream", "--sparsity", "0.5", *options,
-                                  "--out", str(out)], code)
+                                  "--out", str(out)], code, env)
       print(json.dumps({k: v for k, v in steps[name + suffix].items() if k != "result"}), flush=True)
       written[name + suffix] = dir_gb(out)
-      if name == "wanda" and not suffix:
-        steps["eval_wanda"] = run(["eval", "--model", str(out), "--stream", "--data", str(work / "eval.npy")])
+      if name == "wanda" and code is None:
+        steps["eval_wanda" + suffix] = run(["eval", "--model", str(out), "--stream", "--data", str(work / "eval.npy")],
+                                           env=env)
       if not args.keep:
         shutil.rmtree(out)
   if args.baseline:
