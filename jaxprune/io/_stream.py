@@ -330,7 +330,8 @@ class SafetensorsFiles:
 
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 DIRECT_ALIGN = 4096  # offsets and lengths of direct writes are multiples of it (any disk's logical block size)
-WRITE_CHUNK = 16 << 20  # bytes per write of write_safetensors (its one aligned staging buffer)
+WRITE_CHUNK = 16 << 20  # bytes per write of write_safetensors (its one aligned staging buffer per thread)
+_STAGING = threading.local()
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -377,7 +378,7 @@ def _write_pieces(path: Path, pieces: list[np.ndarray], direct: bool) -> None:
         while view.nbytes:
           view = view[os.write(fd, view):]
     else:
-      staging = mmap.mmap(-1, WRITE_CHUNK)  # page-aligned, as direct I/O requires
+      staging = _staging()
       filled, at = 0, 0
       for piece in pieces:
         start = 0
@@ -393,10 +394,18 @@ def _write_pieces(path: Path, pieces: list[np.ndarray], direct: bool) -> None:
         staging[filled:padded] = bytes(padded - filled)
         _pwrite_all(fd, staging, padded, at)
         os.ftruncate(fd, at + filled)
-      staging.close()
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _staging() -> mmap.mmap:
+  """This thread's page-aligned staging buffer of ``WRITE_CHUNK`` bytes (as direct I/O requires), kept for its next
+  write: memory written for the first time is slow on some virtual machines (see :mod:`jaxprune._memory`)."""
+  buffer = getattr(_STAGING, "buffer", None)
+  if buffer is None or len(buffer) != WRITE_CHUNK:
+    buffer = _STAGING.buffer = mmap.mmap(-1, WRITE_CHUNK)
+  return buffer
 
 
 def _pwrite_all(fd: int, buffer: mmap.mmap, length: int, at: int) -> int:
