@@ -1,5 +1,6 @@
-"""GGUF files of the LLaMA family (llama; Mistral, written by llama.cpp as llama; qwen2), written here with ``gguf.GGUFWriter`` from tiny random
-transformers models: jaxprune's logits equal transformers' GGUF load of the same file (qwen3: tests/test_qwen3.py)."""
+"""GGUF files of the LLaMA family (llama; Mistral, written by llama.cpp as llama; qwen2), written here with
+``gguf.GGUFWriter`` from tiny random transformers models: jaxprune's logits equal transformers' GGUF load of the
+same file (qwen3: tests/test_qwen3.py)."""
 from __future__ import annotations
 
 import json

@@ -195,7 +195,8 @@ def _brute_force_factors(params, config, tokens):
   out = []
   for i, g in enumerate(groups):
     a = {tap: np.asarray(taps[i][tap], np.float64).reshape(-1, np.shape(taps[i][tap])[-1]) for tap in g}
-    gr = {p: np.asarray(grads[i][p], np.float64).reshape(-1, np.shape(grads[i][p])[-1]) for ps in g.values() for p in ps}
+    gr = {p: np.asarray(grads[i][p], np.float64).reshape(-1, np.shape(grads[i][p])[-1])
+          for ps in g.values() for p in ps}
     out.append({"A": {k: v.T @ v for k, v in a.items()}, "a": {k: v.sum(0) for k, v in a.items()},
                 "G": {k: v.T @ v for k, v in gr.items()}})
   return out

@@ -114,8 +114,8 @@ def test_units_with_retrained_biases_shrink_and_keep_removed_rows_zero(params, c
   small, config, _ = compact(states[-1].params, CONFIG)
   assert config.layer_widths and P.count_params(small) == P.count_params(params) - states[-1].reports[-1]["pruned"]
   tokens = jnp.asarray(calib[:2])
-  tol.assert_reordered(jitted.forward(small, tokens, config=config), jitted.forward(states[-1].params, tokens, config=CONFIG),
-                       "logits")
+  tol.assert_reordered(jitted.forward(small, tokens, config=config),
+                       jitted.forward(states[-1].params, tokens, config=CONFIG), "logits")
 
 
 @pytest.mark.slow  # about 30 s: every linear of the shrunk model has a new shape, so everything compiles again

@@ -4,8 +4,8 @@ the checkpoint, resume, progress and JSON conventions of the other methods.
 Its JSON adds ``shots``, ``fisher_labels``, ``per_layer_sparsity`` (per block ``{linear: fraction pruned}``),
 ``shots_report`` (per shot: target, pruned, threshold, seconds) and, with ``--structured``, ``params_before``,
 ``params_after`` (the shrunk model's parameters), ``params_kept`` and ``layer_widths``. With ``--retrain``, the
-spec's ``retrain`` settings, ``retrain_data``, ``train_windows_sha256`` and, per shot, ``shots_report[i].retrain`` (mean training loss on
-that shot's windows before and after, seconds).
+spec's ``retrain`` settings, ``retrain_data``, ``train_windows_sha256`` and, per shot,
+``shots_report[i].retrain`` (mean training loss on that shot's windows before and after, seconds).
 """
 from __future__ import annotations
 

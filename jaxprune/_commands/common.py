@@ -88,7 +88,8 @@ def add_calib_args(p, *, nsamples: int) -> None:
                  help="calibration data: bundled corpus, text file, .npy windows, or c4/wikitext2 (online) "
                       "[default: %(default)s]")
   p.add_argument("--nsamples", type=positive_int, default=nsamples, help="calibration windows [default: %(default)s]")
-  p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per calibration window [default: %(default)s]")
+  p.add_argument("--seqlen", type=positive_int, default=512,
+                 help="tokens per calibration window [default: %(default)s]")
   add_batch_arg(p)
 
 

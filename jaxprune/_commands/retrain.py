@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                  help="tokens per training window [default: 512; a .npy file's own width]")
   p.add_argument("--epochs", action="store_true", help="repeat the training text when the steps need more of it")
   p.add_argument("--lr", type=float, default=5e-4, help="AdamW peak learning rate [default: %(default)s]")
-  p.add_argument("--warmup", type=float, default=0.1, help="linear warm-up, fraction of the steps [default: %(default)s]")
+  p.add_argument("--warmup", type=float, default=0.1,
+                 help="linear warm-up, fraction of the steps [default: %(default)s]")
   p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay [default: %(default)s]")
   p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip; 0 = off [default: %(default)s]")
   p.add_argument("--accumulate", type=common.positive_int, default=1,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxprune.models._layers import (MID, BlockModule, ConfigModule, Context, Linear, RMSNorm, apply_rotary, dot_attention,
-                                    lm_logits, sublayer, tap, tapped_projection)
+from jaxprune.models._layers import (MID, BlockModule, ConfigModule, Context, Linear, RMSNorm, apply_rotary,
+                                    dot_attention, lm_logits, sublayer, tap, tapped_projection)
 
 # Input tap -> the linears (paths inside a block) that read it.
 LINEAR_GROUPS = {

@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 
 from jaxprune.models._config import ModelConfig
-from jaxprune.models._layers import (MID, BlockModule, ConfigModule, Context, Linear, dot_attention, lm_logits, sublayer, tap,
-                                    tapped_projection)
+from jaxprune.models._layers import (MID, BlockModule, ConfigModule, Context, Linear, dot_attention, lm_logits,
+                                    sublayer, tap, tapped_projection)
 
 POSITION_OFFSET = 2
 
