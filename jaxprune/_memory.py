@@ -13,8 +13,7 @@ per process) to serve large requests from its heap and to keep what is freed the
 the end of the outermost ``with`` hands the free memory back (``malloc_trim``), so that a notebook does not keep
 the pass's peak after it. The price is the peak: freed buffers of one size do not always serve requests of
 another, and the streamed 7B steps of ``experiments/scale`` peaked 0.6-1.1 GB higher (SparseGPT on two blocks:
-4.91 GB against 3.77 GB). Without the variable (the
-default), ``malloc`` is left as it is.
+4.91 GB against 3.77 GB). Without the variable (the default), ``malloc`` is left as it is.
 """
 from __future__ import annotations
 

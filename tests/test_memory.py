@@ -12,10 +12,11 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Run in a fresh process: malloc's setting lasts as long as the process.
 REUSE = """
-import ctypes, os, resource, numpy as np
+import ctypes, os, resource, sys, numpy as np
 from jaxprune import _memory
 
-ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: one fault per 4 KiB page, countable
+if sys.platform == "linux":
+  ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: one fault per 4 KiB page, countable
 
 def rss():
   with open("/proc/self/statm") as f:
