@@ -5,8 +5,8 @@ their converted and placed copies, the pruned weights fetched back, solver tempo
 ``malloc`` gives every buffer above 32 MiB its own memory map and returns it to the system when it is freed, so
 each block writes to memory it has just got from the system. On a virtual machine whose guest reports freed pages
 to its host (free page reporting), such memory is slow to write the first time: copying a 7B block (0.4 GB) from
-the page cache into fresh buffers ran at 0.09-0.18 GB/s, and into buffers written before at 5-9 GB/s, faster
-than the disk (2-core VM, 2026-12-03; ``experiments/scale/README.md``).
+the page cache into fresh buffers ran at 0.09-0.14 GB/s, and into buffers kept from the block before at
+2.7-6.5 GB/s, faster than the disk (2-core VM, 2026-12-03; ``experiments/scale/fresh_memory.py``).
 
 With ``JAXPRUNE_RETAIN_MEMORY=1`` in the environment, :func:`retained_memory` sets ``malloc`` (glibc only, once
 per process) to serve large requests from its heap and to keep what is freed there for the next request, and at
