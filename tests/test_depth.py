@@ -19,7 +19,7 @@ from jaxprune.depth import _stages as S
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._checkpoint import read_checkpoint, save_checkpoint
 from jaxprune.models import _llama as llama, _model as M
-from jaxprune.runner import Runner, _forward as F, data_mesh
+from jaxprune.runner import Runner, _forward as F, data_mesh, make_mesh
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._layers import RMSNorm
 
@@ -198,6 +198,22 @@ def test_sharded_equals_unsharded(params, tokens):
     tol.assert_within(b[i]["down"] @ b[i]["up"], a[i]["down"] @ a[i]["up"],
                       tol.PASS_REORDERED * np.abs(a[i]["down"] @ a[i]["up"]).max(), f"low-rank map {i}")
     tol.assert_reordered(eb[i], ea[i], f"recovery error {i}")
+
+
+def test_model_axis_equals_unsharded(params, tokens):
+  """On a ``(data, model)`` mesh of 4 × 2 (parameters sharded over ``model``) the metrics and the low-rank recovery
+  are those of one device."""
+  mesh = make_mesh(model=2)
+  for kw in ({"metric": "cosine"}, {"metric": "loss"}):
+    a = D.score(params, tokens, config=CONFIG, unit="block", batch_size=2, **kw)
+    b = D.score(params, tokens, config=CONFIG, unit="block", batch_size=2, mesh=mesh, **kw)
+    tol.assert_reordered(b.scores, a.scores, f"block {kw}")
+  rec = D.Recovery("lowrank", 4, 1e-2)
+  a, ea = D.fit_adapters(params, CONFIG, tokens, unit="mlp", layers=[1], recovery=rec, batch_size=2)
+  b, eb = D.fit_adapters(params, CONFIG, tokens, unit="mlp", layers=[1], recovery=rec, mesh=mesh)
+  tol.assert_within(b[1]["down"] @ b[1]["up"], a[1]["down"] @ a[1]["up"],
+                    tol.PASS_REORDERED * np.abs(a[1]["down"] @ a[1]["up"]).max(), "low-rank map")
+  tol.assert_reordered(eb[1], ea[1], "recovery error")
 
 
 def test_one_compilation_per_half_block_shape(params, tokens):

@@ -136,16 +136,19 @@ def test_biases_on_llama_add_zero_biases_that_train(pruned):
 STEPS, LR = 4, 1e-2  # the command tests' settings: the same compiled update
 
 
-def test_eight_devices_equal_one(pruned, windows):
+def test_eight_devices_and_a_model_axis_equal_one_device(pruned, windows):
+  """A data mesh of 8 and a ``(data, model)`` mesh of 4 × 2 train as one device does."""
   params, masks = pruned
   one = _train(params, masks, "all", windows, steps=STEPS, lr=LR)
-  eight = _train(params, masks, "all", windows, steps=STEPS, lr=LR, mesh=make_mesh())
-  # The losses are means over 8 x 15 float32 token losses summed in another order on 8 devices; AdamW's update is
-  # lr * m / (sqrt(v) + eps), so a relative difference d of the gradients moves a weight by at most ~lr * d a step.
-  np.testing.assert_allclose(eight.losses, one.losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
-    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= STEPS * LR * 1e-3
-  assert eight.sparsity == one.sparsity == 0.5
+  for mesh in (make_mesh(), make_mesh(model=2)):
+    sharded = _train(params, masks, "all", windows, steps=STEPS, lr=LR, mesh=mesh)
+    # The losses are means over 8 x 15 float32 token losses summed in another order on 8 devices; AdamW's update
+    # is lr * m / (sqrt(v) + eps), so a relative difference d of the gradients moves a weight by at most ~lr * d a
+    # step.
+    np.testing.assert_allclose(sharded.losses, one.losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(one.params)):
+      assert np.abs(np.asarray(a) - np.asarray(b)).max() <= STEPS * LR * 1e-3
+    assert sharded.sparsity == one.sparsity == 0.5
 
 
 def test_killed_run_resumes_to_the_same_bits(pruned, windows, tmp_path):

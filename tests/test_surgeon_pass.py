@@ -191,13 +191,15 @@ def test_compiles_once_per_linear_shape(params, calib):
   assert added[:3] == [2, 2, 2] and added[3] == (1 if before[3] == 0 else 0)
 
 
-def test_eight_devices_equal_one(params, calib):
+def test_eight_devices_and_a_model_axis_equal_one_device(params, calib):
+  """A data mesh of 8 and a ``(data, model)`` mesh of 4 × 2 give the masks and weights of one device."""
   assert jax.device_count() == 8
   one = _run(params, calib, Unstructured(0.3), 1)[0]
-  eight = _run(params, calib, Unstructured(0.3), 1, mesh=make_mesh())[0]
-  np.testing.assert_array_equal(_flat(eight.masks), _flat(one.masks))
-  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+  for mesh in (make_mesh(), make_mesh(model=2)):
+    sharded = _run(params, calib, Unstructured(0.3), 1, mesh=mesh)[0]
+    np.testing.assert_array_equal(_flat(sharded.masks), _flat(one.masks))
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(sharded.params)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
 class _Crash(Exception):

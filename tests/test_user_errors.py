@@ -12,6 +12,7 @@ import pytest
 import tolerances as tol
 
 import jaxprune as jp
+from jaxprune.io._checkpoint import read_checkpoint
 from jaxprune.prune import _sequential as S
 from jaxprune.cli import build_parser, main
 
@@ -105,6 +106,38 @@ def test_prune_reports_dense_and_pruned_perplexity_and_a_layer_table(tiny, tmp_p
     assert r["relative_error"] == pytest.approx(want, rel=tol.LOSS_F32), r
   assert float(table[1].split()[-1]) == pytest.approx(max(r["relative_error"] for r in doc["layers"]
                                                           if r["layer"] == 0), rel=1e-3)
+
+
+@pytest.mark.parametrize("command", ["eval", "prune", "depth", "retrain"])
+def test_a_model_axis_that_does_not_divide_the_devices_is_one_line_before_loading(tiny, tmp_path, capsys, command):
+  argv = {"eval": [], "prune": ["--out", tmp_path / "p"], "depth": ["--remove", 1, "--out", tmp_path / "d"],
+          "retrain": ["--train", "biases", "--steps", 1, "--out", tmp_path / "r"]}[command]
+  code, _, err = run(capsys, command, "--model", tiny / "hf", "--model-axis", 3, *argv)
+  one_line_error(code, err, "a model axis of 3 does not divide the 8 devices")
+  assert "loaded" not in err and not any(tmp_path.iterdir())
+
+
+def test_prune_and_eval_on_a_model_axis_equal_the_data_mesh(tiny, tmp_path, capsys):
+  """``--model-axis 2`` (a 4 × 2 mesh, parameters sharded over ``model``): the masks, weights and perplexity of the
+  default 8-device data mesh; ``eval --model-axis 2`` of the result gives the perplexity ``prune --eval`` gave."""
+  from test_multihost import _by_block
+
+  docs = {}
+  for axis in (1, 2):
+    code, _, err = run(capsys, "prune", "--model", tiny / "hf", "--method", "wanda", "--calib",
+                       tiny / "calib.npy", "--nsamples", 4, "--seqlen", 16, "--out", tmp_path / f"p{axis}", "--eval",
+                       tiny / "eval.npy", "--model-axis", axis, "--json", tmp_path / f"p{axis}.json")
+    assert code == 0, err
+    docs[axis] = json.loads((tmp_path / f"p{axis}.json").read_text())
+  tol.assert_reordered(docs[2]["perplexity"], docs[1]["perplexity"], "perplexity")
+  (_, params1, masks1, _), (_, params2, masks2, _) = (read_checkpoint(tmp_path / f"p{axis}", with_masks=True)
+                                                      for axis in (1, 2))
+  tol.assert_passes_agree(_by_block(masks2), params2["layers"], _by_block(masks1), params1["layers"], S.kernel_at)
+  code, _, err = run(capsys, "eval", "--model", tmp_path / "p2", "--data", tiny / "eval.npy", "--model-axis", 2,
+                     "--json", tmp_path / "e2.json")
+  assert code == 0, err
+  tol.assert_reordered(json.loads((tmp_path / "e2.json").read_text())["perplexity"], docs[2]["perplexity"],
+                       "perplexity")
 
 
 def test_version(capsys):

@@ -151,9 +151,7 @@ def run(args) -> dict:
     from jaxprune.prune._surgeon_retrain import check_training
 
     train, data = training_windows(args, model)
-    from jaxprune.runner import data_mesh
-
-    check_training(model.params, model.config, spec.retrain, train, mesh=data_mesh())  # before any work
+    check_training(model.params, model.config, spec.retrain, train, mesh=common.mesh(args))  # before any work
     identity.update(data)
 
   def describe(outcome) -> str:

@@ -138,6 +138,22 @@ def add_distributed_args(p) -> None:
                  help="how long to wait for the coordinator and the other processes [default: %(default)s]")
 
 
+def add_mesh_arg(p) -> None:
+  """``--model-axis``: the devices as a ``(data, model)`` mesh, see :func:`mesh`."""
+  p.add_argument("--model-axis", type=positive_int, default=1, metavar="N",
+                 help="arrange the devices (of all processes) as a (data, model) mesh with N along model: each "
+                      "block's large parameters are split over those N devices and the solvers' rows with them, "
+                      "for blocks too large for one device; N must divide the number of devices "
+                      "[default: %(default)s, every device holds whole blocks]")
+
+
+def mesh(args):
+  """The mesh of a command: ``("data",)`` over every device, or ``("data", "model")`` with ``--model-axis``."""
+  from jaxprune.runner import make_mesh
+
+  return make_mesh(model=getattr(args, "model_axis", 1))
+
+
 def join(args) -> None:
   """Joins the multi-process run the arguments describe (explicitly, or as JAX detects it) before any JAX
   computation; a command without the options runs in one process."""
@@ -151,6 +167,8 @@ def join(args) -> None:
 
     log(f"multi-process run: {jax.process_count()} processes, {jax.device_count()} devices "
         f"({jax.local_device_count()} on process 0)")
+  if hasattr(args, "model_axis"):
+    mesh(args)  # a --model-axis that does not divide the devices fails before any work
 
 
 def _primary() -> bool:

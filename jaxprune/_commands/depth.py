@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
                  help="shapley_near: units removed from each sub-network [default: n - floor(0.9 n) of the n "
                       "candidates: sub-networks of 90 %% of the units, as in Siddiqui et al.]")
   common.add_output_args(p)
+  common.add_mesh_arg(p)
   common.add_distributed_args(p)
   p.set_defaults(run=run)
 
@@ -52,7 +53,6 @@ def run(args) -> dict:
   from jaxprune.depth._metrics import check_metric
   from jaxprune.depth._stages import check_unit
   from jaxprune.errors import JaxpruneError
-  from jaxprune._evaluate import data_mesh
   from jaxprune.io._checkpoint import save_checkpoint
   from jaxprune.prune._job import check_out
 
@@ -75,7 +75,7 @@ def run(args) -> dict:
   calib = common.windows(model, args.calib, seqlen=args.seqlen, role="calib", nsamples=args.nsamples,
                          seed=args.seed)
   evals = common.eval_windows(args, model, args.eval) if args.eval else None  # bad eval data fails before work
-  mesh = data_mesh()
+  mesh = common.mesh(args)
   dense = None
   if evals is not None and args.eval_dense:
     dense = common.evaluate(args, model.params, config, evals, mesh=mesh, desc="eval dense")

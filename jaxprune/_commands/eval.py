@@ -12,16 +12,16 @@ def add_parser(sub) -> None:
   common.add_batch_arg(p)
   common.add_stream_arg(p)
   common.add_json_arg(p)
+  common.add_mesh_arg(p)
   common.add_distributed_args(p)
   p.set_defaults(run=run)
 
 
 def run(args) -> dict:
-  from jaxprune._evaluate import data_mesh
 
   model = common.load(args.model, dtype=args.dtype, stream=args.stream)
   data = common.eval_windows(args, model, args.data)
-  block = common.evaluate(args, model.params, model.config, data, mesh=data_mesh())
+  block = common.evaluate(args, model.params, model.config, data, mesh=common.mesh(args))
   common.say(args, f"perplexity {block['perplexity']:.4f} on {data.source} ({block['windows']} windows x "
                    f"{block['seqlen']} tokens)")
   return common.with_io_seconds(args, common.eval_result(block))

@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
                  help="magnitude/SparseGPT unstructured: prune exactly floor(s*n) ('count'), or every score up to "
                       "the next one as the reference codes do ('threshold') [count]")
   _surgeon.add_args(p)
+  common.add_mesh_arg(p)
   common.add_distributed_args(p)
   p.set_defaults(run=run)
 
@@ -131,11 +132,10 @@ def prune_and_report(args, model, prune, describe) -> dict:
   work), scores the dense model when ``--eval-dense`` asks, runs ``prune(mesh)``, scores and saves its outcome,
   prints the per-block table and one summary line (``describe(outcome)`` after the sparsity), and returns the
   command's JSON."""
-  from jaxprune._evaluate import data_mesh
   from jaxprune.prune import _job as job
 
   evals = common.eval_windows(args, model, args.eval) if args.eval else None
-  mesh = data_mesh()
+  mesh = common.mesh(args)
   dense = None
   if evals is not None and args.eval_dense:
     dense = common.evaluate(args, model.params, model.config, evals, mesh=mesh, desc="eval dense")

@@ -58,6 +58,7 @@ def add_parser(sub) -> None:
   p.add_argument("--max-eval-windows", type=common.count, default=common.DEFAULT_EVAL_WINDOWS, metavar="N",
                  help="evaluate the first this many windows; 0 = all [default: %(default)s]")
   common.add_json_arg(p)
+  common.add_mesh_arg(p)
   common.add_distributed_args(p)
   p.set_defaults(run=run)
 
@@ -141,7 +142,6 @@ def check_disjoint(data, start: int, evals, eval_source, *, flag: str = "--data"
 
 
 def run(args) -> dict:
-  from jaxprune._evaluate import data_mesh
   from jaxprune.io._checkpoint import save_checkpoint
   from jaxprune.prune._job import check_out, mask_tree
   from jaxprune.retrain import _state, check_budget, prepare, retrain
@@ -158,7 +158,7 @@ def run(args) -> dict:
   windows, sha256 = train_windows(model, args.data, start=args.data_start, seqlen=args.seqlen)
   evals = common.eval_windows(args, model, args.eval) if args.eval else None
   check_disjoint(args.data, args.data_start, evals, args.eval)
-  mesh = data_mesh()
+  mesh = common.mesh(args)
   batch = Runner(config, mesh=mesh, batch_size=args.batch_size).batches(args.batch_size, windows.shape[1]).batch
   check_budget(len(windows), windows.shape[1], steps=args.steps, batch=batch, accumulate=args.accumulate,
                epochs=args.epochs)
