@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import tolerances as tol
 
 import jaxprune as jp
 from jaxprune import _tree as tree
@@ -161,6 +162,9 @@ def test_cli_stream_prune_blocks_eval_and_export(tiny, tmp_path, capsys):
   assert main(["eval", "--model", str(ck), "--stream", "--data", str(tiny / "eval.npy"), "--json", "-"]) == 0
   streamed_ppl = json.loads(capsys.readouterr().out)["perplexity"]
   assert streamed_ppl == doc["perplexity"]
+  assert main(["eval", "--model", str(ck), "--stream", "--model-axis", "2", "--data", str(tiny / "eval.npy"),
+               "--json", "-"]) == 0  # each block's weights split over 2 of the 8 devices
+  tol.assert_reordered(json.loads(capsys.readouterr().out)["perplexity"], doc["perplexity"], "perplexity")
   assert main(["export", "--model", str(ck), "--stream", "--out", str(hf)]) == 0
   index = json.loads((hf / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) == 4  # embeddings and head, then one file per block
