@@ -378,6 +378,20 @@ def test_sparsegpt_transposed_column_loop_equals_the_column_form():
   assert (want[1] != 0).any()  # some weights were pruned and their error spread
 
 
+@pytest.mark.parametrize("percdamp, tokens", [(1.0, None), (0.0, 8)], ids=["heavy-damping", "retried-damping"])
+def test_sparsegpt_error_from_its_own_errors_equals_the_trace(percdamp, tokens):
+  """SparseGPT's error comes from the scaled errors of its columns, ``‖E‖² - δ‖ΔW‖²`` (:mod:`..._sparsegpt`), not
+  from a product with ``G``: it equals the float64 trace of the returned weights also where the damping term
+  ``δ‖ΔW‖²`` is large (``percdamp=1``) and where ``δ`` comes from a retried factorisation (a rank-deficient Gram
+  with no damping), with dead inputs."""
+  w, x = make_problem(dead=(3, 17), seed=12)
+  x = x if tokens is None else x[:tokens]
+  g = x.astype(np.float64).T @ x.astype(np.float64)
+  out = jitted("sparsegpt", Unstructured(0.5), percdamp=percdamp)(jnp.asarray(w), stats_of(x))
+  trace = ref.error(w.astype(np.float64), np.asarray(out.w, np.float64), g)
+  np.testing.assert_allclose(float(out.error), trace, rtol=tol.ERROR_RTOL)
+
+
 # ---------------------------------------------------------------- robustness and input errors
 
 

@@ -83,8 +83,9 @@ def pass_flops(config, *, windows: int, seq: int, method: str, true_sequential: 
   Wanda's selection 0. ``computed=True`` counts what the code does instead: the Gram's upper block triangle
   (:func:`gram_fraction`), the factor per linear (``4/3·d³``: the triangular inverse as a solve on the identity,
   ``d³``), the update on
-  columns padded to ``blocksize`` with its in-block rank-1 steps, and the two reconstruction errors of the
-  reports (``2·d_out·d_in²`` each). A LLaMA-family block with full sublayers; the LM head is not used.
+  columns padded to ``blocksize`` with its in-block rank-1 steps, and the reports' dense output energy
+  ``tr(W G Wᵀ)`` (``2·d_out·d_in²``; the solver's error comes from its column errors, no product). A LLaMA-family
+  block with full sublayers; the LM head is not used.
   """
   if config.family != "llama" or config.sublayers or config.layer_widths:
     raise ValueError("pass_flops counts uniform LLaMA-family blocks with full sublayers")
@@ -108,7 +109,7 @@ def pass_flops(config, *, windows: int, seq: int, method: str, true_sequential: 
       solver += len(s) * 4 / 3 * d**3 if computed else 2 / 3 * d**3
       for d_out, d_in in s:
         pad = -(-d_in // blocksize) * blocksize
-        solver += 2 * d_out * pad * (pad + blocksize) + 4 * d_out * d_in**2 if computed else 2 * d_out * d_in**2
+        solver += 2 * d_out * pad * (pad + blocksize) + 2 * d_out * d_in**2 if computed else 2 * d_out * d_in**2
   elif method != "wanda":
     raise ValueError(f"pass_flops counts wanda and sparsegpt, not {method}")
   steps = {"taps": without_down, "outputs": outputs, "statistics": stats, "solver": solver}

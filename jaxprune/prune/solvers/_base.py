@@ -101,11 +101,15 @@ def _gram_error(delta: jax.Array, gram: jax.Array) -> jax.Array:
 _ERROR_COLUMNS = 2048  # columns of G per product in reconstruction_error
 
 
+def check_with_error(with_error) -> None:
+  if not isinstance(with_error, bool):
+    raise JaxpruneError(f"with_error must be True or False, got {with_error!r}")
+
+
 def finish(w_in: jax.Array, w_new: jax.Array, mask: jax.Array, stats: Stats | None, *,
            with_error: bool) -> SolverResult:
   """Casts ``w_new`` back to the input dtype (zeroing pruned entries) and adds the error of what is returned
   (``None`` unless ``with_error``)."""
-  if not isinstance(with_error, bool):
-    raise JaxpruneError(f"with_error must be True or False, got {with_error!r}")
+  check_with_error(with_error)
   w_out = jnp.where(mask, w_new, 0).astype(w_in.dtype)
   return SolverResult(w=w_out, mask=mask, error=reconstruction_error(w_in, w_out, stats) if with_error else None)
