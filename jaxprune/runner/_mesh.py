@@ -1,8 +1,9 @@
 """The device mesh of a run: a ``data`` axis that splits token windows, and an optional ``model`` axis.
 
 The ``data`` axis carries data parallelism (windows of a batch split over devices, parameters replicated, per-shard
-statistics reduced with ``psum``). The ``model`` axis, where present, splits the rows of a weight matrix for the
-row-parallel solvers; it is the axis along which parameters will be sharded.
+statistics reduced with ``psum``). The ``model`` axis, where present, splits each weight matrix of the placed
+parameters along a dimension it divides (``Runner.place``) and the rows of the row-parallel solvers; the command line asks for it with
+``--model-axis``.
 """
 from __future__ import annotations
 
