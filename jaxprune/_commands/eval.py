@@ -18,7 +18,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> dict:
-
   model = common.load(args.model, dtype=args.dtype, stream=args.stream)
   data = common.eval_windows(args, model, args.data)
   block = common.evaluate(args, model.params, model.config, data, mesh=common.mesh(args))

@@ -2,8 +2,8 @@
 
 The ``data`` axis carries data parallelism (windows of a batch split over devices, parameters replicated, per-shard
 statistics reduced with ``psum``). The ``model`` axis, where present, splits each weight matrix of the placed
-parameters along a dimension it divides (``Runner.place``) and the rows of the row-parallel solvers; the command line asks for it with
-``--model-axis``.
+parameters along a dimension it divides (``Runner.place``) and the rows of the row-parallel solvers; the command
+line asks for it with ``--model-axis``.
 """
 from __future__ import annotations
 
