@@ -31,7 +31,6 @@ DEFAULT_CHUNK = 128
 def measure(chunk: int, repeats: int = 7) -> dict:
   """One setting, in this process: the block's seconds, the 2048³ rate, the FLOPs and the ratio."""
   import functools
-  import time
 
   import jax
   import jax.numpy as jnp
@@ -40,6 +39,7 @@ def measure(chunk: int, repeats: int = 7) -> dict:
   import jaxprune as jp
   from jaxprune.models import _layers, _llama
   from jaxprune.runner import Runner
+  from experiments.prune_speed.pieces import best, timings
   from experiments.prune_speed.roofline import attention_flops, linear_shapes
 
   _llama.dot_attention = functools.partial(_layers.dot_attention, chunk=chunk)
@@ -49,25 +49,15 @@ def measure(chunk: int, repeats: int = 7) -> dict:
   block = runner.place(model.params["layers"][1])
   h = jnp.asarray(np.random.default_rng(0).standard_normal((8, 512, config.hidden_size), np.float32) * 0.1)
 
-  def best_median(fn, n):
-    fn()
-    times = []
-    for _ in range(n):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return min(times), float(np.median(times))
-
   out = jax.block_until_ready(runner.block(block, h))
-  seconds, median = best_median(lambda: jax.block_until_ready(runner.block(block, h)), repeats)
+  times = timings(lambda: jax.block_until_ready(runner.block(block, h)), repeats)
   a = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 2048), np.float32))
   product = jax.jit(functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST))
-  gemm, _ = best_median(lambda: product(a, a).block_until_ready(), 5)
-  rate = 2 * 2048**3 / gemm
+  rate = 2 * 2048**3 / best(lambda: product(a, a).block_until_ready(), 5)
   linears = 8 * 512 * sum(2 * o * i for shapes in linear_shapes(config).values() for o, i in shapes)
   flops = linears + 8 * attention_flops(config, 512, chunk=chunk)
-  return {"seconds": seconds, "median_seconds": median, "gflop": flops / 1e9, "matmul_gflop_per_s": rate / 1e9,
-          "ratio": seconds / (flops / rate), "checksum": float(jnp.sum(out))}
+  return {"seconds": min(times), "median_seconds": float(np.median(times)), "gflop": flops / 1e9,
+          "matmul_gflop_per_s": rate / 1e9, "ratio": min(times) / (flops / rate), "checksum": float(jnp.sum(out))}
 
 
 def main() -> None:

@@ -29,15 +29,20 @@ from experiments.common import REFERENCE, command, machine, write_json  # noqa: 
 SHAPES = {"q/o": ((576, 576), 2), "k/v": ((192, 576), 2), "gate/up": ((1536, 576), 2), "down": ((576, 1536), 1)}
 
 
-def best(fn, repeats: int) -> float:
-  """Best seconds of ``repeats`` calls of ``fn`` (which waits for its result), after one untimed call."""
+def timings(fn, repeats: int) -> list[float]:
+  """Seconds of ``repeats`` calls of ``fn`` (which waits for its result), after one untimed call."""
   fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return min(times)
+  return times
+
+
+def best(fn, repeats: int) -> float:
+  """The best of :func:`timings`."""
+  return min(timings(fn, repeats))
 
 
 def main() -> None:
