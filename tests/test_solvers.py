@@ -439,3 +439,25 @@ def test_bad_input_raises(call, match):
   w, x = make_problem(seed=12)
   with pytest.raises(JaxpruneError, match=match):
     call(jnp.asarray(w), stats_of(x))
+
+
+
+def test_pass_programs_compile_without_gpu_autotuning_and_public_solvers_nest():
+  """The pass's per-linear programs carry the solver compiler options (no GPU autotuning; XLA accepts them: the
+  pass tests compile these programs); the public solvers carry none, so a user's own jit can call them."""
+  from jaxprune.prune import _sequential as S, _surgeon_pass as SP, _surgeon_units as SU
+  from jaxprune.prune.solvers._base import SOLVER_COMPILER_OPTIONS
+
+  assert SOLVER_COMPILER_OPTIONS == {"xla_gpu_autotune_level": 0}
+  programs = [*(S.jitted_solver(S.PruneSpec(m, Unstructured(0.5))) for m in SOLVERS), S._output_energy,
+              SP.linear_inverses, SP.linear_costs, SP.update_elements, SP.update_rows_columns, SU.linear_unit_costs]
+  for program in programs:
+    assert dict(program._jit_info.compiler_options_kvs) == SOLVER_COMPILER_OPTIONS, program
+  w, x = make_problem()
+  stats = stats_of(x)
+  for name in SOLVERS:
+    solve = get_solver(name).solve
+    assert not solve._jit_info.compiler_options_kvs, name
+    nested = jax.jit(lambda w, stats, solve=solve: solve(w, stats, pattern=NM(2, 4)).mask)(jnp.asarray(w), stats)
+    direct = S.jitted_solver(S.PruneSpec(name, NM(2, 4)))(jnp.asarray(w), stats).mask
+    np.testing.assert_array_equal(nested, direct)

@@ -40,6 +40,7 @@ from jaxprune.models._convert import from_hf_layout, to_hf_layout
 from jaxprune.models._layers import MID
 from jaxprune.prune._patterns import Pattern
 from jaxprune.prune.solvers import check_options, get_solver, reconstruction_error
+from jaxprune.prune.solvers._base import solver_jit
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner, as_input
 from jaxprune.runner._batches import gathered
@@ -116,7 +117,7 @@ def jitted_solver(spec: PruneSpec):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_solver(method: str, pattern: Pattern, hparams: tuple):
-  return jax.jit(functools.partial(get_solver(method).solve, pattern=pattern, **dict(hparams)))
+  return solver_jit()(functools.partial(get_solver(method).solve, pattern=pattern, **dict(hparams)))
 
 
 def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
@@ -158,7 +159,7 @@ def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   return from_hf_layout(result.w).astype(kernel.dtype), from_hf_layout(result.mask), result, energy
 
 
-@jax.jit
+@solver_jit()
 def _output_energy(w, stats) -> jax.Array:
   """``tr(W G Wᵀ)`` of the float32 ``(d_out, d_in)`` weights the solver was given: the dense output's energy on the
   statistics, the unit of a relative reconstruction error (``G = I`` without statistics). (The same sum over the

@@ -30,7 +30,6 @@ per weight).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
 import sys
 import time
@@ -54,6 +53,7 @@ from jaxprune.prune import _surgeon_retrain as R, _surgeon_units as U
 from jaxprune.prune._surgeon_retrain import Retraining
 from jaxprune.prune._surgeon_units import Units
 from jaxprune.prune.solvers import _surgeon as sg
+from jaxprune.prune.solvers._base import solver_jit
 from jaxprune.runner import Runner
 
 FISHER_LABELS = ("sampled", "data")
@@ -161,7 +161,7 @@ def check_surgeon_spec(spec: SurgeonSpec) -> SurgeonSpec:
 # ---------------------------------------------------------------- one linear (jitted, one compile per shape)
 
 
-@functools.partial(jax.jit, static_argnames=("damping_a", "damping_g"))
+@solver_jit(static_argnames=("damping_a", "damping_g"))
 def linear_inverses(a, g, *, damping_a: float, damping_g: float):
   """Damped ``A⁻¹`` ``(d_in, d_in)`` and ``G⁻¹`` ``(d_out, d_out)`` of one linear, and its dead inputs ``(d_in,)``
   and outputs ``(d_out,)`` (a zero diagonal entry: an input that is always 0, or an output whose gradient is, e.g.
@@ -178,7 +178,7 @@ def linear_inverses(a, g, *, damping_a: float, damping_g: float):
   return sg.damped_inverse(a, damping=damping_a), sg.damped_inverse(g, damping=damping_g), dead_in, dead_out
 
 
-@functools.partial(jax.jit, static_argnames=("kind",))
+@solver_jit(static_argnames=("kind",))
 def linear_costs(w, a, g, inverses, *, kind: str):
   """OBS costs of one linear: ``(d_out, d_in)`` element costs, or ``((d_out,) row, (d_in,) column)`` costs.
 
@@ -194,7 +194,7 @@ def linear_costs(w, a, g, inverses, *, kind: str):
   return jnp.where(dead_out, 0, rows), jnp.where(dead_in, 0, cols)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
+@solver_jit(static_argnames=("chunk",))
 def update_elements(w, a, g, inverses, keep, *, chunk: int):
   """``(W', ½ tr(ΔWᵀ G ΔW A))``: the chunked correlated OBS update removing ``keep == False`` (``(d_out, d_in)``
   bool) from ``w`` under ``G ⊗ A`` (shapes as :func:`linear_costs`)."""
@@ -203,7 +203,7 @@ def update_elements(w, a, g, inverses, keep, *, chunk: int):
   return new, sg.kron_quadratic(new - w, a, g)
 
 
-@jax.jit
+@solver_jit()
 def update_rows_columns(w, a, g, inverses, keep_rows, keep_cols):
   """``(W', ½ tr(ΔWᵀ G ΔW A))`` removing rows ``keep_rows == False`` ``(d_out,)`` with ``G⁻¹`` and columns
   ``keep_cols == False`` ``(d_in,)`` with ``A⁻¹``: the joint OBS optimum under ``G ⊗ A``."""

@@ -27,7 +27,6 @@ and one MLP unit (a one-line error otherwise). Units removed by an earlier shot 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from jaxprune.models._compact import _attn_paths, _mlp_paths
 from jaxprune.models._config import ModelConfig
 from jaxprune.prune._patterns import Unstructured
 from jaxprune.prune.solvers import _surgeon as sg
+from jaxprune.prune.solvers._base import solver_jit
 
 KINDS = ("attn", "mlp")
 
@@ -78,7 +78,7 @@ def part_of(config: ModelConfig, layer: int, path: str) -> Part:
   return parts[path]
 
 
-@functools.partial(jax.jit, static_argnames=("side", "size", "count"))
+@solver_jit(static_argnames=("side", "size", "count"))
 def linear_unit_costs(w, a, g, inverses, *, side: str, size: int, count: int):
   """``(count,)`` joint OBS costs of removing each unit's rows (``side="rows"``) or columns of one linear (``w``
   ``(d_out, d_in)`` HF layout, a bias as its last column; factors and ``inverses`` as

@@ -1,6 +1,8 @@
-"""What every solver shares: its result type, input checks, compute dtype, reconstruction error."""
+"""What every solver shares: its result type, input checks, compute dtype, reconstruction error, and how its
+programs are compiled."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -12,6 +14,22 @@ from jaxprune.prune._patterns import NM, Unstructured
 from jaxprune.prune._stats import Stats
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+SOLVER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+"""XLA options of the pass's programs that solve one linear (its jit of a solver, the dense output's energy, LLM
+Surgeon's per-linear programs): no GPU autotuning. Such a program is compiled once per linear shape and then runs a
+few dozen times, for milliseconds; on an H200, SparseGPT's first call on each of SmolLM2-135M's four linear shapes
+took 10.5-14.1 s with XLA's default autotuning and 1.9-2.4 s without it, and its later calls 20-45 ms either way
+(``XLA_FLAGS=--xla_gpu_autotune_level=0`` in ``experiments/accelerator/compile_probe.py``). The CPU and TPU
+compilers do not read the option. The public solvers (``sparsegpt`` ...) stay plain ``jax.jit`` s, so that a user's
+own jit can call them (JAX takes compiler options on the outermost jit only); wrap one as the pass does to get the
+same compilation."""
+
+
+def solver_jit(**jit_kwargs):
+  """A ``jax.jit`` decorator with :data:`SOLVER_COMPILER_OPTIONS` (for a program no other jit calls); ``jit_kwargs``
+  as ``jax.jit``'s."""
+  return functools.partial(jax.jit, compiler_options=SOLVER_COMPILER_OPTIONS, **jit_kwargs)
 
 
 class SolverResult(NamedTuple):
