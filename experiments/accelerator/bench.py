@@ -7,7 +7,8 @@ after each, a phase that fails recorded with its error, and no phase started pas
 2. ``embedded``: whole-pass seconds of ``jp.prune`` on the embedded model, compilation included, for
    magnitude, Wanda, SparseGPT and ADMM at 50 % unstructured.
 3. ``model_1b``: the same on a random model of LLaMA-3.2-1B's shapes (its first blocks), in bfloat16.
-4. ``solvers``: ``experiments/solver_speed/bench.py`` at LLaMA-7B shapes, against a plain matmul.
+4. ``solvers``: ``experiments/solver_speed/bench.py`` at LLaMA-7B shapes, against a plain matmul, one process per
+   shape (a shape not started past ``--budget``; the process stopped at ``--stop`` seconds).
 """
 from __future__ import annotations
 
@@ -121,17 +122,31 @@ def passes_1b(s: dict, deadline: float, phase: dict, save) -> dict:
   return phase
 
 
-def solver_speed(s: dict) -> dict:
-  with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run([sys.executable, str(REPO / "experiments" / "solver_speed" / "bench.py"), "--shapes", s["shapes"],
-                    "--tokens", str(s["tokens"]), "--repeats", str(s["repeats"]), "--out", tmp], check=True)
-    result = json.loads((Path(tmp) / "result.json").read_text())
-  return {"matmul_4096_gflops": round(result["matmul_4096_gflops"], 1), "solvers": result["solvers"]}
+def solver_speed(s: dict, deadline: float, stop: float, phase: dict, save) -> dict:
+  """``experiments/solver_speed/bench.py`` once per shape of ``s``, each in a process of its own stopped at ``stop``
+  (a time); a shape is not started after ``deadline``. Each shape's selections and solvers go into ``phase`` as
+  they finish, then ``save()``."""
+  phase["shapes"] = {}
+  for shape in s["shapes"].split(","):
+    if time.time() > deadline:
+      phase["shapes"][shape] = {"skipped": "time budget spent"}
+      continue
+    with tempfile.TemporaryDirectory() as tmp:
+      subprocess.run([sys.executable, str(REPO / "experiments" / "solver_speed" / "bench.py"), "--shapes", shape,
+                      "--tokens", str(s["tokens"]), "--repeats", str(s["repeats"]), "--out", tmp], check=True,
+                     timeout=max(1.0, stop - time.time()))
+      result = json.loads((Path(tmp) / "result.json").read_text())
+    phase["shapes"][shape] = {"matmul_4096_gflops": round(result["matmul_4096_gflops"], 1),
+                              "selection": result["selection"][shape], "solvers": result["solvers"]}
+    save()
+  return phase
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--budget", type=float, default=420.0, help="no phase or method starts after this many seconds")
+  p.add_argument("--stop", type=float, default=470.0,
+                 help="the solver phase's processes are stopped after this many seconds (run.sh stops all at 480)")
   p.add_argument("--settings", choices=sorted(SETTINGS), help="default: accelerator unless the backend is cpu")
   args = p.parse_args()
   start = time.time()
@@ -158,7 +173,8 @@ def main() -> None:
       value.update({"eval": lambda: eval_speed(settings["eval"], model),
                     "embedded": lambda: embedded_passes(settings["embedded"], model, deadline, value, save),
                     "model_1b": lambda: passes_1b(settings["model_1b"], deadline, value, save),
-                    "solvers": lambda: solver_speed(settings["solvers"])}[phase]())
+                    "solvers": lambda: solver_speed(settings["solvers"], deadline, start + args.stop, value,
+                                                    save)}[phase]())
     except Exception as err:  # noqa: BLE001 - one failing phase must not cost the others
       traceback.print_exc()
       value["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
