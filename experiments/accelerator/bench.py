@@ -32,6 +32,7 @@ import jaxprune as jp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["magnitude", "wanda", "sparsegpt", "admm"]
+PHASES = ("eval", "embedded", "model_1b", "solvers")
 # LLaMA-3.2-1B (without its rope scaling, which changes no cost).
 LLAMA_1B = dict(family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                 num_heads=32, num_kv_heads=8, head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
@@ -148,17 +149,22 @@ def main() -> None:
   p.add_argument("--stop", type=float, default=470.0,
                  help="the solver phase's processes are stopped after this many seconds (run.sh stops all at 480)")
   p.add_argument("--settings", choices=sorted(SETTINGS), help="default: accelerator unless the backend is cpu")
+  p.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases to run, in their order [all]")
+  p.add_argument("--out", type=Path, help="the JSON [result_<device>.json beside this script]")
   args = p.parse_args()
   start = time.time()
   deadline = start + args.budget
   kind = args.settings or ("cpu" if jax.default_backend() == "cpu" else "accelerator")
   settings = SETTINGS[kind]
-  out = HERE / f"result_{device_name()}.json"
+  out = args.out or HERE / f"result_{device_name()}.json"
+  phases = args.phases.split(",")
+  if set(phases) - set(PHASES):
+    p.error(f"--phases: unknown {', '.join(sorted(set(phases) - set(PHASES)))}; known: {', '.join(PHASES)}")
   result = {"command": command(Path(__file__)), "machine": machine(), "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
             "settings_kind": kind, "settings": settings, "phases": {}}
   model = None
-  for phase in ("eval", "embedded", "model_1b", "solvers"):
+  for phase in [phase for phase in PHASES if phase in phases]:
     if time.time() > deadline:
       result["phases"][phase] = {"skipped": "time budget spent"}
       continue
