@@ -12,6 +12,7 @@ import os
 # OpenBLAS reads it when it loads, at the first LAPACK call of the process; a value already set is kept.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from jaxprune._compile_cache import use_compilation_cache
 from jaxprune._evaluate import EvalResult, perplexity
 from jaxprune.data import TokenWindows, load_text, load_windows
 from jaxprune.depth import DepthResult, depth_prune
@@ -31,8 +32,8 @@ __all__ = [
     "load_model", "LoadedModel", "ModelConfig", "load_windows", "load_text", "TokenWindows",
     "prune", "PruneSpec", "PruneOutcome", "depth_prune", "DepthResult", "perplexity", "EvalResult",
     "load_checkpoint", "save_checkpoint", "save_hf_dir", "from_hf_config", "to_hf_config", "JaxpruneError",
-    # Devices and forward passes.
-    "Runner", "make_mesh", "data_mesh",
+    # Devices, forward passes, compilation.
+    "Runner", "make_mesh", "data_mesh", "use_compilation_cache",
     # Solver level: pure functions over (d_out, d_in) weights and input statistics.
     "magnitude", "wanda", "sparsegpt", "admm", "admm_update", "SolverResult", "SOLVERS", "get_solver",
     "Stats", "init_stats", "accumulate", "accumulate_sharded", "NM", "Unstructured", "run_pass",

@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["JAXPRUNE_COMPILATION_CACHE"] = "0"  # commands run in the test processes leave ~/.cache alone
 
 import jax  # noqa: E402
 

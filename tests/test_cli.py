@@ -218,3 +218,55 @@ def jax_leaves(tree):
   import jax
 
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+
+def test_commands_keep_compiled_programs_in_a_persistent_cache(tiny_dir, tmp_path):
+  """A command fills the compilation cache; the same command again finds every program there (adds nothing)."""
+  import os
+  import subprocess
+  import sys
+
+  def eval_with_cache():
+    args = [sys.executable, "-m", "jaxprune", "eval", "--model", str(tiny_dir), "--data", "austen", "--seqlen", "64",
+            "--max-windows", "2"]
+    proc = subprocess.run(args, env={**os.environ, "JAXPRUNE_COMPILATION_CACHE": str(cache)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return sorted(p.name for p in cache.rglob("*") if p.is_file())
+
+  cache = tmp_path / "cache"
+  first = eval_with_cache()
+  assert first
+  assert eval_with_cache() == first
+
+
+def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch):
+  """Off with ``JAXPRUNE_COMPILATION_CACHE=0``; a path there is used; else ``$XDG_CACHE_HOME/jaxprune/xla``; a
+  folder already configured for JAX is kept; an unwritable one turns the cache off. (Nothing is compiled while the
+  option is set here, and it is reset after.)"""
+  import jax
+
+  from jaxprune._compile_cache import use_compilation_cache
+
+  before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+  try:
+    monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", "0")
+    assert use_compilation_cache() is None and jax.config.jax_compilation_cache_dir == before[0]
+    monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", str(tmp_path / "mine"))
+    assert use_compilation_cache() == tmp_path / "mine" and (tmp_path / "mine").is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert use_compilation_cache(tmp_path / "other") == tmp_path / "mine"  # already configured: kept
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", "")
+    assert use_compilation_cache() == tmp_path / "home" / "jaxprune" / "xla"
+    jax.config.update("jax_compilation_cache_dir", None)
+    (tmp_path / "file").write_text("")
+    assert use_compilation_cache(tmp_path / "file" / "xla") is None  # cannot be created
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
