@@ -7,13 +7,17 @@ SparseGPT's pass on the embedded model (16 × 512 calibration tokens) took 41.1 
 against 48.8-49.9 s without (``python experiments/prune_speed/compile_cache.py``); on a GPU compiling costs more,
 since XLA autotunes the model's matrix products there.
 
-``JAXPRUNE_COMPILATION_CACHE`` in the environment: ``0`` (or ``off``, ``false``, ``no``) turns it off, a path puts it
-there. A cache the user set up for JAX itself (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is left as it is.
+The cache is kept under :data:`MAX_BYTES` by evicting the least recently used programs (JAX's own eviction, which
+locks the folder with the ``filelock`` package, a dependency of ``transformers``; without it the size is not
+bounded). ``JAXPRUNE_COMPILATION_CACHE`` in the environment: ``0`` (or ``off``, ``false``, ``no``) turns it off, a
+path puts it there. A cache the user set up for JAX itself (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is
+left as it is.
 Library code is not affected unless it calls :func:`use_compilation_cache` (``jaxprune.use_compilation_cache()``,
 e.g. at the top of a notebook).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,6 +25,8 @@ import jax
 
 ENV = "JAXPRUNE_COMPILATION_CACHE"
 _OFF = ("0", "off", "false", "no")
+MAX_BYTES = 4 * 2**30
+"""The cache's size bound (unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` is set)."""
 
 
 def default_dir() -> Path:
@@ -51,4 +57,6 @@ def use_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
   jax.config.update("jax_compilation_cache_dir", str(folder))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock") is not None:
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return folder

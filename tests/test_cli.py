@@ -247,10 +247,12 @@ def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch):
   option is set here, and it is reset after.)"""
   import jax
 
-  from jaxprune._compile_cache import use_compilation_cache
+  from jaxprune._compile_cache import MAX_BYTES, use_compilation_cache
 
-  before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+            jax.config.jax_compilation_cache_max_size)
   monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
   try:
     monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", "0")
@@ -259,6 +261,7 @@ def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch):
     assert use_compilation_cache() == tmp_path / "mine" and (tmp_path / "mine").is_dir()
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert jax.config.jax_compilation_cache_max_size == MAX_BYTES  # filelock comes with transformers
     assert use_compilation_cache(tmp_path / "other") == tmp_path / "mine"  # already configured: kept
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", "")
@@ -270,3 +273,4 @@ def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch):
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    jax.config.update("jax_compilation_cache_max_size", before[2])
