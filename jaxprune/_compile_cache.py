@@ -3,8 +3,8 @@
 Every ``jaxprune`` command turns JAX's persistent compilation cache on before any computation, in
 ``$XDG_CACHE_HOME/jaxprune/xla`` (``~/.cache/jaxprune/xla`` by default), for every program (no minimum compile time).
 A pass compiles the block forward, the statistics and each solver once per shape: on the 2-core development VM,
-SparseGPT's pass on the embedded model (16 × 512 calibration tokens) took 41.1 s with its programs in the cache
-against 48.8-49.9 s without (``python experiments/prune_speed/compile_cache.py``); on a GPU compiling costs more,
+SparseGPT's pass on the embedded model (16 × 512 calibration tokens) took 40.9 s with its programs in the cache
+against 49.1-49.7 s without (``python experiments/prune_speed/compile_cache.py``); on a GPU compiling costs more,
 since XLA autotunes the model's matrix products there.
 
 The cache is kept under :data:`MAX_BYTES` by evicting the least recently used programs (JAX's own eviction, which
