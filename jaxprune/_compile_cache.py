@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -59,4 +60,14 @@ def use_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock") is not None:
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  return folder
+
+
+def command_line_cache() -> Path | None:
+  """:func:`use_compilation_cache` for a command; a folder named in ``$JAXPRUNE_COMPILATION_CACHE`` that cannot be
+  used is reported in one line on stderr (the command goes on without the cache)."""
+  folder = use_compilation_cache()
+  asked = os.environ.get(ENV, "").strip()
+  if folder is None and asked and asked.lower() not in _OFF:
+    print(f"jaxprune: compilation cache off: cannot create or write {asked} (${ENV})", file=sys.stderr)
   return folder

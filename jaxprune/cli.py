@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   from jaxprune._commands import common
-  from jaxprune._compile_cache import use_compilation_cache
+  from jaxprune._compile_cache import command_line_cache
 
   args = build_parser().parse_args(argv)
   start = time.perf_counter()
-  use_compilation_cache()  # before any compilation
+  command_line_cache()  # before any compilation
   try:
     common.check_json_out(args.json)  # outputs are checked before any work
     common.join(args)  # a multi-process run is joined before any JAX computation

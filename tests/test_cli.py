@@ -241,13 +241,13 @@ def test_commands_keep_compiled_programs_in_a_persistent_cache(tiny_dir, tmp_pat
   assert eval_with_cache() == first
 
 
-def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch):
+def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch, capsys):
   """Off with ``JAXPRUNE_COMPILATION_CACHE=0``; a path there is used; else ``$XDG_CACHE_HOME/jaxprune/xla``; a
-  folder already configured for JAX is kept; an unwritable one turns the cache off. (Nothing is compiled while the
-  option is set here, and it is reset after.)"""
+  folder already configured for JAX is kept; an unwritable one turns the cache off, which a command reports in one
+  line. (Nothing is compiled while the option is set here, and it is reset after.)"""
   import jax
 
-  from jaxprune._compile_cache import MAX_BYTES, use_compilation_cache
+  from jaxprune._compile_cache import MAX_BYTES, command_line_cache, use_compilation_cache
 
   before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
             jax.config.jax_compilation_cache_max_size)
@@ -270,6 +270,10 @@ def test_compilation_cache_folder_from_the_environment(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     assert use_compilation_cache(tmp_path / "file" / "xla") is None  # cannot be created
     assert jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("JAXPRUNE_COMPILATION_CACHE", str(tmp_path / "file" / "xla"))
+    assert command_line_cache() is None
+    assert capsys.readouterr().err == (f"jaxprune: compilation cache off: cannot create or write "
+                                       f"{tmp_path / 'file' / 'xla'} ($JAXPRUNE_COMPILATION_CACHE)\n")
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
