@@ -441,7 +441,6 @@ def test_bad_input_raises(call, match):
     call(jnp.asarray(w), stats_of(x))
 
 
-
 def test_pass_programs_compile_without_gpu_autotuning_and_public_solvers_nest():
   """The pass's per-linear programs carry the solver compiler options (no GPU autotuning; XLA accepts them: the
   pass tests compile these programs); the public solvers carry none, so a user's own jit can call them."""

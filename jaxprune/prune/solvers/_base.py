@@ -20,10 +20,10 @@ SOLVER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 Surgeon's per-linear programs): no GPU autotuning. Such a program is compiled once per linear shape and then runs a
 few dozen times, for milliseconds; on an H200, SparseGPT's first call on each of SmolLM2-135M's four linear shapes
 took 10.5-14.1 s with XLA's default autotuning and 1.9-2.4 s without it, and its later calls 20-45 ms either way
-(``XLA_FLAGS=--xla_gpu_autotune_level=0`` in ``experiments/accelerator/compile_probe.py``). The CPU and TPU
-compilers do not read the option. The public solvers (``sparsegpt`` ...) stay plain ``jax.jit`` s, so that a user's
-own jit can call them (JAX takes compiler options on the outermost jit only); wrap one as the pass does to get the
-same compilation."""
+(``XLA_FLAGS=--xla_gpu_autotune_level=0`` in ``experiments/accelerator/compile_probe.py``). Other compilers ignore
+the option (the CPU's, tested; a TPU has not run it here). The public solvers (``sparsegpt`` ...) stay plain
+``jax.jit`` s, so that a user's own jit can call them (JAX takes compiler options on the outermost jit only); wrap
+one as the pass does to get the same compilation."""
 
 
 def solver_jit(**jit_kwargs):
