@@ -441,9 +441,10 @@ def test_bad_input_raises(call, match):
     call(jnp.asarray(w), stats_of(x))
 
 
-def test_pass_programs_compile_without_gpu_autotuning_and_public_solvers_nest():
-  """The pass's per-linear programs carry the solver compiler options (no GPU autotuning; XLA accepts them: the
-  pass tests compile these programs); the public solvers carry none, so a user's own jit can call them."""
+def test_pass_programs_compile_without_gpu_autotuning_and_public_solvers_nest(monkeypatch):
+  """The pass's per-linear programs compile with the solver compiler options (no autotuning) on a GPU backend and
+  without options on the others (the CPU here); the public solvers carry none, so a user's own jit can call
+  them."""
   from jaxprune.prune import _sequential as S, _surgeon_pass as SP, _surgeon_units as SU
   from jaxprune.prune.solvers._base import SOLVER_COMPILER_OPTIONS
 
@@ -451,7 +452,11 @@ def test_pass_programs_compile_without_gpu_autotuning_and_public_solvers_nest():
   programs = [*(S.jitted_solver(S.PruneSpec(m, Unstructured(0.5))) for m in SOLVERS), S._output_energy,
               SP.linear_inverses, SP.linear_costs, SP.update_elements, SP.update_rows_columns, SU.linear_unit_costs]
   for program in programs:
-    assert dict(program._jit_info.compiler_options_kvs) == SOLVER_COMPILER_OPTIONS, program
+    assert dict(program.gpu._jit_info.compiler_options_kvs) == SOLVER_COMPILER_OPTIONS, program
+    assert not program.plain._jit_info.compiler_options_kvs and program.jitted() is program.plain, program
+  with monkeypatch.context() as m:
+    m.setattr(jax, "default_backend", lambda: "gpu")
+    assert all(program.jitted() is program.gpu for program in programs)
   w, x = make_problem()
   stats = stats_of(x)
   for name in SOLVERS:
@@ -460,3 +465,5 @@ def test_pass_programs_compile_without_gpu_autotuning_and_public_solvers_nest():
     nested = jax.jit(lambda w, stats, solve=solve: solve(w, stats, pattern=NM(2, 4)).mask)(jnp.asarray(w), stats)
     direct = S.jitted_solver(S.PruneSpec(name, NM(2, 4)))(jnp.asarray(w), stats).mask
     np.testing.assert_array_equal(nested, direct)
+  program = S.jitted_solver(S.PruneSpec("wanda", NM(2, 4)))  # the option is one XLA accepts (the CPU ignores it)
+  np.testing.assert_array_equal(program.gpu(jnp.asarray(w), stats).mask, program(jnp.asarray(w), stats).mask)

@@ -17,19 +17,46 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 SOLVER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 """XLA options of the pass's programs that solve one linear (its jit of a solver, the dense output's energy, LLM
-Surgeon's per-linear programs): no GPU autotuning. Such a program is compiled once per linear shape and then runs a
-few dozen times, for milliseconds; on an H200, SparseGPT's first call on each of SmolLM2-135M's four linear shapes
-took 10.5-14.1 s with XLA's default autotuning and 1.9-2.4 s without it, and its later calls 20-45 ms either way
-(``XLA_FLAGS=--xla_gpu_autotune_level=0`` in ``experiments/accelerator/compile_probe.py``). Other compilers ignore
-the option (the CPU's, tested; a TPU has not run it here). The public solvers (``sparsegpt`` ...) stay plain
-``jax.jit`` s, so that a user's own jit can call them (JAX takes compiler options on the outermost jit only); wrap
-one as the pass does to get the same compilation."""
+Surgeon's per-linear programs) on a GPU: no autotuning. Such a program is compiled once per linear shape and then
+runs a few dozen times, for milliseconds; on an H200, SparseGPT's first call on each of SmolLM2-135M's four linear
+shapes took 10.5-14.1 s with XLA's default autotuning and 1.9-2.4 s without it, and its later calls 20-45 ms either
+way (``XLA_FLAGS=--xla_gpu_autotune_level=0`` in ``experiments/accelerator/compile_probe.py``). On other backends
+these programs compile without options (a TPU has not run this one here). The public solvers (``sparsegpt`` ...)
+stay plain ``jax.jit`` s, so that a user's own jit can call them (JAX takes compiler options on the outermost jit
+only)."""
+
+
+class SolverProgram:
+  """A function jitted twice: with :data:`SOLVER_COMPILER_OPTIONS` for GPU backends, plainly for the others; each
+  call (and ``lower``) uses the one for ``jax.default_backend()``, known only once JAX has started. For programs no
+  other jit calls."""
+
+  def __init__(self, fun, **jit_kwargs):
+    self.plain = jax.jit(fun, **jit_kwargs)
+    self.gpu = jax.jit(fun, compiler_options=SOLVER_COMPILER_OPTIONS, **jit_kwargs)
+    functools.update_wrapper(self, fun)
+
+  def jitted(self):
+    """The jit for the default backend."""
+    return self.gpu if jax.default_backend() == "gpu" else self.plain
+
+  def __call__(self, *args, **kwargs):
+    return self.jitted()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self.jitted().lower(*args, **kwargs)
+
+  def clear_cache(self) -> None:
+    self.plain.clear_cache()
+    self.gpu.clear_cache()
+
+  def _cache_size(self) -> int:
+    return self.plain._cache_size() + self.gpu._cache_size()
 
 
 def solver_jit(**jit_kwargs):
-  """A ``jax.jit`` decorator with :data:`SOLVER_COMPILER_OPTIONS` (for a program no other jit calls); ``jit_kwargs``
-  as ``jax.jit``'s."""
-  return functools.partial(jax.jit, compiler_options=SOLVER_COMPILER_OPTIONS, **jit_kwargs)
+  """A decorator making a :class:`SolverProgram`; ``jit_kwargs`` as ``jax.jit``'s."""
+  return functools.partial(SolverProgram, **jit_kwargs)
 
 
 class SolverResult(NamedTuple):
