@@ -11,9 +11,8 @@ The cache is kept under :data:`MAX_BYTES` by evicting the least recently used pr
 locks the folder with the ``filelock`` package, a dependency of ``transformers``; without it the size is not
 bounded). ``JAXPRUNE_COMPILATION_CACHE`` in the environment: ``0`` (or ``off``, ``false``, ``no``) turns it off, a
 path puts it there. A cache the user set up for JAX itself (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is
-left as it is.
-Library code is not affected unless it calls :func:`use_compilation_cache` (``jaxprune.use_compilation_cache()``,
-e.g. at the top of a notebook).
+left as it is. Library code is not affected unless it calls :func:`use_compilation_cache`
+(``jaxprune.use_compilation_cache()``, e.g. at the top of a notebook).
 """
 from __future__ import annotations
 
@@ -30,6 +29,12 @@ MAX_BYTES = 4 * 2**30
 """The cache's size bound (unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` is set)."""
 
 
+def _asked() -> str | None:
+  """``$JAXPRUNE_COMPILATION_CACHE`` stripped (``""`` when unset), or ``None`` when it turns the cache off."""
+  setting = os.environ.get(ENV, "").strip()
+  return None if setting.lower() in _OFF else setting
+
+
 def default_dir() -> Path:
   """``$XDG_CACHE_HOME/jaxprune/xla``, or ``~/.cache/jaxprune/xla``."""
   return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxprune" / "xla"
@@ -43,8 +48,8 @@ def use_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
   created or written (the commands then compile as without it). A cache folder already configured for JAX is kept
   and returned.
   """
-  setting = os.environ.get(ENV, "").strip()
-  if path is None and setting.lower() in _OFF:
+  setting = _asked()
+  if path is None and setting is None:
     return None
   if jax.config.jax_compilation_cache_dir:
     return Path(jax.config.jax_compilation_cache_dir)
@@ -67,7 +72,7 @@ def command_line_cache() -> Path | None:
   """:func:`use_compilation_cache` for a command; a folder named in ``$JAXPRUNE_COMPILATION_CACHE`` that cannot be
   used is reported in one line on stderr (the command goes on without the cache)."""
   folder = use_compilation_cache()
-  asked = os.environ.get(ENV, "").strip()
-  if folder is None and asked and asked.lower() not in _OFF:
+  asked = _asked()
+  if folder is None and asked:
     print(f"jaxprune: compilation cache off: cannot create or write {asked} (${ENV})", file=sys.stderr)
   return folder

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import write_json  # noqa: E402
+from experiments.solver_speed.bench import timed  # noqa: E402
 import jaxprune as jp  # noqa: E402
 from jaxprune.models import _model as M  # noqa: E402
 from jaxprune.prune.solvers._sparsegpt import _inverse_cholesky_upper  # noqa: E402
@@ -31,12 +31,9 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up
 
 
 def first_and_later(fn, *args):
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return round(first, 3), round(time.perf_counter() - start, 4)
+  """Seconds of the first call (compiling) and of one later call."""
+  first, later = timed(fn, *args, repeats=1)
+  return round(first, 3), round(later, 4)
 
 
 def main() -> None:
