@@ -220,7 +220,6 @@ def jax_leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-
 def test_commands_keep_compiled_programs_in_a_persistent_cache(tiny_dir, tmp_path):
   """A command fills the compilation cache; the same command again finds every program there (adds nothing)."""
   import os
