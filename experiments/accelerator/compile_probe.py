@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.common import write_json  # noqa: E402
+from experiments.common import command, machine, write_json  # noqa: E402
 from experiments.solver_speed.bench import timed  # noqa: E402
 import jaxprune as jp  # noqa: E402
 from jaxprune.models import _model as M  # noqa: E402
@@ -40,7 +40,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--out", type=Path, required=True)
   args = p.parse_args()
-  result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind, "shapes": {}}
+  result = {"command": command(Path(__file__)), "machine": machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "device": jax.devices()[0].device_kind, "shapes": {}}
   rng = np.random.default_rng(0)
   for d_out, d_in in SHAPES:
     x = rng.standard_normal((2048, d_in)).astype(np.float32)
