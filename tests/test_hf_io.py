@@ -7,6 +7,7 @@ import socket
 import stat
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -156,3 +157,14 @@ def test_offline_hub_model_loads_from_the_hugging_face_cache(tmp_path, monkeypat
   with pytest.raises(JaxpruneError, match="HF_HUB_OFFLINE is set, and it is not in the local") as err:
     load_model("org/absent")
   assert time.perf_counter() - start < 3 and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [None, np.float32])
+def test_transposed_copies_in_tiles_what_numpy_transposes(dtype):
+  from jaxprune.models._convert import TRANSPOSE_TILE, transposed
+
+  rng = np.random.default_rng(0)
+  matrix = rng.standard_normal((TRANSPOSE_TILE * 2 + 3, TRANSPOSE_TILE + 45), np.float32).astype(jnp.bfloat16)
+  out = transposed(matrix, dtype)
+  assert out.flags.c_contiguous and out.dtype == (matrix.dtype if dtype is None else dtype)
+  np.testing.assert_array_equal(out, np.ascontiguousarray(matrix.T).astype(out.dtype))

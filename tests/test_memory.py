@@ -62,3 +62,21 @@ def test_by_default_malloc_is_left_alone(value):
   assert retains == "False"
   if GLIBC:
     assert int(again) > int(pages) // 2  # glibc maps a fresh region each time: what the option is for
+
+
+def test_host_buffer_maps_large_buffers_apart_and_leaves_small_ones_to_numpy():
+  import mmap
+
+  import numpy as np
+
+  def mapped(a):
+    return isinstance(getattr(a.base, "obj", None), mmap.mmap)
+
+  large = _memory.host_buffer(_memory.MAPPED_BYTES)
+  assert mapped(large) and large.nbytes == _memory.MAPPED_BYTES and large.flags.writeable
+  large[-1] = 7
+  assert large[-1] == 7
+  small = _memory.host_buffer(_memory.MAPPED_BYTES - 1)
+  assert not mapped(small) and small.nbytes == _memory.MAPPED_BYTES - 1
+  shaped = _memory.host_empty((1024, 1025), np.float32)
+  assert shaped.shape == (1024, 1025) and shaped.dtype == np.float32 and shaped.flags.c_contiguous

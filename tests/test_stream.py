@@ -65,6 +65,23 @@ def test_streamed_read_gives_the_same_weights_block_by_block(tiny):
   _equal_trees(_stream.materialize(streamed.params), whole.params)
 
 
+def test_streamed_kernels_are_the_files_weights_transposed_each_in_its_own_memory(tiny):
+  stored = safetensors.numpy.load_file(tiny / "hf" / "model.safetensors")
+  files = _stream.SafetensorsFiles([tiny / "hf" / "model.safetensors"])
+  first = files.get_transient("model.layers.0.mlp.up_proj.weight")
+  again = files.get_transient("model.layers.0.mlp.gate_proj.weight")
+  assert np.shares_memory(first, again)  # one read buffer, overwritten by each call
+  np.testing.assert_array_equal(again, stored["model.layers.0.mlp.gate_proj.weight"])
+  block = load_model(str(tiny / "hf"), stream=True).params["layers"][1]
+  kernels = {path: leaf for path, leaf in tree.flatten(block).items() if path.endswith("kernel")}
+  assert len(kernels) == 7
+  for path, kernel in kernels.items():
+    weight = stored["model.layers.1." + path.replace("/kernel", ".weight").replace("/", ".")]
+    assert kernel.flags.c_contiguous and kernel.dtype == weight.dtype
+    np.testing.assert_array_equal(kernel, weight.T)
+  assert not any(np.shares_memory(a, b) for a in kernels.values() for b in kernels.values() if a is not b)
+
+
 def test_streamed_perplexity_equals_in_memory(tiny):
   windows = np.load(tiny / "eval.npy")
   whole, streamed = load_model(str(tiny / "hf")), load_model(str(tiny / "hf"), stream=True)

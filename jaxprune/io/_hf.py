@@ -138,12 +138,13 @@ def read_hf_dir(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelC
                           "or load it without streaming)")
     files = SafetensorsFiles(shards)
     get, dtypes, where = files.get, files.dtypes, files.where
+    build = functools.partial(streamed_params, source=path, where=where, get_transient=files.get_transient)
   else:
     get, dtypes = _tensor_source(path)
+    build = params_from_hf
   if config.tie_word_embeddings is False and "lm_head.weight" not in dtypes:
     raise JaxpruneError(f"{path}: untied model without lm_head.weight")
   provenance = {"source_dtype": stored_dtype(dtypes, hf_config)}
-  build = functools.partial(streamed_params, source=path, where=where) if stream else params_from_hf
   params = build(get, set(dtypes), config, jnp.dtype(dtype or provenance["source_dtype"]))
   generation = read_generation_config(path)
   if generation is not None:

@@ -7,9 +7,10 @@ host holds about one block at a time. The embeddings and the head are :class:`La
 7B model's embeddings and head are 0.5 GB in bfloat16, which a pass would otherwise hold beside its largest
 solver.
 
-Safetensors are read by byte range (``os.pread`` into a fresh buffer) rather than memory-mapped: pages of a
-memory map that were touched stay counted in the process's resident memory until the map is closed, so a
-memory-mapped 13 GB model read block by block looks, and is accounted, as 13 GB resident.
+Safetensors are read by byte range (``os.pread``) rather than memory-mapped: pages of a memory map that were
+touched stay counted in the process's resident memory until the map is closed, so a memory-mapped 13 GB model
+read block by block looks, and is accounted, as 13 GB resident. A block's linear weights are read into one buffer
+kept for the next block (:meth:`SafetensorsFiles.get_transient`) and copied from there into the kernel layout.
 
 Reading and writing overlap the computation: :meth:`Blocks.prefetch` reads the next block's bytes on a background
 thread into the operating system's page cache (not into this process's memory, see :func:`read_ahead`), and a
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._memory import host_buffer
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_file
 
@@ -239,12 +241,15 @@ def materialize(params: dict) -> dict:
 
 
 def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, source,
-                    where: Callable[[str], tuple[Path, int, int]] | None = None) -> dict:
+                    where: Callable[[str], tuple[Path, int, int]] | None = None,
+                    get_transient: Callable[[str], np.ndarray] | None = None) -> dict:
   """Params whose embeddings and head are :class:`Lazy` and whose blocks are a :class:`Blocks`, read when used, from a
   Hugging Face state dict given tensor by tensor (``get(name)``, ``names``; see
   :func:`~jaxprune.models._convert.tree_from_hf`), in ``dtype``. Missing tensors are named now; a block that does
   not fit ``dtype`` (float16 infinities) fails when it is read. ``source`` names the model in errors.
-  ``where(name)``: the byte range ``(file, offset, length)`` of a tensor, for :meth:`Blocks.prefetch`."""
+  ``where(name)``: the byte range ``(file, offset, length)`` of a tensor, for :meth:`Blocks.prefetch`;
+  ``get_transient``: see :func:`~jaxprune.models._convert.tree_from_hf`; used for the blocks only, so that its
+  buffer stays the size of a block's largest linear (a LLaMA-2-7B head would make it 0.26 GB)."""
   from jaxprune import _tree as tree
   from jaxprune.models._convert import hf_name, tree_from_hf
   from jaxprune.models._model import abstract_params
@@ -264,7 +269,8 @@ def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, sour
 
   def read(i: int) -> Block:
     with np.errstate(over="ignore"):
-      block = tree_from_hf(get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype)
+      block = tree_from_hf(get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype,
+                           get_transient=get_transient)
     if dtype == jnp.float16 and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(block)):
       raise JaxpruneError(f"{source} cannot be held in float16: block {i} has weights beyond its range (±65504) "
                           "that become infinite; use bfloat16 or float32")
@@ -314,12 +320,29 @@ class SafetensorsFiles:
     return file, start + begin, end - begin
 
   def get(self, name: str) -> np.ndarray:
+    """Tensor ``name`` in a new array (a :func:`~jaxprune._memory.host_buffer`)."""
+    return self._read(name, host_buffer)
+
+  def get_transient(self, name: str) -> np.ndarray:
+    """Tensor ``name`` in this thread's read buffer, which the thread's next call overwrites: for a caller that
+    copies the tensor out converted (a layout or a dtype), so that every read lands in memory written before
+    instead of memory new to the process (:func:`~jaxprune._memory.host_buffer`)."""
+    def scratch(nbytes: int) -> np.ndarray:
+      buffer = getattr(_SCRATCH, "buffer", None)
+      if buffer is None or buffer.nbytes < nbytes:
+        _SCRATCH.buffer = buffer = None  # the old one freed before the larger one is made
+        _SCRATCH.buffer = buffer = host_buffer(nbytes)
+      return buffer[:nbytes]
+
+    return self._read(name, scratch)
+
+  def _read(self, name: str, buffer: Callable[[int], np.ndarray]) -> np.ndarray:
     file, info, start = self._where[name]
     begin, end = info["data_offsets"]
     dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
     if dtype is None:
       raise JaxpruneError(f"{file}: tensor {name} has dtype {info['dtype']}, which jaxprune cannot read")
-    out = np.empty(end - begin, np.uint8)
+    out = buffer(end - begin)
     with timed("read"), open(file, "rb") as f:
       got = os.preadv(f.fileno(), [memoryview(out)], start + begin)
     if got != end - begin:
@@ -327,6 +350,8 @@ class SafetensorsFiles:
                           f"byte {start + end}, the file has {os.path.getsize(file)}")
     return out.view(dtype).reshape(info["shape"])
 
+
+_SCRATCH = threading.local()  # SafetensorsFiles.get_transient's buffer, one per thread
 
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 DIRECT_ALIGN = 4096  # offsets and lengths of direct writes are multiples of it (any disk's logical block size)
