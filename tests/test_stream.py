@@ -205,6 +205,32 @@ def test_truncated_safetensors_met_while_streaming_is_one_line_and_leaves_no_che
   assert not (tmp_path / "ck").exists()
 
 
+def test_a_block_that_fails_to_read_while_the_one_before_is_written_leaves_no_checkpoint(tiny, tmp_path, monkeypatch):
+  import threading
+  import time
+
+  from jaxprune.io import _checkpoint
+
+  model = load_model(str(tiny / "hf"), stream=True)
+  written, write = [], _checkpoint.write_block
+
+  def slow_write(root, name, block):
+    time.sleep(0.5)  # still writing block 1 when block 2 fails to read
+    write(root, name, block)
+    written.append((root.name, threading.current_thread().name))
+
+  def damaged():
+    raise JaxpruneError("block 2 is damaged")
+
+  monkeypatch.setattr(_checkpoint, "write_block", slow_write)
+  params = {**model.params, "layers": model.params["layers"].with_block(2, damaged)}
+  with pytest.raises(JaxpruneError, match="block 2 is damaged"):
+    save_checkpoint(tmp_path / "ck", model.config, params)
+  assert [root for root, _ in written] == ["00000", "00001"]  # both finished before the error came out
+  assert all(thread.startswith("jaxprune-write_behind") for _, thread in written)
+  assert not (tmp_path / "ck").exists() and list(tmp_path.iterdir()) == []
+
+
 def test_streaming_refuses_what_it_cannot_do(tiny, tmp_path):
   model = load_model(str(tiny / "hf"), stream=True)
   with pytest.raises(JaxpruneError, match="pass out="):

@@ -20,6 +20,8 @@ half-written checkpoint under the final name.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ from jaxprune import _tree as tree
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._atomic import atomic_dir
 from jaxprune.io._stream import (Blocks, Lazy, SafetensorsFiles, file_ranges, files_of, is_streamed, join, prefetch,
-                                 split, timed, write_safetensors)
+                                 split, timed, write_behind, write_safetensors)
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._model import Params, abstract_params
 from jaxprune.runner._distributed import barrier, is_primary, local_checkpointer, save_local
@@ -226,26 +228,51 @@ def _link(source: Path, dest: Path) -> None:
 
 def _save_blocks(root: Path, params: dict, masks: dict | None) -> None:
   """Writes ``params`` (and ``masks``) block by block (the blocked layout). Blocks already written
-  (:class:`SavedBlock`) are linked, not read and written again."""
+  (:class:`SavedBlock`) are linked, not read and written again; the others are written on the background writing
+  thread (:func:`~jaxprune.io._stream.write_behind`) while the next one is read, so that at most two blocks are
+  held. Returns once everything is written, also when reading a block fails (nothing is left writing into
+  ``root``)."""
   save_tree(root / "params", split(params)[0])  # the embeddings and head, read (if lazy) and dropped
   layers = params["layers"]
   mask_layers = masks["layers"] if masks is not None else None
-  for i in range(len(layers)):
-    prefetch(layers, i + 1)  # read while block i is written
-    for name, blocks in (("params", layers), ("masks", mask_layers)):
-      if blocks is None:
-        continue
-      entry = blocks.entry(i) if isinstance(blocks, Blocks) else blocks[i]
-      if isinstance(entry, SavedBlock):
-        if entry.path.exists():
-          _link(entry.path, _block_dir(root, i) / entry.path.name)
-        continue
-      value = entry() if callable(entry) else entry
-      if name == "params":
-        write_block(_block_dir(root, i), name, value)
-      elif value:
-        write_block(_block_dir(root, i), name, pack_masks(value))
-      del value
+  pending = None
+  try:
+    for i in range(len(layers)):
+      prefetch(layers, i + 1)  # read while block i is written
+      values = {}
+      for name, blocks in (("params", layers), ("masks", mask_layers)):
+        if blocks is None:
+          continue
+        entry = blocks.entry(i) if isinstance(blocks, Blocks) else blocks[i]
+        if isinstance(entry, SavedBlock):
+          if entry.path.exists():
+            _link(entry.path, _block_dir(root, i) / entry.path.name)
+          continue
+        value = entry() if callable(entry) else entry
+        if name == "params":
+          values[name] = value
+        elif value:
+          values[name] = pack_masks(value)
+        del value
+      _wait_for(pending)
+      pending = write_behind(functools.partial(_write_blocks, _block_dir(root, i), values)) if values else None
+  finally:
+    if pending is not None:
+      with timed("write"):
+        concurrent.futures.wait([pending])
+  _wait_for(pending)
+
+
+def _write_blocks(root: Path, values: dict) -> None:
+  for name, value in values.items():
+    write_block(root, name, value)
+
+
+def _wait_for(pending: concurrent.futures.Future | None) -> None:
+  """Waits for a write given to the background thread (raising what it raised)."""
+  if pending is not None:
+    with timed("write"):
+      pending.result()
 
 
 def read_meta(path: Path) -> dict:
