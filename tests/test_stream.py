@@ -80,6 +80,7 @@ def test_streamed_kernels_are_the_files_weights_transposed_each_in_its_own_memor
     assert kernel.flags.c_contiguous and kernel.dtype == weight.dtype
     np.testing.assert_array_equal(kernel, weight.T)
   assert not any(np.shares_memory(a, b) for a in kernels.values() for b in kernels.values() if a is not b)
+  assert getattr(_stream._SCRATCH, "buffer", None) is None  # not held after the block is read
 
 
 def test_streamed_perplexity_equals_in_memory(tiny):

@@ -173,7 +173,11 @@ def main() -> None:
   parser.add_argument("--baseline", help="a git commit whose code also runs the two prune steps, for comparison")
   parser.add_argument("--retain-memory", action="store_true",
                       help="the prune steps and the eval also with JAXPRUNE_RETAIN_MEMORY=1 (jaxprune/_memory.py)")
+  parser.add_argument("--only-report", action="store_true", help="stream7b.md from stream7b.json")
   args = parser.parse_args()
+  if args.only_report:
+    report(json.loads((HERE / "stream7b.json").read_text()))
+    return
   work = args.work
   work.mkdir(parents=True, exist_ok=True)
   model = work / "llama2-7b-shaped"
@@ -216,10 +220,8 @@ def main() -> None:
                           **{key: v["result"].get(key) for key in ("perplexity", "sparsity", "prune_seconds")}}
                       for k, v in steps.items()}}
   for k, v in result["steps"].items():
-    # Reads: the model once (the Wanda step also reads its checkpoint back for --eval). Writes: the checkpoint's
-    # bytes (each block is written once, into the resume directory, and hard-linked into the checkpoint).
-    v["disk_bound_read_s"] = round(size_gb / disk["read_gb_per_s"], 1)
-    v["disk_bound_read_model_s"] = round(size_gb / disk["read_model_gb_per_s"], 1)
+    # Writes: the checkpoint's bytes (each block is written once, into the resume directory, and hard-linked into
+    # the checkpoint).
     if k in written:
       v["written_gb"] = written[k]
       v["write_over_direct"] = round(v["write"] / (written[k] / disk["write_gb_per_s"]), 2)
@@ -228,22 +230,41 @@ def main() -> None:
       v["behind_over_buffered_fsync"] = round(v["write_behind"] / (written[k] / disk["buffered_fsync_write_gb_per_s"]),
                                               2)
   write_json(HERE / "stream7b.json", result)
-  lines = ["| step | peak RSS GB | seconds | read s | write s (GB; × direct dd, × dd with fsync) | compute and rest s |"
-           " read ahead s | write behind s (× direct dd, × dd with fsync) | perplexity |",
+  report(result)
+
+
+def read_gb(result: dict, step: str) -> float:
+  """GB a step reads: the model once (the Wanda step also reads its checkpoint back for ``--eval``; the eval step
+  reads that checkpoint only)."""
+  wanda = result["steps"].get(step.replace("eval_", "", 1), {}).get("written_gb", 0.0)
+  if step.startswith("eval_"):
+    return wanda
+  return result["model_gb"] + (wanda if step.startswith("wanda") else 0.0)
+
+
+def report(result: dict) -> None:
+  """``stream7b.md`` from ``result``: each step's seconds, split, and its reads and writes against ``dd``."""
+  disk = result["disk"]
+  lines = ["| step | peak RSS GB | seconds | read s (GB; × dd of a fresh file, × dd of the model's files) "
+           "| write s (GB; × direct dd, × dd with fsync) | compute and rest s | read ahead s "
+           "| write behind s (× direct dd, × dd with fsync) | perplexity |",
            "|---|---|---|---|---|---|---|---|---|"]
   for k, v in result["steps"].items():
+    gb = read_gb(result, k)
+    read = (f" ({gb:.2f} GB; {v['read'] / (gb / disk['read_gb_per_s']):.2f}×, "
+            f"{v['read'] / (gb / disk['read_model_gb_per_s']):.2f}×)")
     ratio = (f" ({v['written_gb']} GB; {v['write_over_direct']}×, {v['write_over_buffered_fsync']}×)"
              if "written_gb" in v else "")
-    behind = (f" ({v['behind_over_direct']}×, {v['behind_over_buffered_fsync']}×)" if v.get("write_behind") else "")
-    lines.append(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.0f} | {v['read']:.0f} | {v['write']:.0f}{ratio} | "
-                 f"{v['compute_and_rest']:.0f} | {v['read_ahead']:.0f} | {v['write_behind']:.0f}{behind} | "
-                 f"{v.get('perplexity') or ''} |")
-  lines.append(f"\nModel {size_gb:.2f} GB on disk; disk (dd, same run): write {disk['write_gb_per_s']} GB/s direct, "
-               f"{disk['buffered_fsync_write_gb_per_s']} GB/s through the page cache with fsync; read "
+    behind = (f" ({v['behind_over_direct']}×, {v['behind_over_buffered_fsync']}×)" if v.get("write_behind")
+              and "behind_over_direct" in v else "")
+    lines.append(f"| {k} | {v['peak_rss_gb']:.2f} | {v['seconds']:.0f} | {v['read']:.0f}{read} "
+                 f"| {v['write']:.0f}{ratio} | {v['compute_and_rest']:.0f} | {v['read_ahead']:.0f} "
+                 f"| {v['write_behind']:.0f}{behind} | {v.get('perplexity') or ''} |")
+  lines.append(f"\nModel {result['model_gb']:.2f} GB on disk; disk (dd, same run): write {disk['write_gb_per_s']} GB/s "
+               f"direct, {disk['buffered_fsync_write_gb_per_s']} GB/s through the page cache with fsync; read "
                f"{disk['read_gb_per_s']} GB/s direct (the model's own files: {disk['read_model_gb_per_s']} GB/s).")
   (HERE / "stream7b.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
-
 
 if __name__ == "__main__":
   main()

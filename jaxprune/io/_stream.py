@@ -9,8 +9,8 @@ solver.
 
 Safetensors are read by byte range (``os.pread``) rather than memory-mapped: pages of a memory map that were
 touched stay counted in the process's resident memory until the map is closed, so a memory-mapped 13 GB model
-read block by block looks, and is accounted, as 13 GB resident. A block's linear weights are read into one buffer
-kept for the next block (:meth:`SafetensorsFiles.get_transient`) and copied from there into the kernel layout.
+read block by block looks, and is accounted, as 13 GB resident. A block's linear weights are read one after the
+other into one buffer (:meth:`SafetensorsFiles.get_transient`) and copied from there into the kernel layout.
 
 Reading and writing overlap the computation: :meth:`Blocks.prefetch` reads the next block's bytes on a background
 thread into the operating system's page cache (not into this process's memory, see :func:`read_ahead`), and a
@@ -248,8 +248,8 @@ def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, sour
   :func:`~jaxprune.models._convert.tree_from_hf`), in ``dtype``. Missing tensors are named now; a block that does
   not fit ``dtype`` (float16 infinities) fails when it is read. ``source`` names the model in errors.
   ``where(name)``: the byte range ``(file, offset, length)`` of a tensor, for :meth:`Blocks.prefetch`;
-  ``get_transient``: see :func:`~jaxprune.models._convert.tree_from_hf`; used for the blocks only, so that its
-  buffer stays the size of a block's largest linear (a LLaMA-2-7B head would make it 0.26 GB)."""
+  ``get_transient``: see :func:`~jaxprune.models._convert.tree_from_hf`; used for the blocks only, and its buffer
+  released after each block (:func:`release_transient`)."""
   from jaxprune import _tree as tree
   from jaxprune.models._convert import hf_name, tree_from_hf
   from jaxprune.models._model import abstract_params
@@ -269,8 +269,11 @@ def streamed_params(get: Callable[[str], np.ndarray], names, config, dtype, sour
 
   def read(i: int) -> Block:
     with np.errstate(over="ignore"):
-      block = tree_from_hf(get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype,
-                           get_transient=get_transient)
+      try:
+        block = tree_from_hf(get, names, config, abstract["layers"][i], prefix=("layers", str(i)), dtype=dtype,
+                             get_transient=get_transient)
+      finally:
+        release_transient()
     if dtype == jnp.float16 and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(block)):
       raise JaxpruneError(f"{source} cannot be held in float16: block {i} has weights beyond its range (±65504) "
                           "that become infinite; use bfloat16 or float32")
@@ -324,9 +327,10 @@ class SafetensorsFiles:
     return self._read(name, host_buffer)
 
   def get_transient(self, name: str) -> np.ndarray:
-    """Tensor ``name`` in this thread's read buffer, which the thread's next call overwrites: for a caller that
-    copies the tensor out converted (a layout or a dtype), so that every read lands in memory written before
-    instead of memory new to the process (:func:`~jaxprune._memory.host_buffer`)."""
+    """Tensor ``name`` in this thread's read buffer, which the thread's next call overwrites, until
+    :func:`release_transient`: for a caller that copies the tensor out converted (a layout or a dtype), so that
+    the reads of a block land in memory written before instead of memory new to the process
+    (:func:`~jaxprune._memory.host_buffer`)."""
     def scratch(nbytes: int) -> np.ndarray:
       buffer = getattr(_SCRATCH, "buffer", None)
       if buffer is None or buffer.nbytes < nbytes:
@@ -352,6 +356,12 @@ class SafetensorsFiles:
 
 
 _SCRATCH = threading.local()  # SafetensorsFiles.get_transient's buffer, one per thread
+
+
+def release_transient() -> None:
+  """Frees this thread's :meth:`SafetensorsFiles.get_transient` buffer (the size of a block's largest linear), so
+  that a pass does not hold it through the block's solvers: a streamed pass reuses it within a block's reads."""
+  _SCRATCH.buffer = None
 
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 DIRECT_ALIGN = 4096  # offsets and lengths of direct writes are multiples of it (any disk's logical block size)
