@@ -5,8 +5,10 @@ their converted and placed copies, the pruned weights fetched back, solver tempo
 ``malloc`` gives every buffer above 32 MiB its own memory map and returns it to the system when it is freed, so
 each block writes to memory it has just got from the system. On a virtual machine whose guest reports freed pages
 to its host (free page reporting), such memory is slow to write the first time: copying a 7B block (0.4 GB) from
-the page cache into fresh buffers ran at 0.09-0.14 GB/s, and into buffers kept from the block before at
-2.7-6.5 GB/s, faster than the disk (2-core VM, 2026-12-03; ``experiments/scale/fresh_memory.py``).
+the page cache into new NumPy buffers ran at 0.45-0.76 GB/s, into new buffers of :func:`host_buffer` at
+1.17-1.36 GB/s, and into buffers kept from the block before at 4.4-6.4 GB/s (2-core VM, 2026-12-04;
+``experiments/scale/fresh_memory.py``). Streamed reads use :func:`host_buffer` and read a block's linear weights
+through one buffer (``jaxprune.io._stream``) whatever this setting.
 
 With ``JAXPRUNE_RETAIN_MEMORY=1`` in the environment, :func:`retained_memory` sets ``malloc`` (glibc only, once
 per process) to serve large requests from its heap and to keep what is freed there for the next request, and at
@@ -80,11 +82,10 @@ def host_buffer(nbytes: int) -> np.ndarray:
 
   NumPy asks the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``) for every array from 4 MiB up.
   Where the kernel's huge-page ``defrag`` setting is ``madvise`` (the default of the common distributions), each
-  such page is assembled on first touch, compacting memory if need be: after a streamed pass has filled the page
-  cache with a model's files, that made the first write into a new 0.4 GB buffer run at 0.4-1.1 GB/s against
-  1.3-1.6 GB/s into a plain memory map (``preadv`` from the page cache, 2-core VM, 2026-12-04;
-  ``experiments/scale/fresh_memory.py``). A weight is read once and used for a block's matrix products, which
-  gain little from huge pages on the host."""
+  such page is assembled on first touch, compacting memory if need be: with a 7B model's files in the page cache,
+  reading a block (0.4 GB, ``preadv``) into new NumPy buffers ran at 0.45-0.76 GB/s against 1.17-1.36 GB/s into
+  buffers of this function (2-core VM, 2026-12-04; ``experiments/scale/fresh_memory.py``). A weight is read once
+  and used for a block's matrix products, which gain little from huge pages on the host."""
   if nbytes < MAPPED_BYTES:
     return np.empty(nbytes, np.uint8)
   return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)

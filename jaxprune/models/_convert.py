@@ -37,9 +37,11 @@ def transposed(matrix: np.ndarray, dtype=None) -> np.ndarray:
   """``matrix.T`` (2-D, NumPy) as a new C-contiguous array in ``dtype`` (default: its own), in a
   :func:`~jaxprune._memory.host_buffer`: what converting a layout costs on the host.
 
-  Copied in square tiles of :data:`TRANSPOSE_TILE`: NumPy's copy of a transposed view reads one of the two arrays
-  with a stride of a whole row, and a LLaMA-2-7B ``up_proj`` (11008 × 4096, bfloat16) took 0.32 s that way against
-  0.13 s in tiles (2-core VM, 2026-12-04)."""
+  Copied in square tiles of :data:`TRANSPOSE_TILE` (NumPy's copy of a transposed view reads one of the two arrays
+  with a stride of a whole row). Reading a LLaMA-2-7B block (0.4 GB of bfloat16, from the page cache) into the
+  kernel layout this way, through one read buffer, took 0.96-1.02 s against 2.24-2.63 s with new NumPy buffers
+  and ``np.ascontiguousarray`` of the transposed view (2-core VM, 2026-12-04;
+  ``experiments/scale/fresh_memory.py``)."""
   rows, cols = matrix.shape
   out = host_empty((cols, rows), matrix.dtype if dtype is None else dtype)
   for i in range(0, rows, TRANSPOSE_TILE):
