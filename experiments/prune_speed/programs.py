@@ -1,0 +1,134 @@
+"""Each forward program of a Wanda pass against its FLOP time, in the default order and true-sequential: where
+the roofline's excess (``roofline.py``) sits, compilation left out.
+
+  python experiments/prune_speed/programs.py [--blocks N]     # -> programs.json beside this script
+
+One process: SmolLM2-135M-Instruct and the parity calibration tokens (64 × 512, batches of 8), Wanda 50 % over
+blocks ``0..N-1`` (default 4) in each order, after the same pass over block 0 (which compiles every program).
+Each call of the runner's ``taps`` and ``block`` and of the statistics step is timed by a wrapper that waits for
+its result, and keyed by what it computes: the taps it returns and the inputs ``given`` to it (true-sequential
+computes each group's inputs from those kept of the groups before). A program's FLOPs are its matrix products
+(:func:`roofline.linear_shapes`, :func:`roofline.attention_flops`); ``ratio`` = seconds / (FLOPs / the 2048³
+float32 matmul rate, the mean of its measurements before and after the passes). ``rest_seconds_per_block``: the
+rest of the pass (the embedding of the calibration windows, once per pass and here spread over ``N`` blocks; the
+solvers; the reports; the copies of each block's outputs to the host).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.common import REFERENCE, command, machine, write_json  # noqa: E402
+from experiments.prune_speed.roofline import (GEMM, GEMM_KEY, _attention_chunk, attention_flops,  # noqa: E402
+                                              linear_shapes, matmul_rates)
+
+# What each program computes, by the taps it returns and the inputs given to it (a LLaMA block).
+PRODUCTS = {"taps:attn_in,o_in,mlp_in,down_in": ("attn_in", "attention", "o_in", "mlp_in"),
+            "block": ("attn_in", "attention", "o_in", "mlp_in", "down_in"),
+            "taps:attn_in": (),
+            "taps:o_in": ("attn_in", "attention"),
+            "taps:mlp_in,mid:given=o_in": ("o_in",),
+            "taps:down_in:given=mid,mlp_in,o_in": ("mlp_in",),
+            "block:given=down_in,mid,mlp_in,o_in": ("down_in",)}
+
+
+def program_flops(config, seq: int, windows: int) -> dict[str, float]:
+  """FLOPs of each program of :data:`PRODUCTS` over ``windows`` windows of ``seq`` tokens."""
+  per_token = {tap: sum(2 * o * i for o, i in shapes) for tap, shapes in linear_shapes(config).items()}
+  attention = attention_flops(config, seq, chunk=_attention_chunk()) / seq
+  return {key: windows * seq * sum(attention if p == "attention" else per_token[p] for p in parts)
+          for key, parts in PRODUCTS.items()}
+
+
+def timed_programs(seconds: collections.Counter):
+  """Wraps the runner's ``taps``/``block`` and the statistics step in timers keyed as :data:`PRODUCTS`; returns
+  the function that undoes it."""
+  import jax
+
+  from jaxprune.prune import _sequential as S
+  from jaxprune.runner import Runner
+
+  saved = (Runner.taps, Runner.block, S._accumulate)
+
+  def key(kind, names, given):
+    return kind + (":" + ",".join(names) if names else "") + (":given=" + ",".join(sorted(given)) if given else "")
+
+  def taps(self, *args, names, given=None, **kwargs):
+    start = time.perf_counter()
+    out = jax.block_until_ready(saved[0](self, *args, names=names, given=given, **kwargs))
+    seconds[key("taps", names, given)] += time.perf_counter() - start
+    return out
+
+  def block(self, *args, given=None, **kwargs):
+    start = time.perf_counter()
+    out = jax.block_until_ready(saved[1](self, *args, given=given, **kwargs))
+    seconds[key("block", (), given)] += time.perf_counter() - start
+    return out
+
+  def accumulate(*args, **kwargs):
+    start = time.perf_counter()
+    out = jax.block_until_ready(saved[2](*args, **kwargs))
+    seconds["statistics"] += time.perf_counter() - start
+    return out
+
+  Runner.taps, Runner.block, S._accumulate = taps, block, accumulate
+
+  def undo():
+    Runner.taps, Runner.block, S._accumulate = saved
+  return undo
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--blocks", type=int, default=4)
+  args = parser.parse_args()
+  import numpy as np
+
+  import jaxprune as jp
+
+  model = jp.load_model("smollm2-135m")
+  calib = np.load(REFERENCE / "calib_512x64.npy")
+  windows, seq = calib.shape
+  flops = program_flops(model.config, seq, windows)
+  rates = [matmul_rates([GEMM])[GEMM_KEY]]
+  runs = {}
+  for order in ("default", "true_sequential"):
+    spec = jp.PruneSpec("wanda", jp.Unstructured(0.5), true_sequential=order == "true_sequential")
+    seconds = collections.Counter()
+    jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=8, progress=False, blocks=(0, 1))
+    undo = timed_programs(seconds)
+    try:
+      start = time.perf_counter()
+      jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=8, progress=False,
+               blocks=(0, args.blocks))
+      total = time.perf_counter() - start
+    finally:
+      undo()
+    runs[order] = {"pass_seconds_per_block": total / args.blocks,
+                   "programs": {k: {"seconds_per_block": v / args.blocks, "gflop_per_block": flops.get(k, 0) / 1e9}
+                                for k, v in seconds.items()}}
+  rates.append(matmul_rates([GEMM])[GEMM_KEY])
+  rate = sum(rates) / 2 * 1e9
+  for run in runs.values():
+    for program in run["programs"].values():
+      ideal = program["gflop_per_block"] * 1e9 / rate
+      program["ideal_seconds_per_block"] = ideal
+      program["ratio"] = program["seconds_per_block"] / ideal if ideal else None
+    timed = sum(p["seconds_per_block"] for p in run["programs"].values())
+    run["rest_seconds_per_block"] = run["pass_seconds_per_block"] - timed
+  result = {"command": command(Path(__file__)), "machine": machine(), "blocks": args.blocks,
+            "tokens": [windows, seq], "matmul_gflop_per_s_before_after": rates, "runs": runs}
+  write_json(Path(__file__).with_name("programs.json"), result)
+  for order, run in runs.items():
+    print(f"{order}: {run['pass_seconds_per_block']:.3f} s per block, rest {run['rest_seconds_per_block']:.3f} s")
+    for k, p in sorted(run["programs"].items(), key=lambda kv: -kv[1]["seconds_per_block"]):
+      ratio = f"{p['ratio']:.2f}" if p["ratio"] else "-"
+      print(f"  {k:45s} {p['seconds_per_block']:.3f} s (ideal {p['ideal_seconds_per_block']:.3f} s, {ratio}×)")
+
+
+if __name__ == "__main__":
+  main()
