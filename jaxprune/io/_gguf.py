@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxprune._memory import host_empty
 from jaxprune.errors import JaxpruneError
 from jaxprune.io._stream import streamed_params, timed
 from jaxprune.models._config import ModelConfig, from_hf_config
@@ -182,7 +183,7 @@ def read_gguf(path: Path, dtype=None, *, stream: bool = False) -> tuple[ModelCon
   def raw(t) -> np.ndarray:
     if not stream:
       return t.data
-    out = np.empty(t.data.shape, t.data.dtype)  # the shape and dtype of the memory map, without touching it
+    out = host_empty(t.data.shape, t.data.dtype)  # the shape and dtype of the memory map, without touching it
     with timed("read"), open(path, "rb") as f:
       got = os.preadv(f.fileno(), [memoryview(out.reshape(-1).view(np.uint8))], t.data_offset)
     if got != out.nbytes:
