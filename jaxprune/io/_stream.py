@@ -363,6 +363,7 @@ def release_transient() -> None:
   that a pass does not hold it through the block's solvers: a streamed pass reuses it within a block's reads."""
   _SCRATCH.buffer = None
 
+
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 DIRECT_ALIGN = 4096  # offsets and lengths of direct writes are multiples of it (any disk's logical block size)
 WRITE_CHUNK = 16 << 20  # bytes per write of write_safetensors (its one aligned staging buffer per thread)
