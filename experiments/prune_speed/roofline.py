@@ -2,12 +2,14 @@
 the plain float32 matmul rate measured in the same process.
 
   python experiments/prune_speed/roofline.py          # -> roofline.json beside this script
+  python experiments/prune_speed/roofline.py --warm   # each case also run again right after it, compiled already
 
 One process: the ``jnp.matmul`` rate (float32, ``HIGHEST``; 2048³ and the model's own shapes, best of a few after a
 warm-up), one block's forward against its matrix products alone (:func:`block_anatomy`), then Wanda 50 % and
 SparseGPT 50 % on SmolLM2-135M-Instruct and the parity calibration tokens (64 × 512), in the default order and
 true-sequential, each from cleared compilation caches (compilation is included, as in ``run.py``) between two
-measurements of the 2048³ rate (their mean is the case's rate), then the matmul rates again. Each step of the
+measurements of the 2048³ rate (their mean is the case's rate; with ``--warm``, each case then again in the same
+process, as a second pass of a session runs), then the matmul rates again. Each step of the
 pass is timed (a timer that waits for its result), and its FLOPs are counted from the config
 (:func:`pass_flops`): matrix products only; norms, softmax, rotary embeddings, SiLU, the embedding gather and
 Wanda's selection count 0.
@@ -231,16 +233,18 @@ def _timed_steps(seconds: collections.Counter):
   return lambda: [setattr(owner, attr, fn) for owner, attr, fn in saved]
 
 
-def one_case(model, calib, case: str, order: str) -> dict:
-  """The whole pass of ``case`` in ``order`` from cleared compilation caches, between two measurements of the
-  2048³ matmul rate (whose mean is the case's rate): seconds in all and per step, compilation, load."""
+def one_case(model, calib, case: str, order: str, *, warm: bool = False) -> dict:
+  """The whole pass of ``case`` in ``order`` from cleared compilation caches (``warm``: right after the same pass,
+  every program compiled already), between two measurements of the 2048³ matmul rate (whose mean is the case's
+  rate): seconds in all and per step, compilation, load."""
   import jax
 
   import jaxprune as jp
   from jaxprune.prune import _sequential
 
-  jax.clear_caches()
-  _sequential._jitted_solver.cache_clear()
+  if not warm:
+    jax.clear_caches()
+    _sequential._jitted_solver.cache_clear()
   method, pattern = parse_case(case)
   seconds = collections.Counter()
   COMPILE_SECONDS.clear()
@@ -261,7 +265,7 @@ def one_case(model, calib, case: str, order: str) -> dict:
   seconds["reports"] = seconds.pop("prune_group") - seconds["solver"]
   steps = {name: seconds[name] for name in STEPS}
   steps["other"] = outcome.seconds - sum(steps.values())
-  return {"case": case, "order": order, "seconds": outcome.seconds, "step_seconds": steps,
+  return {"case": case, "order": order, "warm": warm, "seconds": outcome.seconds, "step_seconds": steps,
           "compile_seconds": sum(COMPILE_SECONDS.values()), "compile_events": dict(COMPILE_SECONDS),
           "load_before": load, "load_after": os.getloadavg(),
           "load_1min_every_10s": {"mean": sum(samples) / max(len(samples), 1), "max": max(samples, default=None)},
@@ -301,7 +305,8 @@ def table(result: dict) -> str:
   for r in result["runs"]:
     s = r["steps"]
     cell = lambda n: f"{s[n]['seconds']:.1f} ({s[n]['ideal_seconds']:.1f})"  # noqa: E731
-    lines.append(f"| {r['order']} | {r['case']} | {r['seconds']:.1f} | {r['tflop']:.2f} "
+    case = r["case"] + (" (warm)" if r.get("warm") else "")
+    lines.append(f"| {r['order']} | {case} | {r['seconds']:.1f} | {r['tflop']:.2f} "
                  f"| {r['matmul_gflop_per_s']:.0f} | {r['ideal_seconds']:.1f} | {r['ratio']:.2f} | {cell('taps')} "
                  f"| {cell('statistics')} | {cell('solver')} | {cell('outputs')} "
                  f"| {s['reports']['seconds']:.1f} | {s['other']['seconds'] + s['embed']['seconds']:.1f} "
@@ -315,6 +320,8 @@ def main() -> None:
   p.add_argument("--cases", nargs="*", default=list(CASES))
   p.add_argument("--orders", nargs="*", default=list(ORDERS), choices=ORDERS)
   p.add_argument("--windows", type=int, default=None, help="the first N calibration windows [default: all 64]")
+  p.add_argument("--warm", action="store_true",
+                 help="each case also run again right after, in the same process, every program compiled already")
   p.add_argument("--anatomy-only", action="store_true",
                  help="time one block against its matrix products alone (block_anatomy) into --out, nothing else")
   p.add_argument("--only-report", action="store_true",
@@ -352,9 +359,10 @@ def main() -> None:
   print(json.dumps(result["block_anatomy"]), flush=True)
   for order in args.orders:
     for case in args.cases:
-      result["runs"].append(derive(one_case(model, calib, case, order), model.config, *calib.shape))
-      print(json.dumps(result["runs"][-1]), flush=True)
-      write_json(args.out, result)
+      for warm in (False, True) if args.warm else (False,):
+        result["runs"].append(derive(one_case(model, calib, case, order, warm=warm), model.config, *calib.shape))
+        print(json.dumps(result["runs"][-1]), flush=True)
+        write_json(args.out, result)
   result["matmul_rates_after"] = matmul_rates(shapes)
   result["load_end"] = os.getloadavg()
   write_json(args.out, result)
