@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import REFERENCE, command, machine, write_json  # noqa: E402
-from experiments.prune_speed.roofline import (GEMM, GEMM_KEY, _attention_chunk, attention_flops,  # noqa: E402
-                                              linear_shapes, matmul_rates)
+from experiments.prune_speed.roofline import (GEMM, GEMM_KEY, _attention_chunk, _timed_steps,  # noqa: E402
+                                              attention_flops, linear_shapes, matmul_rates)
 
 # What each program computes, by the taps it returns and the inputs given to it (a LLaMA block).
 PRODUCTS = {"taps:attn_in,o_in,mlp_in,down_in": ("attn_in", "attention", "o_in", "mlp_in"),
@@ -44,42 +44,14 @@ def program_flops(config, seq: int, windows: int) -> dict[str, float]:
           for key, parts in PRODUCTS.items()}
 
 
-def timed_programs(seconds: collections.Counter):
-  """Wraps the runner's ``taps``/``block`` and the statistics step in timers keyed as :data:`PRODUCTS`; returns
-  the function that undoes it."""
-  import jax
-
-  from jaxprune.prune import _sequential as S
-  from jaxprune.runner import Runner
-
-  saved = (Runner.taps, Runner.block, S._accumulate)
-
-  def key(kind, names, given):
-    return kind + (":" + ",".join(names) if names else "") + (":given=" + ",".join(sorted(given)) if given else "")
-
-  def taps(self, *args, names, given=None, **kwargs):
-    start = time.perf_counter()
-    out = jax.block_until_ready(saved[0](self, *args, names=names, given=given, **kwargs))
-    seconds[key("taps", names, given)] += time.perf_counter() - start
-    return out
-
-  def block(self, *args, given=None, **kwargs):
-    start = time.perf_counter()
-    out = jax.block_until_ready(saved[1](self, *args, given=given, **kwargs))
-    seconds[key("block", (), given)] += time.perf_counter() - start
-    return out
-
-  def accumulate(*args, **kwargs):
-    start = time.perf_counter()
-    out = jax.block_until_ready(saved[2](*args, **kwargs))
-    seconds["statistics"] += time.perf_counter() - start
-    return out
-
-  Runner.taps, Runner.block, S._accumulate = taps, block, accumulate
-
-  def undo():
-    Runner.taps, Runner.block, S._accumulate = saved
-  return undo
+def program_key(step: str, kwargs: dict) -> str:
+  """The key of :data:`PRODUCTS` of a call of the runner's ``taps`` or ``block`` (what it returns and the inputs
+  given to it); the pass's other steps by their names."""
+  if step not in ("taps", "outputs"):
+    return step
+  names, given = kwargs.get("names", ()), kwargs.get("given")
+  kind = "taps" if step == "taps" else "block"
+  return kind + (":" + ",".join(names) if names else "") + (":given=" + ",".join(sorted(given)) if given else "")
 
 
 def main() -> None:
@@ -100,7 +72,7 @@ def main() -> None:
     spec = jp.PruneSpec("wanda", jp.Unstructured(0.5), true_sequential=order == "true_sequential")
     seconds = collections.Counter()
     jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=8, progress=False, blocks=(0, 1))
-    undo = timed_programs(seconds)
+    undo = _timed_steps(seconds, key=program_key)
     try:
       start = time.perf_counter()
       jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=8, progress=False,
@@ -110,7 +82,7 @@ def main() -> None:
       undo()
     runs[order] = {"pass_seconds_per_block": total / args.blocks,
                    "programs": {k: {"seconds_per_block": v / args.blocks, "gflop_per_block": flops.get(k, 0) / 1e9}
-                                for k, v in seconds.items()}}
+                                for k, v in seconds.items() if k in PRODUCTS or k == "statistics"}}
   rates.append(matmul_rates([GEMM])[GEMM_KEY])
   rate = sum(rates) / 2 * 1e9
   for run in runs.values():

@@ -209,8 +209,9 @@ def block_anatomy(model, seq: int, *, repeats: int = 7) -> dict:
                     "ratio": sec / (flops[name] / rate)} for name, sec in best.items()}}
 
 
-def _timed_steps(seconds: collections.Counter):
-  """Wraps the pass's steps in timers that wait for their results (undone by the returned function)."""
+def _timed_steps(seconds: collections.Counter, key=None):
+  """Wraps the pass's steps in timers that wait for their results (undone by the returned function); each call's
+  seconds go to ``seconds[key(step, keyword arguments)]`` (default: the step's name)."""
   import jax
 
   from jaxprune.prune import _sequential as seq
@@ -221,7 +222,7 @@ def _timed_steps(seconds: collections.Counter):
     def wrapper(*a, **k):
       start = time.perf_counter()
       out = jax.block_until_ready(fn(*a, **k))
-      seconds[name] += time.perf_counter() - start
+      seconds[key(name, k) if key else name] += time.perf_counter() - start
       return out
     return wrapper
 

@@ -266,5 +266,6 @@ def report(result: dict) -> None:
   (HERE / "stream7b.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
+
 if __name__ == "__main__":
   main()

@@ -331,14 +331,7 @@ class SafetensorsFiles:
     :func:`release_transient`: for a caller that copies the tensor out converted (a layout or a dtype), so that
     the reads of a block land in memory written before instead of memory new to the process
     (:func:`~jaxprune._memory.host_buffer`)."""
-    def scratch(nbytes: int) -> np.ndarray:
-      buffer = getattr(_SCRATCH, "buffer", None)
-      if buffer is None or buffer.nbytes < nbytes:
-        _SCRATCH.buffer = buffer = None  # the old one freed before the larger one is made
-        _SCRATCH.buffer = buffer = host_buffer(nbytes)
-      return buffer[:nbytes]
-
-    return self._read(name, scratch)
+    return self._read(name, _scratch)
 
   def _read(self, name: str, buffer: Callable[[int], np.ndarray]) -> np.ndarray:
     file, info, start = self._where[name]
@@ -356,6 +349,14 @@ class SafetensorsFiles:
 
 
 _SCRATCH = threading.local()  # SafetensorsFiles.get_transient's buffer, one per thread
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+  """The first ``nbytes`` of this thread's read buffer, made larger (the old one freed first) if it is short."""
+  if getattr(_SCRATCH, "buffer", None) is None or _SCRATCH.buffer.nbytes < nbytes:
+    _SCRATCH.buffer = None
+    _SCRATCH.buffer = host_buffer(nbytes)
+  return _SCRATCH.buffer[:nbytes]
 
 
 def release_transient() -> None:
