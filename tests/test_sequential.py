@@ -54,12 +54,12 @@ def test_one_compilation_serves_all_blocks(params, calib):
   spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
   F.block.clear_cache()
   F.taps.clear_cache()
-  S._jitted_solver.cache_clear()
+  S._linear_program.cache_clear()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
   assert F.block._cache_size() == 1  # 4 blocks, one compilation
   assert F.taps._cache_size() == 1
   # Distinct linear shapes: q/o (32x32), k/v (16x32), gate/up (48x32), down (32x48).
-  assert S.jitted_solver(spec)._cache_size() == 4
+  assert S.linear_program(spec)._cache_size() == 4
 
 
 # In the default suite, a pass on a (data, model) mesh runs in test_runner's model-axis test (Wanda) and in
@@ -149,7 +149,7 @@ def _true_sequential_by_full_forwards(params, config, spec, calib, *, default_or
       x = M.block(dense if default_order else block, h, ctx, config=config, modes=modes, taps=True)[1][tap]
       stats = S.accumulate(S.init_stats(x.shape[-1], gram=S.get_solver(spec.method).needs_gram), x)
       for path in paths:
-        kernel, block_masks[path], _, _ = S._solve(spec, S.kernel_at(block, path), stats, None)
+        kernel, block_masks[path], *_ = S._solve(spec, S.kernel_at(block, path), stats, None)
         block = S._set_kernel(block, path, kernel)
     h = M.block(block, h, ctx, config=config, modes=modes)
     layers.append(block)

@@ -76,7 +76,7 @@ def block_inputs(model, cfg: dict):
   from jaxprune import load_windows
   from jaxprune.models._convert import to_hf_layout
   from jaxprune.prune import _sequential as S
-  from jaxprune.runner import Runner
+  from jaxprune.runner import Runner, as_input
 
   c = cfg["calib"]
   windows = load_windows(c["data"], tokenizer=model.tokenizer, seqlen=c["seqlen"], role="calib",
@@ -86,7 +86,7 @@ def block_inputs(model, cfg: dict):
   h = runner.map_windows(lambda tokens: runner.embed(params, tokens), windows)
   for i in range(cfg["layer"]):
     block = runner.place(params["layers"][i])
-    h = runner.map_windows(lambda x: runner.block(block, S._as_input(x, block), modes=config.sublayer_modes(i)), h)
+    h = runner.map_windows(lambda x: runner.block(block, as_input(x, block), modes=config.sublayer_modes(i)), h)
   block = runner.place(params["layers"][cfg["layer"]])
   groups = S._selected(config, block, frozenset(cfg["linears"]))
   stats = S._statistics(runner, block, h, runner.batches(*h.shape[:2]), groups,

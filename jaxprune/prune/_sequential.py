@@ -149,35 +149,48 @@ def _counted(stats, inputs: np.ndarray):
 
 def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   """The solver on ``kernel`` ``(d_in, d_out)`` cast to float32 (solvers always run in float32, whatever the
-  model's dtype); returns ``(kernel, mask)`` in the kernel layout, the kernel in its own dtype, the result, and
-  the dense output's energy :func:`_output_energy`."""
-  w = to_hf_layout(kernel).astype(jnp.float32)
-  if row_mesh is not None:
-    w = jax.device_put(w, NamedSharding(row_mesh, P("model", None)))
-  result = jitted_solver(spec)(w, stats)
-  energy = _output_energy(w, stats)
-  return from_hf_layout(result.w).astype(kernel.dtype), from_hf_layout(result.mask), result, energy
+  model's dtype): ``(kernel, mask, error, energy, zeros)``, the kernel and mask in the kernel layout, the kernel
+  in its own dtype, the solver's error, the dense output's energy ``tr(W G Wᵀ)`` (the unit of a relative
+  reconstruction error; ``G = I`` without statistics) and the count of zeros in the new kernel."""
+  return linear_program(spec, row_mesh)(kernel, stats)
 
 
-@solver_jit()
-def _output_energy(w, stats) -> jax.Array:
-  """``tr(W G Wᵀ)`` of the float32 ``(d_out, d_in)`` weights the solver was given: the dense output's energy on the
-  statistics, the unit of a relative reconstruction error (``G = I`` without statistics). (The same sum over the
-  kernel as stored, transposed and in bfloat16, is many times slower on a CPU.)"""
-  return reconstruction_error(w, jnp.zeros_like(w), stats)
+def linear_program(spec: PruneSpec, row_mesh: Mesh | None = None):
+  """The pass's program for one linear, jitted once per spec and mesh (one compile per linear shape): the kernel
+  to the solver's float32 ``(d_out, d_in)`` layout (rows split over ``row_mesh``'s ``model`` axis, if any), the
+  solver, its weights and mask back in the kernel layout and dtype, the dense output's energy and the zeros of
+  the new kernel. Layout changes, the energy and the count run inside the solver's program instead of as
+  separate compiled operations."""
+  return _linear_program(spec.method, spec.pattern, spec.hparams, row_mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_program(method: str, pattern: Pattern, hparams: tuple, row_mesh: Mesh | None):
+  solve = functools.partial(get_solver(method).solve, pattern=pattern, **dict(hparams))
+
+  def program(kernel, stats):
+    w = to_hf_layout(kernel).astype(jnp.float32)
+    if row_mesh is not None:
+      w = jax.lax.with_sharding_constraint(w, NamedSharding(row_mesh, P("model", None)))
+    result = solve(w, stats)
+    new = from_hf_layout(result.w).astype(kernel.dtype)
+    energy = reconstruction_error(w, jnp.zeros_like(w), stats)
+    return new, from_hf_layout(result.mask), result.error, energy, jnp.sum(new == 0)
+
+  return solver_jit()(program)
 
 
 def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
   """Prunes the linears ``paths`` (one input group) from ``stats``; adds to ``masks``/``reports`` (sparsity, the
   solver's error ``tr(ΔW G ΔWᵀ)`` and that error relative to the dense output's energy)."""
   for path in paths:
-    kernel, mask, result, energy = _solve(spec, kernel_at(block_params, path), stats, row_mesh)
+    kernel, mask, error, energy, zeros = _solve(spec, kernel_at(block_params, path), stats, row_mesh)
     block_params = _set_kernel(block_params, path, kernel)
     masks[path] = fetch(mask)
-    energy = float(energy)
-    reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": float(result.error),
-                    "relative_error": float(result.error) / energy if energy > 0 else 0.0,
-                    "params": int(kernel.size), "zeros": int(jnp.sum(kernel == 0))})
+    error, energy = float(error), float(energy)
+    reports.append({"name": path, "sparsity": float(1.0 - np.mean(masks[path])), "error": error,
+                    "relative_error": error / energy if energy > 0 else 0.0,
+                    "params": int(kernel.size), "zeros": int(zeros)})
   return block_params
 
 

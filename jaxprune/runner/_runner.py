@@ -181,9 +181,12 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   return P()
 
 
+_full_context = jax.jit(M.context, static_argnums=(0, 1, 2))  # one program, not a compiled operation per step
+
+
 @functools.lru_cache(maxsize=64)
 def _context(config: ModelConfig, batch: int, seq: int, mesh: Mesh | None):
-  ctx = M.context(config, batch, seq)
+  ctx = _full_context(config, batch, seq)
   if mesh is None or "data" not in mesh.shape:
     return ctx
   return jax.device_put(ctx, NamedSharding(mesh, P("data")))
