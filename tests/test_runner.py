@@ -66,6 +66,31 @@ def test_windowed_block_really_loops(model, tokens):
   assert "while" in text
 
 
+@pytest.mark.parametrize("windowed", [True, False])
+def test_tap_sums_are_the_weighted_squares_of_the_taps(model, tokens, windowed):
+  """The squared norms summed inside the block's program (Wanda's statistics) against a float64 sum of the taps
+  :meth:`Runner.taps` returns, a padding window (weight 0) left out, added to the sums given; the taps kept
+  are the taps; with inputs ``given`` as the true-sequential order passes them."""
+  config, params = model
+  runner = Runner(config, windowed=windowed)
+  block = params["layers"][0]
+  h = runner.embed(params, tokens)
+  weights = jnp.asarray([1.0, 1.0, 0.0], jnp.float32)
+  names = tuple(M.tap_order(runner.static))
+  taps = runner.taps(block, h, names=names)
+  for given, summed, keep in ((None, ("attn_in", "down_in"), ("o_in",)),
+                              ({"o_in": taps["o_in"]}, ("mlp_in",), ("mlp_in", MID))):
+    start = {name: jnp.full((taps[name].shape[-1],), 2.0, jnp.float32) for name in summed}
+    want = {name: 2.0 + np.einsum("btd,b->d", np.asarray(taps[name], np.float64) ** 2, np.asarray(weights, np.float64))
+            for name in summed}
+    sums, kept = runner.tap_sums(block, h, weights, dict(start), names=summed, keep=keep, given=given)
+    assert set(sums) == set(summed) and set(kept) == set(keep)
+    for name in summed:
+      tol.assert_reordered(sums[name], want[name], name)
+    for name in keep:
+      tol.assert_reordered(kept[name], taps[name], name)
+
+
 def _f64_window_losses(params, config, tokens):
   """The protocol's per-window loss in float64 NumPy from the model's logits."""
   logits = np.asarray(jitted.forward(params, tokens, config=config), np.float64)

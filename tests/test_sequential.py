@@ -189,10 +189,12 @@ def test_true_sequential_with_removed_sublayers(calib, family):
   tol.assert_reordered(state.inputs, h, "next block's inputs")
 
 
-def test_default_order_equals_full_forwards_block_after_block(params, calib):
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_default_order_equals_full_forwards_block_after_block(params, calib, method):
   # Four blocks: the activations of block i + 2 go into the memory of block i's (run_pass's two host arrays);
-  # every block's result and the stream leaving the last one are held to the obvious way.
-  spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
+  # every block's result and the stream leaving the last one are held to the obvious way. Wanda's statistics are
+  # summed inside the block's program, SparseGPT's Gram by the statistics step.
+  spec = S.PruneSpec(method, Unstructured(0.5), (("blocksize", 8),) if method == "sparsegpt" else ())
   state = S.run_pass(params, CONFIG, spec, calib, batch_size=3, progress=False)
   layers, masks, h = _true_sequential_by_full_forwards(params, CONFIG, spec, calib, default_order=True)
   tol.assert_passes_agree(state.masks, state.params["layers"], masks, layers, S.kernel_at)
@@ -201,8 +203,8 @@ def test_default_order_equals_full_forwards_block_after_block(params, calib):
 
 def test_true_sequential_compiles_once_per_group(params, calib):
   spec = S.PruneSpec("wanda", Unstructured(0.5), true_sequential=True)
-  F.taps.clear_cache()
+  F.tap_sums.clear_cache()
   F.block.clear_cache()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
-  assert F.taps._cache_size() == len(M.linear_groups(CONFIG))  # 4 blocks, one compilation per group
+  assert F.tap_sums._cache_size() == len(M.linear_groups(CONFIG))  # 4 blocks, one compilation per group
   assert F.block._cache_size() == 1

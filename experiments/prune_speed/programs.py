@@ -45,11 +45,11 @@ def program_flops(config, seq: int, windows: int) -> dict[str, float]:
 
 
 def program_key(step: str, kwargs: dict) -> str:
-  """The key of :data:`PRODUCTS` of a call of the runner's ``taps`` or ``block`` (what it returns and the inputs
-  given to it); the pass's other steps by their names."""
+  """The key of :data:`PRODUCTS` of a call of the runner's ``taps``, ``tap_sums`` or ``block`` (the taps it
+  returns or sums and the inputs given to it); the pass's other steps by their names."""
   if step not in ("taps", "outputs"):
     return step
-  names, given = kwargs.get("names", ()), kwargs.get("given")
+  names, given = tuple(dict.fromkeys((*kwargs.get("names", ()), *kwargs.get("keep", ())))), kwargs.get("given")
   kind = "taps" if step == "taps" else "block"
   return kind + (":" + ",".join(names) if names else "") + (":given=" + ",".join(sorted(given)) if given else "")
 

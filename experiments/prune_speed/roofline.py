@@ -226,7 +226,8 @@ def _timed_steps(seconds: collections.Counter, key=None):
       return out
     return wrapper
 
-  patches = [(Runner, "embed", "embed"), (Runner, "taps", "taps"), (Runner, "block", "outputs"),
+  patches = [(Runner, "embed", "embed"), (Runner, "taps", "taps"), (Runner, "tap_sums", "taps"),
+             (Runner, "block", "outputs"),
              (seq, "_accumulate", "statistics"), (seq, "_solve", "solver"), (seq, "_prune_group", "prune_group")]
   saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
   for owner, attr, name in patches:

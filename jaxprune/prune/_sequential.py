@@ -137,9 +137,22 @@ def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, 
   widths = {tap: kernel_at(block_params, paths[0]).shape[0] for tap, paths in groups.items()}
   stats = {tap: init_stats(d, gram=needs_gram) for tap, d in widths.items()}
   for h, weights, _ in batches.chunks(inputs):
-    taps = runner.taps(block_params, as_input(h, block_params), names=tuple(widths), modes=modes)
-    stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
+    stats = _add_batch(runner, block_params, as_input(h, block_params), weights, stats, batches,
+                       names=tuple(widths), modes=modes)[0]
   return {tap: _counted(s, inputs) for tap, s in stats.items()}
+
+
+def _add_batch(runner: Runner, block_params, h, weights, stats: dict, batches: Batches, *, names, modes, keep=(),
+               given=None) -> tuple[dict, dict]:
+  """``(stats, kept)``: ``stats`` (per tap of ``names``, in that order) plus one batch's taps, and the taps
+  ``keep`` of that batch. Squared norms alone (no Gram) on one device are summed inside the block's program
+  (:meth:`Runner.tap_sums`); otherwise the taps are computed, then added by the statistics step."""
+  if batches.mesh is None and all(s.gram is None for s in stats.values()):
+    sums, kept = runner.tap_sums(block_params, h, weights, {n: s.sq_norms for n, s in stats.items()}, names=names,
+                                 keep=keep, modes=modes, given=given)
+    return {n: s._replace(sq_norms=sums[n]) for n, s in stats.items()}, kept
+  taps = runner.taps(block_params, h, names=tuple(dict.fromkeys(names + tuple(keep))), modes=modes, given=given)
+  return _accumulate(stats, taps, weights, mesh=batches.mesh), {name: taps[name] for name in keep}
 
 
 def _counted(stats, inputs: np.ndarray):
@@ -265,14 +278,13 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
     # The residual stream entering the MLP is final once every group the block computes before it is pruned: it
     # is kept from the step of the first group after it, so that the block output needs no attention again.
     keep_mid = MID not in given and order.index(tap) > order.index(MID)
-    names = (tap, MID) if keep_mid else (tap,)
+    keep = (tap,) * (g > 0) + (MID,) * keep_mid
     values, mids = [], []
     for b, (h, weights, _) in enumerate(chunks):
-      taps = runner.taps(block_params, as_input(h, block_params), names=names, modes=modes,
-                         given=_batch(given, b))
-      stats = _accumulate(stats, taps, weights, mesh=batches.mesh)
-      values.append(taps[tap])
-      mids.append(taps.get(MID))
+      stats, kept = _add_batch(runner, block_params, as_input(h, block_params), weights, stats, batches,
+                               names=(tap,), modes=modes, keep=keep, given=_batch(given, b))
+      values.append(kept.get(tap))
+      mids.append(kept.get(MID))
     if keep_mid:
       given[MID] = mids
     if g:

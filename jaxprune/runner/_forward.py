@@ -58,6 +58,22 @@ def block_taps(block_params, h, ctx: Context, given=None, *, config: ModelConfig
   return _window_by_window(fn, windowed, h, ctx, given)
 
 
+def block_tap_sums(block_params, h, ctx: Context, given, weights, sums, *, config: ModelConfig, modes, names, keep,
+                   windowed: bool):
+  """``(sums, kept)``: ``sums[name]`` plus ``Σ_b Σ_t (w_b x_btd)²`` in float32 ``(width,)`` (as
+  :func:`jaxprune.prune.accumulate` sums them) for the taps ``names`` of one block (``w`` the window ``weights``
+  ``(b,)``, 0 for padding), each window's sum taken where its taps are computed, and the taps ``keep`` themselves
+  ``{name: (b, t, width)}``. With ``windowed``, a tap that is only summed never leaves the window's step."""
+  def fn(h, ctx, given, weights):
+    _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
+    weighted = {name: taps[name] * weights.astype(taps[name].dtype)[:, None, None] for name in names}
+    per_window = {name: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1) for name, x in weighted.items()}
+    return per_window, {name: taps[name] for name in keep}
+
+  per_window, kept = _window_by_window(fn, windowed, h, ctx, given, weights)
+  return {name: sums[name] + jnp.sum(s, axis=0) for name, s in per_window.items()}, kept
+
+
 def _over_positions(fn, params, h, extra, *, config: ModelConfig, chunk: int):
   """``fn(logits (b, c, vocab) float32, extra (b, c))`` over the predicting positions ``0 .. t-2`` of ``h``
   ``(b, t, d)``, ``chunk`` positions at a time (a ``lax.map`` over the sequence, so ``(b, chunk, vocab)`` rather
@@ -116,6 +132,8 @@ def model_window_losses(params, tokens, ctx: Context, *, config: ModelConfig, la
 embed = jax.jit(M.embed, static_argnames=("config",))
 block = jax.jit(block_forward, static_argnames=("config", "modes", "windowed"))
 taps = jax.jit(block_taps, static_argnames=("config", "modes", "names", "windowed"))
+tap_sums = jax.jit(block_tap_sums, static_argnames=("config", "modes", "names", "keep", "windowed"),
+                   donate_argnames=("sums",))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

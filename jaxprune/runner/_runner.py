@@ -89,6 +89,15 @@ class Runner:
     return F.taps(block_params, h, self.context(*h.shape[:2]), given, config=self.static, modes=modes,
                   names=tuple(names), windowed=self.windowed)
 
+  def tap_sums(self, block_params, h, weights, sums: dict, *, names: tuple[str, ...], keep: tuple[str, ...] = (),
+               modes=("full", "full"), given: dict | None = None):
+    """``(sums, kept)``: ``sums[name]`` (float32 ``(width,)``, donated) plus the squared norms over tokens of the
+    taps ``names``, each window weighted by ``weights`` ``(b,)``, and the taps ``keep`` as :meth:`taps` returns
+    them: the statistics that need no Gram matrix (Wanda's) summed inside the block's program, window by window,
+    so that a tap that is only summed is never written out."""
+    return F.tap_sums(block_params, h, self.context(*h.shape[:2]), given, weights, sums, config=self.static,
+                      modes=modes, names=tuple(names), keep=tuple(keep), windowed=self.windowed)
+
   def head_losses(self, params, h, tokens):
     """Mean next-token cross-entropy per window ``(b,)`` of the stream ``h`` leaving the last block."""
     return F.head_losses(params, h, tokens, config=self.static)
