@@ -12,8 +12,9 @@
   window as the pass runs it): :func:`~jaxprune.models._layers.dot_attention` and its score and value products
   alone, best of 7, against those products' FLOPs at the matmul rate.
 - ``wanda_statistics``: the squared input norms of block 1's four taps over the 64 × 512 parity windows, by the
-  tapped forward then the accumulation (two programs per batch, as the pass does) and by one program doing both,
-  best of 5.
+  tapped forward then the accumulation (two programs per batch, the taps written out between them) and by the
+  pass's one program (:meth:`~jaxprune.runner.Runner.tap_sums`: each window's squares summed in the step that
+  computes its taps), best of 5.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def main() -> None:
   from jaxprune.models._layers import attention_mask, dot_attention
   from jaxprune.prune import _sequential as S
   from jaxprune.prune._patterns import Unstructured
-  from jaxprune.prune._stats import Stats, accumulate, init_stats
+  from jaxprune.prune._stats import Stats, init_stats
   from jaxprune.prune.solvers import sparsegpt
   from jaxprune.runner import Runner, as_input
 
@@ -120,11 +121,6 @@ def main() -> None:
   names = tuple(widths)
   batches = list(runner.batches(*inputs.shape[:2]).chunks(inputs))
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def fused(stats, h, weights):
-    taps = runner.taps(block, h, names=names, modes=modes)
-    return {n: accumulate(s, S._weighted(taps[n], weights)) for n, s in stats.items()}
-
   def two_programs():
     stats = {tap: init_stats(d, gram=False) for tap, d in widths.items()}
     for h, weights, _ in batches:
@@ -133,10 +129,10 @@ def main() -> None:
     jax.block_until_ready(stats)
 
   def one_program():
-    stats = {tap: init_stats(d, gram=False) for tap, d in widths.items()}
+    sums = {tap: init_stats(d, gram=False).sq_norms for tap, d in widths.items()}
     for h, weights, _ in batches:
-      stats = fused(stats, as_input(h, block), weights)
-    jax.block_until_ready(stats)
+      sums = runner.tap_sums(block, as_input(h, block), weights, sums, names=names, modes=modes)[0]
+    jax.block_until_ready(sums)
 
   result["wanda_statistics"] = {"two_programs_seconds": best(two_programs, 5),
                                 "one_program_seconds": best(one_program, 5)}
