@@ -16,7 +16,7 @@ from jaxprune.models._convert import params_to_hf
 from jaxprune.models._layers import MID
 from jaxprune._tree import get as tree_get
 from jaxprune.runner import Runner, _forward as F, make_mesh
-from jaxprune.runner._batches import gathered
+from jaxprune.runner._batches import fetched_ahead, gathered
 
 LLAMA = ModelConfig(family="llama", vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=6, max_position_embeddings=32, tie_word_embeddings=False, norm_eps=1e-5)
@@ -323,3 +323,21 @@ def test_gathered_writes_into_memory_of_its_shape_only():
     np.testing.assert_array_equal(fresh, out)
   with pytest.raises(ValueError, match="gathered 6 rows, expected 7"):
     gathered(iter(parts), 7)
+
+
+def test_fetched_ahead_starts_the_next_batch_before_fetching_one():
+  events = []
+
+  def outputs():
+    for b, real in enumerate((2, 2, 1)):
+      events.append(f"start {b}")
+      yield jnp.full((2, 3), float(b)), real
+
+  parts = []
+  for part in fetched_ahead(outputs()):
+    events.append(f"got {len(parts)}")
+    parts.append(part)
+  assert events == ["start 0", "start 1", "got 0", "start 2", "got 1", "got 2"]
+  assert [p.shape for p in parts] == [(2, 3), (2, 3), (1, 3)] and all(p.dtype == np.float32 for p in parts)
+  np.testing.assert_array_equal(np.concatenate(parts)[:, 0], [0, 0, 1, 1, 2])
+  assert list(fetched_ahead(iter(()))) == []

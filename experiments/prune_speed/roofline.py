@@ -2,17 +2,19 @@
 the plain float32 matmul rate measured in the same process.
 
   python experiments/prune_speed/roofline.py          # -> roofline.json beside this script
-  python experiments/prune_speed/roofline.py --warm   # each case also run again right after it, compiled already
+  python experiments/prune_speed/roofline.py --warm   # each case also run again right after it, compiled already,
+                                                      # then once more with every step timed
 
 One process: the ``jnp.matmul`` rate (float32, ``HIGHEST``; 2048³ and the model's own shapes, best of a few after a
 warm-up), one block's forward against its matrix products alone (:func:`block_anatomy`), then Wanda 50 % and
 SparseGPT 50 % on SmolLM2-135M-Instruct and the parity calibration tokens (64 × 512), in the default order and
 true-sequential, each from cleared compilation caches (compilation is included, as in ``run.py``) between two
 measurements of the 2048³ rate (their mean is the case's rate; with ``--warm``, each case then again in the same
-process, as a second pass of a session runs), then the matmul rates again. Each step of the
-pass is timed (a timer that waits for its result), and its FLOPs are counted from the config
-(:func:`pass_flops`): matrix products only; norms, softmax, rotary embeddings, SiLU, the embedding gather and
-Wanda's selection count 0.
+process, as a second pass of a session runs), then the matmul rates again. These passes run as a user's do,
+without timers inside; with ``--warm`` a third pass of each case times every step with a timer that waits for its
+result (which stops the host's work from overlapping the devices', so that pass is slower): where the seconds go.
+FLOPs are counted from the config (:func:`pass_flops`): matrix products only; norms, softmax, rotary embeddings,
+SiLU, the embedding gather and Wanda's selection count 0.
 """
 from __future__ import annotations
 
@@ -235,10 +237,11 @@ def _timed_steps(seconds: collections.Counter, key=None):
   return lambda: [setattr(owner, attr, fn) for owner, attr, fn in saved]
 
 
-def one_case(model, calib, case: str, order: str, *, warm: bool = False) -> dict:
+def one_case(model, calib, case: str, order: str, *, warm: bool = False, timed: bool = False) -> dict:
   """The whole pass of ``case`` in ``order`` from cleared compilation caches (``warm``: right after the same pass,
   every program compiled already), between two measurements of the 2048³ matmul rate (whose mean is the case's
-  rate): seconds in all and per step, compilation, load."""
+  rate): seconds in all, compilation, load; with ``timed``, also per step (timers that wait for each step's
+  result)."""
   import jax
 
   import jaxprune as jp
@@ -257,7 +260,7 @@ def one_case(model, calib, case: str, order: str, *, warm: bool = False) -> dict
   sampler = threading.Thread(target=lambda: [samples.append(os.getloadavg()[0]) for _ in iter(lambda: done.wait(10),
                                                                                                 True)], daemon=True)
   sampler.start()
-  undo = _timed_steps(seconds)
+  undo = _timed_steps(seconds) if timed else (lambda: None)
   try:
     spec = jp.PruneSpec(method, pattern, true_sequential=order == "true_sequential")
     outcome = jp.prune(model.params, calib, config=model.config, spec=spec, batch_size=8, progress=False)
@@ -265,10 +268,13 @@ def one_case(model, calib, case: str, order: str, *, warm: bool = False) -> dict
     undo()
     done.set()
   rates.append(matmul_rates([GEMM])[GEMM_KEY])
-  seconds["reports"] = seconds.pop("prune_group") - seconds["solver"]
-  steps = {name: seconds[name] for name in STEPS}
-  steps["other"] = outcome.seconds - sum(steps.values())
-  return {"case": case, "order": order, "warm": warm, "seconds": outcome.seconds, "step_seconds": steps,
+  steps = None
+  if timed:
+    seconds["reports"] = seconds.pop("prune_group") - seconds["solver"]
+    steps = {name: seconds[name] for name in STEPS}
+    steps["other"] = outcome.seconds - sum(steps.values())
+  return {"case": case, "order": order, "warm": warm, "timed": timed, "seconds": outcome.seconds,
+          "step_seconds": steps,
           "compile_seconds": sum(COMPILE_SECONDS.values()), "compile_events": dict(COMPILE_SECONDS),
           "load_before": load, "load_after": os.getloadavg(),
           "load_1min_every_10s": {"mean": sum(samples) / max(len(samples), 1), "max": max(samples, default=None)},
@@ -276,13 +282,14 @@ def one_case(model, calib, case: str, order: str, *, warm: bool = False) -> dict
 
 
 def derive(run: dict, config, windows: int, seq: int) -> dict:
-  """``run`` with its FLOPs (:func:`pass_flops`), ideal seconds at its matmul rate and ratio, in all and per step."""
+  """``run`` with its FLOPs (:func:`pass_flops`), ideal seconds at its matmul rate and ratio, in all and per step
+  (a timed run's; ``steps`` is empty for the others)."""
   method = parse_case(run["case"])[0]
   ts = run["order"] == "true_sequential"
   flops = pass_flops(config, windows=windows, seq=seq, method=method, true_sequential=ts)
   computed = pass_flops(config, windows=windows, seq=seq, method=method, true_sequential=ts, computed=True)
   rate = run["matmul_gflop_per_s"] * 1e9
-  seconds = run.get("step_seconds") or {name: step["seconds"] for name, step in run["steps"].items()}
+  seconds = run.get("step_seconds") or {name: step["seconds"] for name, step in run.get("steps", {}).items()}
   steps = {name: {"seconds": sec, "gflop": flops.get(name, 0.0) / 1e9, "gflop_computed": computed.get(name, 0.0) / 1e9,
                   "ideal_seconds": flops.get(name, 0.0) / rate,
                   "gflop_per_s": flops[name] / sec / 1e9 if flops.get(name) and sec else None}
@@ -301,18 +308,20 @@ def provenance() -> dict:
 
 
 def table(result: dict) -> str:
-  """Markdown: one row per case; per-step seconds against their ideal seconds."""
+  """Markdown: one row per pass; per-step seconds against their ideal seconds for the timed passes."""
   lines = ["| order | case | seconds | TFLOP | GFLOP/s | ideal s | ratio | taps s (ideal) | statistics s (ideal) "
            "| solver s (ideal) | outputs s (ideal) | reports s | other s | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["runs"]:
     s = r["steps"]
-    cell = lambda n: f"{s[n]['seconds']:.1f} ({s[n]['ideal_seconds']:.1f})"  # noqa: E731
-    case = r["case"] + (" (warm)" if r.get("warm") else "")
+    cell = lambda n: f"{s[n]['seconds']:.1f} ({s[n]['ideal_seconds']:.1f})" if s else "—"  # noqa: E731
+    rest = (f"{s['reports']['seconds']:.1f} | {s['other']['seconds'] + s['embed']['seconds']:.1f}" if s
+            else "— | —")
+    kind = ", ".join(k for k, on in (("warm", r.get("warm")), ("timed", s and r.get("timed"))) if on)
+    case = r["case"] + (f" ({kind})" if kind else "")
     lines.append(f"| {r['order']} | {case} | {r['seconds']:.1f} | {r['tflop']:.2f} "
                  f"| {r['matmul_gflop_per_s']:.0f} | {r['ideal_seconds']:.1f} | {r['ratio']:.2f} | {cell('taps')} "
-                 f"| {cell('statistics')} | {cell('solver')} | {cell('outputs')} "
-                 f"| {s['reports']['seconds']:.1f} | {s['other']['seconds'] + s['embed']['seconds']:.1f} "
+                 f"| {cell('statistics')} | {cell('solver')} | {cell('outputs')} | {rest} "
                  f"| {r['compile_seconds']:.1f} |")
   return "\n".join(lines) + "\n"
 
@@ -324,7 +333,8 @@ def main() -> None:
   p.add_argument("--orders", nargs="*", default=list(ORDERS), choices=ORDERS)
   p.add_argument("--windows", type=int, default=None, help="the first N calibration windows [default: all 64]")
   p.add_argument("--warm", action="store_true",
-                 help="each case also run again right after, in the same process, every program compiled already")
+                 help="each case also run again right after, in the same process, every program compiled already, "
+                      "then once more with every step timed")
   p.add_argument("--anatomy-only", action="store_true",
                  help="time one block against its matrix products alone (block_anatomy) into --out, nothing else")
   p.add_argument("--only-report", action="store_true",
@@ -362,8 +372,9 @@ def main() -> None:
   print(json.dumps(result["block_anatomy"]), flush=True)
   for order in args.orders:
     for case in args.cases:
-      for warm in (False, True) if args.warm else (False,):
-        result["runs"].append(derive(one_case(model, calib, case, order, warm=warm), model.config, *calib.shape))
+      for warm, timed in ((False, False), (True, False), (True, True)) if args.warm else ((False, False),):
+        result["runs"].append(derive(one_case(model, calib, case, order, warm=warm, timed=timed), model.config,
+                                     *calib.shape))
         print(json.dumps(result["runs"][-1]), flush=True)
         write_json(args.out, result)
   result["matmul_rates_after"] = matmul_rates(shapes)

@@ -43,7 +43,7 @@ from jaxprune.prune.solvers import check_options, get_solver, reconstruction_err
 from jaxprune.prune.solvers._base import solver_jit
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner, as_input
-from jaxprune.runner._batches import gathered
+from jaxprune.runner._batches import fetched_ahead, gathered
 from jaxprune.runner._distributed import fetch
 
 
@@ -291,9 +291,9 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
       given[tap] = values
     block_params = _prune_group(block_params, paths, _counted(stats[tap], inputs), spec, _row_mesh(runner), masks,
                                 reports)
-  outputs = (fetch(runner.block(block_params, as_input(h, block_params), modes=modes, given=_batch(given, b)),
-                   np.float32)[:real] for b, (h, _, real) in enumerate(chunks))
-  return block_params, masks, reports, gathered(outputs, len(inputs), into=into)
+  outputs = ((runner.block(block_params, as_input(h, block_params), modes=modes, given=_batch(given, b)), real)
+             for b, (h, _, real) in enumerate(chunks))
+  return block_params, masks, reports, gathered(fetched_ahead(outputs), len(inputs), into=into)
 
 
 @retained_memory()

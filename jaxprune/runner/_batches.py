@@ -49,7 +49,21 @@ class Batches:
   def map(self, fn, x: np.ndarray, *, into: np.ndarray | None = None) -> np.ndarray:
     """``fn`` over the batches of ``x``, outputs gathered to host float32 ``(n, ...)`` (whole on every process of
     a multi-process run). ``into``: a float32 array the outputs may overwrite (see :func:`gathered`)."""
-    return gathered((fetch(fn(batch), np.float32)[:real] for batch, _, real in self.chunks(x)), self.n, into=into)
+    return gathered(fetched_ahead((fn(batch), real) for batch, _, real in self.chunks(x)), self.n, into=into)
+
+
+def fetched_ahead(outputs):
+  """``fetch(out, np.float32)[:real]`` for each ``(out, real)`` of ``outputs``, a generator that puts a batch on
+  the devices and starts its program when advanced, one batch ahead: the next batch is started before the
+  current one is fetched, so that the host's copies (the next batch in, this one out) overlap the devices'
+  work instead of waiting between programs. One more batch's outputs are alive at once."""
+  pending = None
+  for out, real in outputs:
+    if pending is not None:
+      yield fetch(pending[0], np.float32)[:pending[1]]
+    pending = out, real
+  if pending is not None:
+    yield fetch(pending[0], np.float32)[:pending[1]]
 
 
 def gathered(parts, n: int, *, into: np.ndarray | None = None) -> np.ndarray:
