@@ -1,5 +1,5 @@
-"""One runner for every forward pass: embedding, blocks with taps, the one cross-entropy, loss and gradients,
-over batches of windows split across a device mesh.
+"""One runner for every forward pass: embedding, blocks with taps (or their statistics summed in the block's
+program), the one cross-entropy, loss and gradients, over batches of windows split across a device mesh.
 
 >>> import jaxprune as jp
 >>> from jaxprune.runner import Runner

@@ -1,5 +1,5 @@
-"""The jitted pieces of a forward pass: embedding, one block (optionally with taps), head with the one
-cross-entropy, and the loss of the whole model with its gradient.
+"""The jitted pieces of a forward pass: embedding, one block (optionally with taps, or with the squared norms of
+its taps summed), head with the one cross-entropy, and the loss of the whole model with its gradient.
 
 Each is a module-level ``jax.jit`` over a *static* block config (``ModelConfig`` without its structure edits:
 :func:`static_config`) and a block's sublayer ``modes``, so every block of the same shape and modes shares one
