@@ -54,12 +54,12 @@ def test_one_compilation_serves_all_blocks(params, calib):
   spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
   F.block.clear_cache()
   F.taps.clear_cache()
-  S._linear_program.cache_clear()
+  S._jitted_solver.cache_clear()
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
   assert F.block._cache_size() == 1  # 4 blocks, one compilation
   assert F.taps._cache_size() == 1
   # Distinct linear shapes: q/o (32x32), k/v (16x32), gate/up (48x32), down (32x48).
-  assert S.linear_program(spec)._cache_size() == 4
+  assert S.jitted_solver(spec)._cache_size() == 4
 
 
 # In the default suite, a pass on a (data, model) mesh runs in test_runner's model-axis test (Wanda) and in

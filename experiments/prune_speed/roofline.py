@@ -250,7 +250,6 @@ def one_case(model, calib, case: str, order: str, *, warm: bool = False, timed: 
   if not warm:
     jax.clear_caches()
     _sequential._jitted_solver.cache_clear()
-    _sequential._linear_program.cache_clear()
   method, pattern = parse_case(case)
   seconds = collections.Counter()
   COMPILE_SECONDS.clear()
