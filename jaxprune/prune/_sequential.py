@@ -43,7 +43,7 @@ from jaxprune.prune.solvers import check_options, get_solver, reconstruction_err
 from jaxprune.prune.solvers._base import solver_jit
 from jaxprune.prune._stats import accumulate, accumulate_sharded, init_stats
 from jaxprune.runner import Batches, Runner, as_input
-from jaxprune.runner._batches import fetched_ahead, gathered
+from jaxprune.runner._batches import fetched_ahead, gathered, weighted
 from jaxprune.runner._distributed import fetch
 
 
@@ -99,15 +99,11 @@ def block_linears(config: ModelConfig, block_params: dict) -> dict[str, tuple[st
   return M.present_linears(config, block_params)
 
 
-def _weighted(x, weights):
-  return x * weights.astype(x.dtype)[:, None, None]  # padding windows -> 0
-
-
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("stats",))
 def _accumulate(stats: dict, taps: dict, weights, *, mesh):
   """``stats[name]`` plus the tokens of ``taps[name]`` ``(b, t, d)`` for every name of ``stats``."""
   add = accumulate if mesh is None else functools.partial(accumulate_sharded, mesh=mesh)
-  return {name: add(s, _weighted(taps[name], weights)) for name, s in stats.items()}
+  return {name: add(s, weighted(taps[name], weights)) for name, s in stats.items()}
 
 
 def jitted_solver(spec: PruneSpec):

@@ -52,6 +52,11 @@ class Batches:
     return gathered(fetched_ahead((fn(batch), real) for batch, _, real in self.chunks(x)), self.n, into=into)
 
 
+def weighted(x, weights):
+  """``x`` ``(b, ...)`` times each window's weight ``weights`` ``(b,)`` in ``x``'s dtype: a padding window -> 0."""
+  return x * weights.astype(x.dtype).reshape(-1, *(1,) * (x.ndim - 1))
+
+
 def fetched_ahead(outputs):
   """``fetch(out, np.float32)[:real]`` for each ``(out, real)`` of ``outputs``, a generator that puts a batch on
   the devices and starts its program when advanced, one batch ahead: the next batch is started before the

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._layers import Context, compute_dtype
+from jaxprune.runner._batches import weighted
 
 CE_CHUNK = 128  # positions whose logits are alive at once in the cross-entropy
 
@@ -66,8 +67,8 @@ def block_tap_sums(block_params, h, ctx: Context, given, weights, sums, *, confi
   ``{name: (b, t, width)}``. With ``windowed``, a tap that is only summed never leaves the window's step."""
   def fn(h, ctx, given, weights):
     _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
-    weighted = {name: taps[name] * weights.astype(taps[name].dtype)[:, None, None] for name in names}
-    per_window = {name: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1) for name, x in weighted.items()}
+    per_window = {name: jnp.sum(jnp.square(weighted(taps[name], weights).astype(jnp.float32)), axis=1)
+                  for name in names}
     return per_window, {name: taps[name] for name in keep}
 
   per_window, kept = _window_by_window(fn, windowed, h, ctx, given, weights)

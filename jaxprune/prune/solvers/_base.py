@@ -16,8 +16,8 @@ from jaxprune.prune._stats import Stats
 HIGHEST = jax.lax.Precision.HIGHEST
 
 SOLVER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
-"""XLA options of the pass's programs that solve one linear (its per-linear program around a solver, LLM Surgeon's
-per-linear programs) on a GPU: no autotuning. Such a program is compiled once per linear shape and then
+"""XLA options of the pass's programs that solve one linear (its jit of a solver, the dense output's energy, LLM
+Surgeon's per-linear programs) on a GPU: no autotuning. Such a program is compiled once per linear shape and then
 runs a few dozen times, for milliseconds; on an H200, SparseGPT's first call on each of SmolLM2-135M's four linear
 shapes took 10.5-14.1 s with XLA's default autotuning and 1.9-2.4 s without it, and its later calls 20-45 ms either
 way (``XLA_FLAGS=--xla_gpu_autotune_level=0`` in ``experiments/accelerator/compile_probe.py``). On other backends
