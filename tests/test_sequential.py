@@ -50,16 +50,29 @@ def test_pass_prunes_every_linear_exactly(params, calib, method):
                                 params["embed"]["embed_tokens"]["embedding"])
 
 
-def test_one_compilation_serves_all_blocks(params, calib):
+def test_one_compilation_serves_all_blocks(params, calib, monkeypatch):
   spec = S.PruneSpec("sparsegpt", Unstructured(0.5), (("blocksize", 8),))
   F.block.clear_cache()
   F.taps.clear_cache()
   S._jitted_solver.cache_clear()
+  S._jitted_prepare.cache_clear()
+  prepare, widths = S.jitted_prepare(spec), []
+
+  def counted(stats):  # the pass's calls; the spec check before it only traces
+    if not isinstance(stats.gram, jax.core.Tracer):
+      widths.append(stats.gram.shape[0])
+    return prepare(stats)
+
+  monkeypatch.setattr(S, "jitted_prepare", lambda spec: counted)
   S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
   assert F.block._cache_size() == 1  # 4 blocks, one compilation
   assert F.taps._cache_size() == 1
   # Distinct linear shapes: q/o (32x32), k/v (16x32), gate/up (48x32), down (32x48).
   assert S.jitted_solver(spec)._cache_size() == 4
+  # SparseGPT's factorisation: once per input group (q/k/v, o, gate/up, down) of every block, compiled once per
+  # input width (32, 48).
+  assert widths == [32, 32, 32, 48] * CONFIG.num_layers
+  assert prepare._cache_size() == 2
 
 
 # In the default suite, a pass on a (data, model) mesh runs in test_runner's model-axis test (Wanda) and in

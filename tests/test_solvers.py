@@ -26,7 +26,7 @@ import tolerances as tol
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune import (
     NM, SOLVERS, Stats, Unstructured, accumulate, admm, admm_update, get_solver, init_stats, sparsegpt)
-from jaxprune.prune.solvers import check_options, solver_options
+from jaxprune.prune.solvers import check_options, solver_options, sparsegpt_prepare
 
 D_OUT, D_IN, BLOCK = 24, 40, 16
 DEAD = (3, 17)
@@ -390,6 +390,34 @@ def test_sparsegpt_error_from_its_own_errors_equals_the_trace(percdamp, tokens):
   out = jitted("sparsegpt", Unstructured(0.5), percdamp=percdamp)(jnp.asarray(w), stats_of(x))
   trace = ref.error(w.astype(np.float64), np.asarray(out.w, np.float64), g)
   np.testing.assert_allclose(float(out.error), trace, rtol=tol.ERROR_RTOL)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+def test_sparsegpt_prepared_factor_gives_the_reference_solution(pattern):
+  """The factor computed once by ``sparsegpt_prepare`` (the pass shares it across an input group) gives the float64
+  reference's solution, with dead inputs and a last column block that is padded (40 inputs, blocks of 16); the
+  same factor serves weights of other output widths."""
+  w, x = make_problem(dead=DEAD, seed=13)
+  stats = stats_of(x)
+  factor = jax.jit(functools.partial(sparsegpt_prepare, **HPARAMS["sparsegpt"]))(stats)
+  assert factor.u.shape == (48, 48) and bool(factor.factored)
+  solve = jax.jit(functools.partial(sparsegpt, pattern=pattern, **HPARAMS["sparsegpt"]))
+  for rows in (w, w[:8]):
+    want = reference("sparsegpt", rows, stats, pattern, **HPARAMS["sparsegpt"])
+    assert_as_reference_f32(solve(jnp.asarray(rows), stats, prepared=factor), want)
+
+
+def test_sparsegpt_prepared_factor_of_another_shape_or_without_gram_raises():
+  w, x = make_problem(seed=14)
+  stats = stats_of(x)
+  with pytest.raises(JaxpruneError, match=r"does not fit weights \(24, 40\) with blocksize 16"):
+    sparsegpt(jnp.asarray(w), stats, pattern=Unstructured(0.5), blocksize=16,
+              prepared=sparsegpt_prepare(stats, blocksize=32))
+  with pytest.raises(JaxpruneError, match="Gram"):
+    sparsegpt_prepare(stats._replace(gram=None))
+  with pytest.raises(JaxpruneError, match="percdamp"):
+    sparsegpt_prepare(stats, percdamp=-1.0)
+  assert "prepared" not in solver_options("sparsegpt")
 
 
 # ---------------------------------------------------------------- robustness and input errors

@@ -12,14 +12,16 @@ it, and the block output from the kept residual stream entering the MLP (``layer
 last linear, so a block costs one forward with pruned weights instead of a dense and a pruned one; the price is
 memory: the inputs of every group of the current block stay on the devices.
 
-Compilation: the block forward, the statistics step and each solver are jitted with the block's shape as the only
-static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
+Compilation: the block forward, the statistics step, each solver and its ``prepare`` step (SparseGPT's
+factorisation, done once per input group and shared by its linears) are jitted with the block's shape as the
+only static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
 one block ``(n, seqlen, hidden)`` plus one block's statistics, whatever the depth.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -116,6 +118,21 @@ def _jitted_solver(method: str, pattern: Pattern, hparams: tuple):
   return solver_jit()(functools.partial(get_solver(method).solve, pattern=pattern, **dict(hparams)))
 
 
+def jitted_prepare(spec: PruneSpec):
+  """The ``prepare`` step of the solver of ``spec`` (see :class:`~jaxprune.prune.solvers.SolverSpec`) with the
+  options it names bound, jitted once (one compile per input width), or ``None`` if the solver has none."""
+  return _jitted_prepare(spec.method, spec.hparams)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_prepare(method: str, hparams: tuple):
+  prepare = get_solver(method).prepare
+  if prepare is None:
+    return None
+  named = inspect.signature(prepare).parameters
+  return solver_jit()(functools.partial(prepare, **{k: v for k, v in hparams if k in named}))
+
+
 def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
   """Traces the solver of ``spec`` abstractly (no computation) on every distinct linear shape of the model, so
   that a pattern or hyper-parameter it cannot take raises its one-line :class:`JaxpruneError` before any work."""
@@ -124,9 +141,11 @@ def check_spec(spec: PruneSpec, config: ModelConfig, params) -> None:
   blocks = [layer_abstract(params["layers"], i) for i in range(len(params["layers"]))]
   shapes = {kernel_at(block, path).shape for block in blocks
             for paths in block_linears(config, block).values() for path in paths}
+  prepare = jitted_prepare(spec)
   for d_in, d_out in sorted(shapes):
     stats = None if spec.method == "magnitude" else jax.eval_shape(functools.partial(init_stats, d_in, gram=needs_gram))
-    jax.eval_shape(solver, jax.ShapeDtypeStruct((d_out, d_in), jnp.float32), stats)
+    prepared = {} if prepare is None or stats is None else {"prepared": jax.eval_shape(prepare, stats)}
+    jax.eval_shape(functools.partial(solver, **prepared), jax.ShapeDtypeStruct((d_out, d_in), jnp.float32), stats)
 
 
 def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, *, modes, needs_gram: bool):
@@ -156,11 +175,11 @@ def _counted(stats, inputs: np.ndarray):
   return stats._replace(count=jnp.float32(inputs.shape[0] * inputs.shape[1]))
 
 
-def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
+def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None, prepared=None):
   """The solver on ``kernel`` ``(d_in, d_out)`` cast to float32 (solvers always run in float32, whatever the
-  model's dtype): ``(kernel, mask, error, energy, zeros)``, the kernel and mask in the kernel layout, the kernel
-  in its own dtype, the solver's error, the dense output's energy (:func:`_output_energy`) and the count of zeros
-  in the new kernel.
+  model's dtype), with what its ``prepare`` step computed from ``stats`` if it has one (``prepared``):
+  ``(kernel, mask, error, energy, zeros)``, the kernel and mask in the kernel layout, the kernel in its own dtype,
+  the solver's error, the dense output's energy (:func:`_output_energy`) and the count of zeros in the new kernel.
 
   Four compiled programs per linear shape: the layout change in, the solver, the energy, the layout change out.
   One program doing all four holds more at once than the solver alone: at LLaMA-2-7B's ``down_proj``, XLA's
@@ -169,7 +188,7 @@ def _solve(spec: PruneSpec, kernel, stats, row_mesh: Mesh | None):
   w = _solver_layout(kernel)
   if row_mesh is not None:
     w = jax.device_put(w, NamedSharding(row_mesh, P("model", None)))
-  result = jitted_solver(spec)(w, stats)
+  result = jitted_solver(spec)(w, stats, **({} if prepared is None else {"prepared": prepared}))
   energy = _output_energy(w, stats)
   new, mask, zeros = _kernel_layout(result.w, result.mask, dtype=kernel.dtype)
   return new, mask, result.error, energy, zeros
@@ -198,10 +217,13 @@ def _output_energy(w, stats) -> jax.Array:
 
 
 def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
-  """Prunes the linears ``paths`` (one input group) from ``stats``; adds to ``masks``/``reports`` (sparsity, the
-  solver's error ``tr(ΔW G ΔWᵀ)`` and that error relative to the dense output's energy)."""
+  """Prunes the linears ``paths`` (one input group) from ``stats``, the solver's ``prepare`` step (SparseGPT's
+  factorisation) done once for all of them; adds to ``masks``/``reports`` (sparsity, the solver's error
+  ``tr(ΔW G ΔWᵀ)`` and that error relative to the dense output's energy)."""
+  prepare = jitted_prepare(spec)
+  prepared = None if prepare is None or stats is None else prepare(stats)
   for path in paths:
-    kernel, mask, error, energy, zeros = _solve(spec, kernel_at(block_params, path), stats, row_mesh)
+    kernel, mask, error, energy, zeros = _solve(spec, kernel_at(block_params, path), stats, row_mesh, prepared)
     block_params = _set_kernel(block_params, path, kernel)
     masks[path] = fetch(mask)
     error, energy = float(error), float(energy)

@@ -7,7 +7,9 @@ function the caller jits or vmaps (patterns are pytrees without leaves, so they 
 
 Every solver also takes ``with_error`` (default ``True``): ``False`` leaves the reconstruction error out
 (``SolverResult.error`` is ``None``), which with a Gram saves a ``d_out × d_in × d_in`` product. It is not a
-hyper-parameter: :func:`solver_options` does not list it.
+hyper-parameter: :func:`solver_options` does not list it. Nor is ``prepared``, which a solver with a ``prepare``
+step (:class:`SolverSpec`) takes: what that step computed from the statistics alone, shared by the linears that read
+the same inputs.
 
 >>> sorted(SOLVERS)
 ['admm', 'magnitude', 'sparsegpt', 'wanda']
@@ -25,7 +27,7 @@ from jaxprune.prune._patterns import NM, Unstructured
 from jaxprune.prune.solvers._admm import admm, admm_update
 from jaxprune.prune.solvers._base import SolverResult, reconstruction_error
 from jaxprune.prune.solvers._magnitude import magnitude
-from jaxprune.prune.solvers._sparsegpt import sparsegpt
+from jaxprune.prune.solvers._sparsegpt import SparseGPTFactor, sparsegpt, sparsegpt_prepare
 from jaxprune.prune.solvers._wanda import wanda
 
 
@@ -38,6 +40,9 @@ class SolverSpec(NamedTuple):
     needs_gram: whether ``stats`` must hold the full Gram matrix (else ``init_stats(d_in, gram=False)`` does).
     paper: where the method comes from.
     needs_calibration: whether the method needs calibration data at all (magnitude does not).
+    prepare: ``(stats, **options) -> prepared`` or ``None``: the solver's work on the statistics alone (SparseGPT:
+      the factor of the damped inverse Gram), done once for the linears of an input group and passed to
+      ``solve(..., prepared=prepared)``; it takes those of the solver's options it names.
   """
 
   name: str
@@ -45,12 +50,14 @@ class SolverSpec(NamedTuple):
   needs_gram: bool
   paper: str
   needs_calibration: bool = True
+  prepare: Callable[..., Any] | None = None
 
 
 SOLVERS: Mapping[str, SolverSpec] = types.MappingProxyType({
     "magnitude": SolverSpec("magnitude", magnitude, False, "Zhu & Gupta 2017, arXiv:1710.01878", False),
     "wanda": SolverSpec("wanda", wanda, False, "Sun et al. 2023, arXiv:2306.11695"),
-    "sparsegpt": SolverSpec("sparsegpt", sparsegpt, True, "Frantar & Alistarh 2023, arXiv:2301.00774"),
+    "sparsegpt": SolverSpec("sparsegpt", sparsegpt, True, "Frantar & Alistarh 2023, arXiv:2301.00774",
+                            prepare=sparsegpt_prepare),
     "admm": SolverSpec("admm", admm, True, "Boza 2024, arXiv:2401.02938"),
 })
 
@@ -64,13 +71,15 @@ def get_solver(name: str) -> SolverSpec:
 
 
 def solver_options(name: str) -> tuple[str, ...]:
-  """The keyword options (hyper-parameters) of solver ``name``, besides ``pattern`` and ``with_error``.
+  """The keyword options (hyper-parameters) of solver ``name``, besides ``pattern``, ``with_error`` and
+  ``prepared``.
 
   >>> solver_options("sparsegpt")
   ('blocksize', 'percdamp', 'max_retries', 'ties')
   """
   params = inspect.signature(get_solver(name).solve).parameters.values()
-  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("pattern", "with_error"))
+  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("pattern", "with_error",
+                                                                                         "prepared"))
 
 
 def check_options(name: str, pattern, options) -> tuple[tuple[str, Any], ...]:
@@ -100,6 +109,6 @@ def check_options(name: str, pattern, options) -> tuple[tuple[str, Any], ...]:
 
 
 __all__ = [
-    "SOLVERS", "SolverResult", "SolverSpec", "admm", "admm_update", "check_options", "get_solver", "magnitude",
-    "reconstruction_error", "solver_options", "sparsegpt", "wanda",
+    "SOLVERS", "SolverResult", "SolverSpec", "SparseGPTFactor", "admm", "admm_update", "check_options",
+    "get_solver", "magnitude", "reconstruction_error", "solver_options", "sparsegpt", "sparsegpt_prepare", "wanda",
 ]
