@@ -91,6 +91,26 @@ def test_tap_sums_are_the_weighted_squares_of_the_taps(model, tokens, windowed):
       tol.assert_reordered(kept[name], taps[name], name)
 
 
+@pytest.mark.parametrize("windowed", [True, False])
+def test_tap_sums_of_a_bfloat16_block_are_those_of_its_taps_as_held(tokens, windowed):
+  """In a bfloat16 block the squared norms are those of the taps rounded to bfloat16, as :meth:`Runner.taps`
+  writes them out (and as the reference implementations read a half-precision linear's input). At these widths XLA
+  squares the MLP's hidden layer from the float32 values it rounds to bfloat16 unless told not to: their sums
+  differed from the taps' by 2.8e-3 of the largest (measured), against the 1e-5 asserted."""
+  config = LLAMA.replace(hidden_size=256, intermediate_size=688, head_dim=64, num_layers=1)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), M.init_params(config, jax.random.key(0)))
+  runner = Runner(config, windowed=windowed)
+  block = params["layers"][0]
+  h = runner.embed(params, tokens)
+  names = ("attn_in", "o_in", "mlp_in", "down_in")
+  taps = runner.taps(block, h, names=names)
+  zeros = {name: jnp.zeros((taps[name].shape[-1],), jnp.float32) for name in names}
+  sums, _ = runner.tap_sums(block, h, jnp.ones((tokens.shape[0],), jnp.float32), zeros, names=names)
+  for name in names:
+    assert taps[name].dtype == jnp.bfloat16
+    tol.assert_reordered(sums[name], (np.asarray(taps[name], np.float64) ** 2).sum((0, 1)), name)
+
+
 def _f64_window_losses(params, config, tokens):
   """The protocol's per-window loss in float64 NumPy from the model's logits."""
   logits = np.asarray(jitted.forward(params, tokens, config=config), np.float64)

@@ -67,12 +67,23 @@ def block_tap_sums(block_params, h, ctx: Context, given, weights, sums, *, confi
   ``{name: (b, t, width)}``. With ``windowed``, a tap that is only summed never leaves the window's step."""
   def fn(h, ctx, given, weights):
     _, taps = M.block(block_params, h, ctx, config=config, modes=modes, taps=True, given=given)
-    per_window = {name: jnp.sum(jnp.square(weighted(taps[name], weights).astype(jnp.float32)), axis=1)
+    per_window = {name: jnp.sum(jnp.square(weighted(held(taps[name]), weights).astype(jnp.float32)), axis=1)
                   for name in names}
     return per_window, {name: taps[name] for name in keep}
 
   per_window, kept = _window_by_window(fn, windowed, h, ctx, given, weights)
   return {name: sums[name] + jnp.sum(s, axis=0) for name, s in per_window.items()}, kept
+
+
+def held(x):
+  """``x`` rounded to its dtype, where that is narrower than float32. XLA may compute a narrow value's consumers
+  in the same program from the float32 it was rounded from (excess precision); the statistics of a tap are those of
+  the tap as its dtype holds it, as when it is written out and as the reference implementations read a
+  half-precision linear's input (``test_tap_sums_of_a_bfloat16_block_are_those_of_its_taps_as_held``)."""
+  if jnp.finfo(x.dtype).bits >= 32:
+    return x
+  info = jnp.finfo(x.dtype)
+  return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def _over_positions(fn, params, h, extra, *, config: ModelConfig, chunk: int):
@@ -204,7 +215,8 @@ def curvature_step(moments, params, tokens, weights, key, ctx, *, config, layer_
   ``groups``: per layer, ``((tap, (linear path, ...)), ...)``. ``moments``: per layer ``{"A": {tap: (d_in, d_in)},
   "a": {tap: (d_in,)}, "G": {path: (d_out, d_out)}}``, sums over tokens of ``a aᵀ``, ``a`` and ``g gᵀ``, where
   ``a`` is a linear's input and ``g`` the gradient at its output of ``Σ_b w_b Σ_t NLL_bt`` (labels drawn from the
-  model when ``sampled``, the data's next tokens otherwise).
+  model when ``sampled``, the data's next tokens otherwise). Narrow ``a`` and ``g`` are taken as their dtype holds
+  them (:func:`held`).
   """
   def forward(deltas):
     h = M.embed(params, tokens, config=config)
@@ -226,6 +238,7 @@ def curvature_step(moments, params, tokens, weights, key, ctx, *, config, layer_
   grads, inputs = jax.grad(forward, has_aux=True)(zeros)
   out = []
   for layer, x, g in zip(moments, inputs, grads):
+    x, g = {tap: held(v) for tap, v in x.items()}, {path: held(v) for path, v in g.items()}
     out.append({"A": {tap: layer["A"][tap] + _gram(x[tap], weights) for tap in layer["A"]},
                 "a": {tap: layer["a"][tap] + jnp.einsum("btd,b->d", x[tap], weights.astype(x[tap].dtype))
                       for tap in layer["a"]},
