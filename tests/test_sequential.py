@@ -141,6 +141,24 @@ def test_windows_not_dividing_the_mesh_are_padded_without_changing_the_result(pa
   tol.assert_reordered(plain.inputs, padded.inputs, "next block's inputs")
 
 
+def test_one_device_mesh_sums_wandas_statistics_in_the_block_program(params, calib, monkeypatch):
+  # The command line always passes a mesh; on one device Wanda's squared norms are summed inside the tapped
+  # block (Runner.tap_sums) as without a mesh, not written out as taps and added by the statistics step.
+  from jaxprune.runner import Runner
+
+  spec = S.PruneSpec("wanda", Unstructured(0.5))
+  plain = S.run_pass(params, CONFIG, spec, calib, batch_size=4, progress=False)
+  calls = []
+  for name in ("taps", "tap_sums"):
+    method = getattr(Runner, name)
+    monkeypatch.setattr(Runner, name, lambda self, *a, _m=method, _n=name, **k: calls.append(_n) or _m(self, *a, **k))
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  state = S.run_pass(params, CONFIG, spec, calib, batch_size=4, mesh=mesh, progress=False)
+  assert calls == ["tap_sums"] * 2 * CONFIG.num_layers  # two batches of 4 windows per block
+  tol.assert_passes_agree(plain.masks, plain.params["layers"], state.masks, state.params["layers"], S.kernel_at)
+  tol.assert_reordered(state.inputs, plain.inputs, "next block's inputs")
+
+
 OPT_CONFIG = ModelConfig(family="opt", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                          num_kv_heads=4, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
                          pre_norm=False, activation="relu", qkv_bias=True, o_bias=True, mlp_bias=True,

@@ -160,9 +160,10 @@ def _statistics(runner: Runner, block_params, inputs, batches: Batches, groups, 
 def _add_batch(runner: Runner, block_params, h, weights, stats: dict, batches: Batches, *, names, modes, keep=(),
                given=None) -> tuple[dict, dict]:
   """``(stats, kept)``: ``stats`` (per tap of ``names``, in that order) plus one batch's taps, and the taps
-  ``keep`` of that batch. Squared norms alone (no Gram) on one device are summed inside the block's program
-  (:meth:`Runner.tap_sums`); otherwise the taps are computed, then added by the statistics step."""
-  if batches.mesh is None and all(s.gram is None for s in stats.values()):
+  ``keep`` of that batch. Squared norms alone (no Gram) on one device (no mesh, or a mesh of one device, as the
+  command line's on a machine with one) are summed inside the block's program (:meth:`Runner.tap_sums`);
+  otherwise the taps are computed, then added by the statistics step."""
+  if (batches.mesh is None or batches.mesh.size == 1) and all(s.gram is None for s in stats.values()):
     sums, kept = runner.tap_sums(block_params, h, weights, {n: s.sq_norms for n, s in stats.items()}, names=names,
                                  keep=keep, modes=modes, given=given)
     return {n: s._replace(sq_norms=sums[n]) for n, s in stats.items()}, kept
