@@ -204,9 +204,11 @@ def _solver_layout(kernel):
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _kernel_layout(w, mask, *, dtype):
   """A solver's weights and mask ``(d_out, d_in)`` back in the kernel layout, the weights in ``dtype``, and the
-  count of zeros in them."""
-  kernel = from_hf_layout(w).astype(dtype)
-  return kernel, from_hf_layout(mask), jnp.sum(kernel == 0)
+  count of zeros in them. The weights are cast and counted in the solver's layout, then transposed: XLA fuses a
+  cast and a count that follow the transpose into one slow strided loop (at LLaMA-2-7B's shapes in bfloat16,
+  0.16-0.43 s per linear against 0.10-0.25 s this way: 0.7 s per block)."""
+  narrow = w.astype(dtype)
+  return from_hf_layout(narrow), from_hf_layout(mask), jnp.sum(narrow == 0)
 
 
 @solver_jit()
