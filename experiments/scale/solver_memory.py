@@ -1,7 +1,9 @@
 """The memory of SparseGPT's solver on LLaMA-2-7B's largest input (``down_proj``: 4096 × 11008 weights, a Gram over
-11008 inputs), as the streamed pass runs it: the jitted solver compiled for that shape, its buffers from XLA's
-``memory_analysis`` (arguments, temporaries, outputs), and the process's peak resident memory before and after one
-solve on a Gram of 256 random calibration tokens.
+11008 inputs), as the streamed pass runs it: its two jitted programs compiled for that shape, the factorisation of
+the Gram (the solver's ``prepare`` step, once per input group) and the solver given that factor, with their buffers
+from XLA's ``memory_analysis`` (arguments, temporaries, outputs) and seconds, and the process's peak resident memory
+before and after them, on a Gram of 256 random calibration tokens; beside them, the buffers of the solver that
+factorises inside (``whole``: compiled, not run).
 
     python experiments/scale/solver_memory.py            # -> solver_memory.json (about a minute)
 """
@@ -32,7 +34,7 @@ def main() -> None:
   import jax.numpy as jnp
 
   from jaxprune.prune._patterns import Unstructured
-  from jaxprune.prune._sequential import PruneSpec, jitted_solver
+  from jaxprune.prune._sequential import PruneSpec, jitted_prepare, jitted_solver
   from jaxprune.prune._stats import Stats
 
   d_out, d_in, tokens = 4096, 11008, 256
@@ -44,17 +46,28 @@ def main() -> None:
   w = jnp.asarray(0.02 * rng.standard_normal((d_out, d_in), np.float32))
   jax.block_until_ready((stats, w))
   before = peak_gb()
-  compiled = jitted_solver(PruneSpec("sparsegpt", Unstructured(0.5))).lower(w, stats).compile()
-  analysis = compiled.memory_analysis()
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(w, stats))
-  seconds = time.perf_counter() - start
+  spec = PruneSpec("sparsegpt", Unstructured(0.5))
+
+  def buffers(compiled) -> dict:
+    analysis = compiled.memory_analysis()
+    return {"arguments": analysis.argument_size_in_bytes / 1e9, "temporaries": analysis.temp_size_in_bytes / 1e9,
+            "outputs": analysis.output_size_in_bytes / 1e9}
+
+  def run(call):
+    start = time.perf_counter()
+    out = jax.block_until_ready(call())
+    return out, time.perf_counter() - start
+
+  prepare = jitted_prepare(spec).lower(stats).compile()
+  factor, prepare_seconds = run(lambda: prepare(stats))
+  solve = jitted_solver(spec).lower(w, stats, prepared=factor).compile()
+  _, solve_seconds = run(lambda: solve(w, stats, prepared=factor))
+  whole = jitted_solver(spec).lower(w, stats).compile()
   result = {"command": command(Path(__file__)), "machine": machine(), "shape": [d_out, d_in], "tokens": tokens,
-            "xla_gb": {"arguments": analysis.argument_size_in_bytes / 1e9,
-                       "temporaries": analysis.temp_size_in_bytes / 1e9,
-                       "outputs": analysis.output_size_in_bytes / 1e9},
-            "gram_gb": d_in * d_in * 4 / 1e9, "peak_rss_gb_before_solve": before, "peak_rss_gb_after_solve": peak_gb(),
-            "solve_seconds": seconds}
+            "prepare": {"xla_gb": buffers(prepare), "seconds": prepare_seconds},
+            "solve": {"xla_gb": buffers(solve), "seconds": solve_seconds},
+            "whole": {"xla_gb": buffers(whole)},
+            "gram_gb": d_in * d_in * 4 / 1e9, "peak_rss_gb_before": before, "peak_rss_gb_after": peak_gb()}
   write_json(HERE / "solver_memory.json", result)
   print(result)
 
