@@ -20,8 +20,8 @@ from jaxprune.errors import JaxpruneError
 from jaxprune.io import LoadedModel, load_checkpoint, load_model, save_checkpoint, save_hf_dir
 from jaxprune.models import ModelConfig, from_hf_config, to_hf_config
 from jaxprune.prune import (
-    NM, SOLVERS, SolverResult, Stats, Unstructured, accumulate, accumulate_sharded, admm, admm_update, get_solver,
-    init_stats, magnitude, sparsegpt, sparsegpt_prepare, wanda)
+    NM, SOLVERS, SolverResult, Stats, Unstructured, accumulate, accumulate_sharded, admm, admm_prepare, admm_update,
+    get_solver, init_stats, magnitude, sparsegpt, sparsegpt_prepare, wanda)
 from jaxprune.prune._job import PruneOutcome, prune
 from jaxprune.prune._sequential import PruneSpec, run_pass
 from jaxprune.runner import Runner, data_mesh, make_mesh
@@ -35,8 +35,9 @@ __all__ = [
     # Devices, forward passes, compilation.
     "Runner", "make_mesh", "data_mesh", "use_compilation_cache",
     # Solver level: pure functions over (d_out, d_in) weights and input statistics.
-    "magnitude", "wanda", "sparsegpt", "sparsegpt_prepare", "admm", "admm_update", "SolverResult", "SOLVERS",
-    "get_solver", "Stats", "init_stats", "accumulate", "accumulate_sharded", "NM", "Unstructured", "run_pass",
+    "magnitude", "wanda", "sparsegpt", "sparsegpt_prepare", "admm", "admm_prepare", "admm_update", "SolverResult",
+    "SOLVERS", "get_solver", "Stats", "init_stats", "accumulate", "accumulate_sharded", "NM", "Unstructured",
+    "run_pass",
     # Retraining after pruning (PERP, masked fine-tuning); jaxprune.retrain is the function, the package's other
     # names are imported from jaxprune.retrain.
     "retrain", "RetrainResult", "TrainSpec", "parse_train_spec", "lora_init", "apply", "merge",

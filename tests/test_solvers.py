@@ -26,7 +26,7 @@ import tolerances as tol
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune import (
     NM, SOLVERS, Stats, Unstructured, accumulate, admm, admm_update, get_solver, init_stats, sparsegpt)
-from jaxprune.prune.solvers import check_options, solver_options, sparsegpt_prepare
+from jaxprune.prune.solvers import admm_prepare, check_options, solver_options, sparsegpt_prepare
 
 D_OUT, D_IN, BLOCK = 24, 40, 16
 DEAD = (3, 17)
@@ -393,21 +393,24 @@ def test_sparsegpt_error_from_its_own_errors_equals_the_trace(percdamp, tokens):
 
 
 @pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
-def test_sparsegpt_prepared_factor_gives_the_reference_solution(pattern):
-  """The factor computed once by ``sparsegpt_prepare`` (the pass shares it across an input group) gives the float64
-  reference's solution, with dead inputs and a last column block that is padded (40 inputs, blocks of 16); the
-  same factor serves weights of other output widths."""
+@pytest.mark.parametrize("name", ["sparsegpt", "admm"])
+def test_prepared_factor_gives_the_reference_solution(name, pattern):
+  """The factorisation computed once by the solver's ``prepare`` step (the pass shares it across an input group)
+  gives the float64 reference's solution, with dead inputs (SparseGPT: and a last column block that is padded, 40
+  inputs in blocks of 16); the same factor serves weights of other output widths."""
   w, x = make_problem(dead=DEAD, seed=13)
   stats = stats_of(x)
-  factor = jax.jit(functools.partial(sparsegpt_prepare, **HPARAMS["sparsegpt"]))(stats)
-  assert factor.u.shape == (48, 48) and bool(factor.factored)
-  solve = jax.jit(functools.partial(sparsegpt, pattern=pattern, **HPARAMS["sparsegpt"]))
+  options = HPARAMS.get(name, {})
+  factor = jax.jit(functools.partial(SOLVERS[name].prepare, **options))(stats)
+  if name == "sparsegpt":
+    assert factor.u.shape == (48, 48) and bool(factor.factored)
+  solve = jax.jit(functools.partial(SOLVERS[name].solve, pattern=pattern, **options))
   for rows in (w, w[:8]):
-    want = reference("sparsegpt", rows, stats, pattern, **HPARAMS["sparsegpt"])
+    want = reference(name, rows, stats, pattern, **options)
     assert_as_reference_f32(solve(jnp.asarray(rows), stats, prepared=factor), want)
 
 
-def test_sparsegpt_prepared_factor_of_another_shape_or_without_gram_raises():
+def test_prepared_factor_of_another_shape_or_without_gram_raises():
   w, x = make_problem(seed=14)
   stats = stats_of(x)
   with pytest.raises(JaxpruneError, match=r"does not fit weights \(24, 40\) with blocksize 16"):
@@ -417,7 +420,11 @@ def test_sparsegpt_prepared_factor_of_another_shape_or_without_gram_raises():
     sparsegpt_prepare(stats._replace(gram=None))
   with pytest.raises(JaxpruneError, match="percdamp"):
     sparsegpt_prepare(stats, percdamp=-1.0)
-  assert "prepared" not in solver_options("sparsegpt")
+  with pytest.raises(JaxpruneError, match=r"does not fit weights \(24, 40\)"):
+    admm(jnp.asarray(w), stats, pattern=Unstructured(0.5), prepared=admm_prepare(stats_of(x[:, :36])))
+  with pytest.raises(JaxpruneError, match="rho"):
+    admm_prepare(stats, rho=0.0)
+  assert "prepared" not in solver_options("sparsegpt") and "prepared" not in solver_options("admm")
 
 
 # ---------------------------------------------------------------- robustness and input errors

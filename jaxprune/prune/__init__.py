@@ -7,13 +7,13 @@ Everything here is a pure function over arrays; nothing knows about models. Conv
 from jaxprune.prune._masks import keep_mask, layer_mask, nm_mask, num_pruned, pattern_mask, unstructured_mask
 from jaxprune.prune._patterns import NM, Pattern, Unstructured, parse_pattern
 from jaxprune.prune.solvers import (
-    SOLVERS, SolverResult, SolverSpec, SparseGPTFactor, admm, admm_update, get_solver, magnitude,
-    reconstruction_error, sparsegpt, sparsegpt_prepare, wanda)
+    SOLVERS, ADMMFactor, SolverResult, SolverSpec, SparseGPTFactor, admm, admm_prepare, admm_update, get_solver,
+    magnitude, reconstruction_error, sparsegpt, sparsegpt_prepare, wanda)
 from jaxprune.prune._stats import Stats, accumulate, accumulate_sharded, init_stats
 
 __all__ = [
-    "NM", "Pattern", "SOLVERS", "SolverResult", "SolverSpec", "SparseGPTFactor", "Stats", "Unstructured",
-    "accumulate", "accumulate_sharded", "admm", "admm_update", "get_solver", "init_stats", "keep_mask", "layer_mask",
-    "magnitude", "nm_mask", "num_pruned", "parse_pattern", "pattern_mask", "reconstruction_error", "sparsegpt",
-    "sparsegpt_prepare", "unstructured_mask", "wanda",
+    "ADMMFactor", "NM", "Pattern", "SOLVERS", "SolverResult", "SolverSpec", "SparseGPTFactor", "Stats",
+    "Unstructured", "accumulate", "accumulate_sharded", "admm", "admm_prepare", "admm_update", "get_solver",
+    "init_stats", "keep_mask", "layer_mask", "magnitude", "nm_mask", "num_pruned", "parse_pattern", "pattern_mask",
+    "reconstruction_error", "sparsegpt", "sparsegpt_prepare", "unstructured_mask", "wanda",
 ]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune._patterns import NM, Unstructured
-from jaxprune.prune.solvers._admm import admm, admm_update
+from jaxprune.prune.solvers._admm import ADMMFactor, admm, admm_prepare, admm_update
 from jaxprune.prune.solvers._base import SolverResult, reconstruction_error
 from jaxprune.prune.solvers._magnitude import magnitude
 from jaxprune.prune.solvers._sparsegpt import SparseGPTFactor, sparsegpt, sparsegpt_prepare
@@ -40,9 +40,10 @@ class SolverSpec(NamedTuple):
     needs_gram: whether ``stats`` must hold the full Gram matrix (else ``init_stats(d_in, gram=False)`` does).
     paper: where the method comes from.
     needs_calibration: whether the method needs calibration data at all (magnitude does not).
-    prepare: ``(stats, **options) -> prepared`` or ``None``: the solver's work on the statistics alone (SparseGPT:
-      the factor of the damped inverse Gram), done once for the linears of an input group and passed to
-      ``solve(..., prepared=prepared)``; it takes those of the solver's options it names.
+    prepare: ``(stats, **options) -> prepared`` or ``None``: the solver's work on the statistics alone
+      (SparseGPT: the factor of the damped inverse Gram; ADMM: the normalised Gram and its damped inverse), done
+      once for the linears of an input group and passed to ``solve(..., prepared=prepared)``; it takes those of the
+      solver's options it names.
   """
 
   name: str
@@ -58,7 +59,7 @@ SOLVERS: Mapping[str, SolverSpec] = types.MappingProxyType({
     "wanda": SolverSpec("wanda", wanda, False, "Sun et al. 2023, arXiv:2306.11695"),
     "sparsegpt": SolverSpec("sparsegpt", sparsegpt, True, "Frantar & Alistarh 2023, arXiv:2301.00774",
                             prepare=sparsegpt_prepare),
-    "admm": SolverSpec("admm", admm, True, "Boza 2024, arXiv:2401.02938"),
+    "admm": SolverSpec("admm", admm, True, "Boza 2024, arXiv:2401.02938", prepare=admm_prepare),
 })
 
 
@@ -109,6 +110,7 @@ def check_options(name: str, pattern, options) -> tuple[tuple[str, Any], ...]:
 
 
 __all__ = [
-    "SOLVERS", "SolverResult", "SolverSpec", "SparseGPTFactor", "admm", "admm_update", "check_options",
-    "get_solver", "magnitude", "reconstruction_error", "solver_options", "sparsegpt", "sparsegpt_prepare", "wanda",
+    "ADMMFactor", "SOLVERS", "SolverResult", "SolverSpec", "SparseGPTFactor", "admm", "admm_prepare", "admm_update",
+    "check_options", "get_solver", "magnitude", "reconstruction_error", "solver_options", "sparsegpt",
+    "sparsegpt_prepare", "wanda",
 ]

@@ -5,7 +5,9 @@ Solves ``min ‖X Wᵀ − X Ŵᵀ‖²`` with ``Ŵ`` zero outside a mask by ADM
 ``(d_out, d_in)`` layout, so that rows stay independent and can be sharded):
 
 * ``n = sqrt(diag G) + 1e-8``; ``H = D⁻¹ G D⁻¹`` (unit diagonal); ``W0 = W D`` (``D = diag(n)``);
-* ``H_λ = H + λI``, ``λ = percdamp · mean(diag H)``; ``B = W0 H_λ``; ``K = (H_λ + ρI)⁻¹`` once (Cholesky);
+* ``H_λ = H + λI``, ``λ = percdamp · mean(diag H)``; ``B = W0 H_λ``; ``K = (H_λ + ρI)⁻¹`` once (Cholesky;
+  ``n``, ``H_λ`` and ``K`` depend on the statistics alone: :func:`admm_prepare` computes them once for the linears
+  that read the same inputs, and ``prepared=`` hands them to each);
 * from ``W = W0, U = 0``, each iteration: ``Z = (W + U) ⊙ M``, ``U += W − Z``, ``W = (B + ρ(Z − U)) K``;
 * ``Ŵ = ((W + U) ⊙ M) D⁻¹``.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +49,50 @@ SCHEDULES = ("cubic", "final")
 DEFAULT_SCOPE = "row"  # unstructured ranking when the pattern leaves it open (see the module docstring)
 
 
-def _precondition(w, stats, percdamp, rho):
-  """Returns ``(w0, b, k_t, norm)``: scaled weights and ``B`` ``(d_out, d_in)``, ``Kᵀ`` and ``n`` ``(d_in,)``."""
-  dtype = compute_dtype(w)
-  gram = stats.gram.astype(dtype)
+class ADMMFactor(NamedTuple):
+  """What ADMM derives from the statistics alone, the same for every linear reading the same inputs
+  (:func:`admm_prepare`): ``h_lam`` ``(d_in, d_in)`` (``H_λ``), ``k_t`` (``Kᵀ``) and ``norm`` ``(d_in,)``
+  (``n``), in the notation of the module docstring."""
+
+  h_lam: jax.Array
+  k_t: jax.Array
+  norm: jax.Array
+
+
+def _factor(gram: jax.Array, *, percdamp: float, rho: float) -> ADMMFactor:
   norm = jnp.sqrt(jnp.diag(gram)) + 1e-8
   h = gram / norm[:, None] / norm[None, :]
-  eye = jnp.eye(h.shape[0], dtype=dtype)
+  eye = jnp.eye(h.shape[0], dtype=gram.dtype)
   h_lam = h + percdamp * jnp.mean(jnp.diag(h)) * eye
-  w0 = w.astype(dtype) * norm[None, :]
-  b = jnp.matmul(w0, h_lam, precision=HIGHEST)
   lower = jnp.linalg.cholesky(h_lam + rho * eye)
   k = jax.scipy.linalg.cho_solve((lower, True), eye)
-  return w0, b, k.T, norm
+  return ADMMFactor(h_lam, k.T, norm)
+
+
+@functools.partial(jax.jit, static_argnames=("rho", "percdamp"))
+def admm_prepare(stats: Stats, *, rho: float = 1.0, percdamp: float = 0.1) -> ADMMFactor:
+  """The :class:`ADMMFactor` of ``stats.gram`` that :func:`admm` and :func:`admm_update` compute first (one Cholesky
+  factorisation and a ``d_in × d_in`` inverse), for linears that read the same inputs to share:
+  ``admm(w, stats, prepared=factor)`` with the same ``rho`` and ``percdamp`` gives what ``admm(w, stats)`` gives."""
+  if stats is None or stats.gram is None:
+    raise JaxpruneError("admm needs the full Gram matrix; accumulate statistics with gram=True")
+  _check_hparams(rho, percdamp, 0)
+  gram = stats.gram
+  return _factor(gram.astype(compute_dtype(gram)), percdamp=percdamp, rho=rho)
+
+
+def _precondition(w, stats, percdamp, rho, prepared):
+  """Returns ``(w0, b, k_t, norm)``: scaled weights and ``B`` ``(d_out, d_in)``, ``Kᵀ`` and ``n`` ``(d_in,)``."""
+  dtype = compute_dtype(w)
+  d_in = w.shape[1]
+  if prepared is None:
+    prepared = _factor(stats.gram.astype(dtype), percdamp=percdamp, rho=rho)
+  elif prepared.k_t.shape != (d_in, d_in):
+    raise JaxpruneError(f"admm: a prepared factor of shape {prepared.k_t.shape} does not fit weights {w.shape}")
+  h_lam, k_t, norm = (x.astype(dtype) for x in prepared)
+  w0 = w.astype(dtype) * norm[None, :]
+  b = jnp.matmul(w0, h_lam, precision=HIGHEST)
+  return w0, b, k_t, norm
 
 
 def _iterate(carry, mask, b, k_t, rho):
@@ -69,9 +103,9 @@ def _iterate(carry, mask, b, k_t, rho):
   return jnp.matmul(b + rho * (z - u), k_t, precision=HIGHEST), u
 
 
-def _solve(w, stats, select, mask0, *, rho, percdamp, iterations, mask_iterations):
+def _solve(w, stats, select, mask0, *, rho, percdamp, iterations, mask_iterations, prepared=None):
   """Runs ADMM; ``select(k, scores)`` gives the keep mask of mask iteration ``k``. Returns ``(Ŵ, mask)``."""
-  w0, b, k_t, norm = _precondition(w, stats, percdamp, rho)
+  w0, b, k_t, norm = _precondition(w, stats, percdamp, rho, prepared)
 
   def masked(k, carry):
     w, u, _ = carry
@@ -137,7 +171,7 @@ def _check_hparams(rho, percdamp, iterations, mask_iterations=0, schedule="cubic
 
 @functools.partial(jax.jit, static_argnames=("rho", "percdamp", "iterations", "with_error"))
 def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0, percdamp: float = 0.1,
-                iterations: int = 20, with_error: bool = True) -> SolverResult:
+                iterations: int = 20, with_error: bool = True, prepared: ADMMFactor | None = None) -> SolverResult:
   """ADMM weight update of ``w`` ``(d_out, d_in)`` on a fixed keep ``mask`` ``(d_out, d_in)`` (Boža 2024, Alg. 1).
 
   Args:
@@ -148,13 +182,16 @@ def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0
     percdamp: ridge ``λ = percdamp · mean(diag H)``.
     iterations: ADMM iterations.
     with_error: whether to return the reconstruction error (else ``error`` is ``None``).
+    prepared: the :class:`ADMMFactor` of ``stats`` from :func:`admm_prepare` with the same ``rho`` and ``percdamp``
+      (default: computed here).
   """
   check_inputs("admm_update", w, stats, Unstructured(0.0), needs="gram")
   _check_hparams(rho, percdamp, iterations)
   if mask.shape != w.shape:
     raise JaxpruneError(f"admm_update: mask shape {mask.shape} differs from weights {w.shape}")
   mask = mask.astype(bool)
-  w_new, _ = _solve(w, stats, None, mask, rho=rho, percdamp=percdamp, iterations=iterations, mask_iterations=0)
+  w_new, _ = _solve(w, stats, None, mask, rho=rho, percdamp=percdamp, iterations=iterations, mask_iterations=0,
+                    prepared=prepared)
   return finish(w, w_new, mask, stats, with_error=with_error)
 
 
@@ -162,7 +199,7 @@ def admm_update(w: jax.Array, stats: Stats, *, mask: jax.Array, rho: float = 1.0
                                                   "schedule", "with_error"))
 def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float = 1.0, percdamp: float = 0.1,
          iterations: int = 20, mask_iterations: int = 15, schedule: str = "cubic",
-         with_error: bool = True) -> SolverResult:
+         with_error: bool = True, prepared: ADMMFactor | None = None) -> SolverResult:
   """Gradual ADMM pruning (ADMM-Grad) of ``w`` ``(d_out, d_in)`` to ``pattern``.
 
   Args:
@@ -173,12 +210,12 @@ def admm(w: jax.Array, stats: Stats, *, pattern: Unstructured | NM, rho: float =
     rho, percdamp, iterations: as in :func:`admm_update`.
     mask_iterations: the first iterations that re-select the mask (``0``: one mask from ``|W0|``).
     schedule: ``"cubic"`` (the paper) or ``"final"`` (the reference code's unstructured behaviour).
-    with_error: as in :func:`admm_update`.
+    with_error, prepared: as in :func:`admm_update`.
   """
   check_inputs("admm", w, stats, pattern, needs="gram")
   _check_hparams(rho, percdamp, iterations, mask_iterations, schedule)
   select = _gradual_select(pattern, w.shape, schedule, mask_iterations)
   mask0 = None if mask_iterations == 0 else jnp.ones_like(w, dtype=bool)
   w_new, mask = _solve(w, stats, select, mask0, rho=rho, percdamp=percdamp, iterations=iterations,
-                       mask_iterations=mask_iterations)
+                       mask_iterations=mask_iterations, prepared=prepared)
   return finish(w, w_new, mask, stats, with_error=with_error)
