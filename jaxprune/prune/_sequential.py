@@ -12,8 +12,8 @@ it, and the block output from the kept residual stream entering the MLP (``layer
 last linear, so a block costs one forward with pruned weights instead of a dense and a pruned one; the price is
 memory: the inputs of every group of the current block stay on the devices.
 
-Compilation: the block forward, the statistics step, each solver and its ``prepare`` step (SparseGPT's
-factorisation, done once per input group and shared by its linears) are jitted with the block's shape as the
+Compilation: the block forward, the statistics step, each solver and its ``prepare`` step (SparseGPT's and
+ADMM's factorisations, done once per input group and shared by its linears) are jitted with the block's shape as the
 only static information, so N identical blocks trigger one compilation each. Memory: the calibration activations of
 one block ``(n, seqlen, hidden)`` plus one block's statistics, whatever the depth.
 """
@@ -220,8 +220,8 @@ def _output_energy(w, stats) -> jax.Array:
 
 
 def _prune_group(block_params, paths, stats, spec: PruneSpec, row_mesh, masks: dict, reports: list) -> dict:
-  """Prunes the linears ``paths`` (one input group) from ``stats``, the solver's ``prepare`` step (SparseGPT's
-  factorisation) done once for all of them; adds to ``masks``/``reports`` (sparsity, the solver's error
+  """Prunes the linears ``paths`` (one input group) from ``stats``, the solver's ``prepare`` step (SparseGPT's or
+  ADMM's factorisation) done once for all of them; adds to ``masks``/``reports`` (sparsity, the solver's error
   ``tr(ΔW G ΔWᵀ)`` and that error relative to the dense output's energy)."""
   prepare = jitted_prepare(spec)
   prepared = None if prepare is None or stats is None else prepare(stats)
