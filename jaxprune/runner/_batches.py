@@ -5,6 +5,8 @@ batch is padded with copies of its last window, which get weight 0 and whose out
 """
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,12 +65,11 @@ def fetched_ahead(outputs):
   current one is fetched, so that the host's copies (the next batch in, this one out) overlap the devices'
   work instead of waiting between programs. One more batch's outputs are alive at once."""
   pending = None
-  for out, real in outputs:
+  for started in itertools.chain(outputs, [None]):  # None: the last batch is started, fetch it
     if pending is not None:
-      yield fetch(pending[0], np.float32)[:pending[1]]
-    pending = out, real
-  if pending is not None:
-    yield fetch(pending[0], np.float32)[:pending[1]]
+      out, real = pending
+      yield fetch(out, np.float32)[:real]
+    pending = started
 
 
 def gathered(parts, n: int, *, into: np.ndarray | None = None) -> np.ndarray:

@@ -80,9 +80,9 @@ def held(x):
   in the same program from the float32 it was rounded from (excess precision); the statistics of a tap are those of
   the tap as its dtype holds it, as when it is written out and as the reference implementations read a
   half-precision linear's input (``test_tap_sums_of_a_bfloat16_block_are_those_of_its_taps_as_held``)."""
-  if jnp.finfo(x.dtype).bits >= 32:
-    return x
   info = jnp.finfo(x.dtype)
+  if info.bits >= 32:
+    return x
   return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune._masks import keep_mask, layer_mask, nm_mask, num_pruned, pattern_mask
 from jaxprune.prune._patterns import NM, Unstructured
-from jaxprune.prune.solvers._base import HIGHEST, SolverResult, check_inputs, compute_dtype, finish
+from jaxprune.prune.solvers._base import HIGHEST, SolverResult, check_gram, check_inputs, compute_dtype, finish
 from jaxprune.prune._stats import Stats
 
 SCHEDULES = ("cubic", "final")
@@ -74,8 +74,7 @@ def admm_prepare(stats: Stats, *, rho: float = 1.0, percdamp: float = 0.1) -> AD
   """The :class:`ADMMFactor` of ``stats.gram`` that :func:`admm` and :func:`admm_update` compute first (one Cholesky
   factorisation and a ``d_in × d_in`` inverse), for linears that read the same inputs to share:
   ``admm(w, stats, prepared=factor)`` with the same ``rho`` and ``percdamp`` gives what ``admm(w, stats)`` gives."""
-  if stats is None or stats.gram is None:
-    raise JaxpruneError("admm needs the full Gram matrix; accumulate statistics with gram=True")
+  check_gram("admm", stats)
   _check_hparams(rho, percdamp, 0)
   gram = stats.gram
   return _factor(gram.astype(compute_dtype(gram)), percdamp=percdamp, rho=rho)

@@ -99,7 +99,13 @@ def check_inputs(name: str, w: jax.Array, stats: Stats | None, pattern, *, needs
     return
   if stats.sq_norms.shape != (d_in,):
     raise JaxpruneError(f"{name}: statistics of width {stats.sq_norms.shape[0]} do not fit weights {w.shape}")
-  if needs == "gram" and stats.gram is None:
+  if needs == "gram":
+    check_gram(name, stats)
+
+
+def check_gram(name: str, stats: Stats | None) -> None:
+  """Raises :class:`JaxpruneError` unless ``stats`` holds the full Gram matrix that solver ``name`` needs."""
+  if stats is None or stats.gram is None:
     raise JaxpruneError(f"{name} needs the full Gram matrix; accumulate statistics with gram=True")
 
 

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 from jaxprune.errors import JaxpruneError
 from jaxprune.prune._masks import layer_mask, nm_mask, num_pruned
 from jaxprune.prune._patterns import NM, Unstructured
-from jaxprune.prune.solvers._base import (HIGHEST, SolverResult, check_inputs, check_ties, check_with_error,
-                                          compute_dtype, finish, reconstruction_error)
+from jaxprune.prune.solvers._base import (HIGHEST, SolverResult, check_gram, check_inputs, check_ties,
+                                          check_with_error, compute_dtype, finish, reconstruction_error)
 from jaxprune.prune._stats import Stats
 
 _SUB_COLUMNS = 16
@@ -258,8 +258,7 @@ def sparsegpt_prepare(stats: Stats, *, blocksize: int = 128, percdamp: float = 0
   linears that read the same inputs (a block's q/k/v, its gate/up) to share: ``sparsegpt(w, stats, prepared=factor)``
   with the same ``blocksize``, ``percdamp`` and ``max_retries`` gives what ``sparsegpt(w, stats)`` gives, without
   factorising again (about half of SparseGPT's time at widths of a few hundred to a few thousand)."""
-  if stats is None or stats.gram is None:
-    raise JaxpruneError("sparsegpt needs the full Gram matrix; accumulate statistics with gram=True")
+  check_gram("sparsegpt", stats)
   _check_factor_hparams(blocksize, percdamp, max_retries)
   gram = stats.gram
   return _factor(gram.astype(compute_dtype(gram)), blocksize=blocksize, percdamp=percdamp, max_retries=max_retries)
