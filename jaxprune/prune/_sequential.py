@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxprune import _tree as tree
 from jaxprune._memory import retained_memory
 from jaxprune.errors import JaxpruneError
-from jaxprune.io._stream import layer_abstract, prefetch, split, with_layer
+from jaxprune.io._stream import is_streamed, layer_abstract, prefetch, split, with_layer
 from jaxprune.models import _model as M
 from jaxprune.models._config import ModelConfig
 from jaxprune.models._convert import from_hf_layout, to_hf_layout
@@ -325,7 +325,6 @@ def prune_block_sequential(block_params, inputs, runner: Runner, spec: PruneSpec
   return block_params, masks, reports, gathered(fetched_ahead(outputs), len(inputs), into=into)
 
 
-@retained_memory()
 def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | None, *, batch_size: int = 8,
              mesh: Mesh | None = None, state: BlockState | None = None,
              on_block: Callable[[BlockState], BlockState | None] | None = None, progress: bool = True,
@@ -343,57 +342,61 @@ def run_pass(params, config: ModelConfig, spec: PruneSpec, calib: np.ndarray | N
   ``select_linears`` in :mod:`jaxprune.prune._targets`); the others stay dense, and the pass ends after the last
   block holding one of them. Returns the final :class:`BlockState`.
 
+  Host memory the pass frees is kept for its next requests when the model is in memory, not streamed
+  (:func:`~jaxprune._memory.retained_memory`).
+
   The calibration activations of block ``i + 2`` are written over those of block ``i`` (two host arrays serve
   the whole pass: :func:`~jaxprune.runner._batches.gathered`), so ``on_block`` must be done with a state's
   ``inputs`` when it is next called (the checkpointing hooks wait for their writes then).
   """
-  needs_calib = spec.method != "magnitude"
-  needs_inputs = needs_calib or refine is not None
-  if needs_inputs and calib is None:
-    raise JaxpruneError(f"{spec.method}{' with reconstruction' if refine else ''} needs calibration data")
-  check_spec(spec, config, params)
-  runner = Runner(config, mesh=mesh, batch_size=batch_size)
-  if state is None:
-    inputs = None
-    if needs_inputs:
-      rest = split(params)[0]  # read now if lazy (a streamed model), and dropped: the pass holds no embeddings
-      inputs = runner.map_windows(lambda tokens: runner.embed(rest, tokens), calib)
-      del rest
-    state = BlockState(0, params, [], [], inputs)
-  stop = config.num_layers if linears is None else max(layer for layer, _ in linears) + 1
-  spare = None  # the activations of the block before the last one: memory for the next block's
-  bar = tqdm(total=stop, initial=state.done, desc=f"prune {spec.method}", unit="block", disable=not progress)
-  for i in range(state.done, stop):
-    start = time.perf_counter()
-    modes = config.sublayer_modes(i)
-    block_params = runner.place(state.params["layers"][i])
-    prefetch(state.params["layers"], i + 1)  # read while block i is pruned
-    select = None if linears is None else frozenset(path for layer, path in linears if layer == i)
-    if needs_calib and spec.true_sequential:
-      new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
-                                                                 modes=modes, select=select, release=refine is None,
-                                                                 into=spare)
-    else:
-      new_block, masks, reports = prune_block(block_params, state.inputs if needs_calib else None, runner, spec,
-                                              modes=modes, select=select, release=refine is None)
-      inputs = state.inputs
-    if refine is not None:
-      new_block, report = refine(i, block_params, new_block, masks, state.inputs, runner=runner, modes=modes)
+  with retained_memory(by_default=not is_streamed(params)):  # see jaxprune._memory
+    needs_calib = spec.method != "magnitude"
+    needs_inputs = needs_calib or refine is not None
+    if needs_inputs and calib is None:
+      raise JaxpruneError(f"{spec.method}{' with reconstruction' if refine else ''} needs calibration data")
+    check_spec(spec, config, params)
+    runner = Runner(config, mesh=mesh, batch_size=batch_size)
+    if state is None:
+      inputs = None
+      if needs_inputs:
+        rest = split(params)[0]  # read now if lazy (a streamed model), and dropped: the pass holds no embeddings
+        inputs = runner.map_windows(lambda tokens: runner.embed(rest, tokens), calib)
+        del rest
+      state = BlockState(0, params, [], [], inputs)
+    stop = config.num_layers if linears is None else max(layer for layer, _ in linears) + 1
+    spare = None  # the activations of the block before the last one: memory for the next block's
+    bar = tqdm(total=stop, initial=state.done, desc=f"prune {spec.method}", unit="block", disable=not progress)
+    for i in range(state.done, stop):
+      start = time.perf_counter()
+      modes = config.sublayer_modes(i)
+      block_params = runner.place(state.params["layers"][i])
+      prefetch(state.params["layers"], i + 1)  # read while block i is pruned
+      select = None if linears is None else frozenset(path for layer, path in linears if layer == i)
+      if needs_calib and spec.true_sequential:
+        new_block, masks, reports, inputs = prune_block_sequential(block_params, state.inputs, runner, spec,
+                                                                   modes=modes, select=select, release=refine is None,
+                                                                   into=spare)
+      else:
+        new_block, masks, reports = prune_block(block_params, state.inputs if needs_calib else None, runner, spec,
+                                                modes=modes, select=select, release=refine is None)
+        inputs = state.inputs
+      if refine is not None:
+        new_block, report = refine(i, block_params, new_block, masks, state.inputs, runner=runner, modes=modes)
+        for r in reports:
+          r.update(report)
+      if needs_inputs and (refine is not None or not (needs_calib and spec.true_sequential)):
+        inputs = runner.map_windows(lambda h: runner.block(new_block, as_input(h, new_block), modes=modes),
+                                    state.inputs, into=spare)
+      layers = with_layer(state.params["layers"], i, jax.tree.map(fetch, new_block))  # the devices hold one block
       for r in reports:
-        r.update(report)
-    if needs_inputs and (refine is not None or not (needs_calib and spec.true_sequential)):
-      inputs = runner.map_windows(lambda h: runner.block(new_block, as_input(h, new_block), modes=modes),
-                                  state.inputs, into=spare)
-    layers = with_layer(state.params["layers"], i, jax.tree.map(fetch, new_block))  # the devices hold one block
-    for r in reports:
-      r["layer"] = i
-    spare = state.inputs if inputs is not state.inputs else spare
-    state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],
-                       state.reports + [reports], inputs)
-    bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}",
-                    error=f"{sum(r['error'] for r in reports):.3g}")
-    bar.update()
-    if on_block is not None:
-      state = on_block(state) or state
-  bar.close()
-  return state
+        r["layer"] = i
+      spare = state.inputs if inputs is not state.inputs else spare
+      state = BlockState(i + 1, {**state.params, "layers": layers}, state.masks + [masks],
+                         state.reports + [reports], inputs)
+      bar.set_postfix(seconds=f"{time.perf_counter() - start:.1f}",
+                      error=f"{sum(r['error'] for r in reports):.3g}")
+      bar.update()
+      if on_block is not None:
+        state = on_block(state) or state
+    bar.close()
+    return state
