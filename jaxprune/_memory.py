@@ -64,7 +64,8 @@ def retains(*, by_default: bool = False) -> bool:
 
 
 def _mallopt(libc, settings: dict) -> bool:
-  return all([libc.mallopt(param, value) for param, value in settings.items()])
+  """Applies every one of ``settings`` (``mallopt`` parameter -> value); whether all were accepted."""
+  return all([libc.mallopt(param, value) for param, value in settings.items()])  # a list: none skipped
 
 
 @contextlib.contextmanager
