@@ -16,10 +16,9 @@ there for the next request; at the end of the outermost one it hands the free me
 that a notebook does not keep the pass's peak after it, and takes glibc's default settings again (a memory map for
 each large buffer, the heap's free top handed back), except that it no longer adjusts its threshold by itself.
 The pass asks for it when its model is in memory. On the 2-core VM (2026-12-05; SmolLM2-135M, its first 12 blocks,
-64 x 512 calibration tokens, each run in a fresh process, two runs each), Wanda took 36.4-37.4 s against 38.1-38.8 s
-without it in the default order and 22.4-23.5 s against 23.0-24.1 s true-sequential (three runs each), SparseGPT
-true-sequential 39.3-42.9 s against 42.5-44.0 s, SparseGPT in the default order no less (56.3-56.6 s against
-54.9 s), with about half the page faults or fewer, and peaks between 0.1 GB lower and 0.4 GB higher. A streamed
+Wanda 50 %, each run in a fresh process, two runs each; ``python experiments/prune_speed/retain_memory.py``), the
+true-sequential pass took 24.0 s against 24.8-25.3 s without it, the default order's 37.3-37.4 s against
+37.1-39.4 s, with half the page faults or fewer and peaks 0.04-0.4 GB higher. A streamed
 pass does not ask for it: there the price is the peak, since freed buffers of one size do not always serve requests
 of another, and the streamed 7B steps of ``experiments/scale`` peaked 0.6-1.1 GB higher (SparseGPT on two blocks:
 4.91 GB against 3.77 GB). ``JAXPRUNE_RETAIN_MEMORY=1`` in the environment keeps memory in every pass, ``=0`` in
