@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.common import REFERENCE, command, machine, write_json  # noqa: E402
-from experiments.prune_speed.programs import program_flops  # noqa: E402
+from experiments.prune_speed.programs import program_flops, program_key  # noqa: E402
 from experiments.prune_speed.roofline import GEMM, GEMM_KEY, matmul_rates  # noqa: E402
 
 # batching -> the runner's static ``windowed`` value that selects it here (one compilation cache entry each)
@@ -73,41 +73,40 @@ def batchings():
     _forward._window_by_window, _llama.dot_attention = by_window, attention
 
 
+# (order, label, runner step, taps summed, taps kept, taps given): the forward programs of a Wanda pass
+STEPS = (("default", "dense taps", "taps", ("attn_in", "o_in", "mlp_in", "down_in"), (), ()),
+         ("default", "block", "outputs", (), (), ()),
+         ("true_sequential", "attn_in", "taps", ("attn_in",), (), ()),
+         ("true_sequential", "o_in", "taps", ("o_in",), ("o_in",), ()),
+         ("true_sequential", "mlp_in", "taps", ("mlp_in",), ("mlp_in", "mid"), ("o_in",)),
+         ("true_sequential", "down_in", "taps", ("down_in",), ("down_in",), ("o_in", "mlp_in", "mid")),
+         ("true_sequential", "output", "outputs", (), (), ("o_in", "mlp_in", "down_in", "mid")))
+ORDERS = ("default", "true_sequential")
+
+
+def step_key(step) -> str:
+  """``programs.py``'s key of a step of :data:`STEPS` (what its FLOPs and results are filed under)."""
+  _, _, kind, names, keep, given = step
+  return program_key(kind, {"names": names, "keep": keep, "given": dict.fromkeys(given)})
+
+
 def programs(runner, block, h, modes, taps: dict) -> dict:
-  """The forward programs of both orders (``programs.py``'s keys) on ``runner``, each a call that waits."""
+  """``{key: a call that runs the program and waits}`` for every step of :data:`STEPS` on ``runner``."""
   import jax
   import jax.numpy as jnp
 
   weights = jnp.ones((h.shape[0],), jnp.float32)
 
-  def summed(names, keep=(), given=None):
-    def call():
-      sums = {n: jnp.zeros((taps[n].shape[-1],), jnp.float32) for n in names}  # donated by the call
-      return jax.block_until_ready(runner.tap_sums(block, h, weights, sums, names=names, keep=keep, modes=modes,
-                                                   given=given))
-    return call
+  def program(step):
+    _, _, kind, names, keep, given = step
+    given = {n: taps[n] for n in given} or None
+    if kind == "outputs":
+      return lambda: jax.block_until_ready(runner.block(block, h, modes=modes, given=given))
+    return lambda: jax.block_until_ready(runner.tap_sums(
+      block, h, weights, {n: jnp.zeros((taps[n].shape[-1],), jnp.float32) for n in names},  # donated by the call
+      names=names, keep=keep, modes=modes, given=given))
 
-  def given(*names):
-    return {n: taps[n] for n in names}
-
-  return {
-    "taps:attn_in,o_in,mlp_in,down_in": summed(("attn_in", "o_in", "mlp_in", "down_in")),
-    "block": lambda: jax.block_until_ready(runner.block(block, h, modes=modes)),
-    "taps:attn_in": summed(("attn_in",)),
-    "taps:o_in": summed(("o_in",), ("o_in",)),
-    "taps:mlp_in,mid:given=o_in": summed(("mlp_in",), ("mlp_in", "mid"), given("o_in")),
-    "taps:down_in:given=mid,mlp_in,o_in": summed(("down_in",), ("down_in",), given("o_in", "mlp_in", "mid")),
-    "block:given=down_in,mid,mlp_in,o_in": lambda: jax.block_until_ready(
-      runner.block(block, h, modes=modes, given=given("o_in", "mlp_in", "down_in", "mid"))),
-  }
-
-
-LABELS = {"taps:attn_in,o_in,mlp_in,down_in": "dense taps", "block": "block", "taps:attn_in": "attn_in",
-          "taps:o_in": "o_in", "taps:mlp_in,mid:given=o_in": "mlp_in", "taps:down_in:given=mid,mlp_in,o_in": "down_in",
-          "block:given=down_in,mid,mlp_in,o_in": "output"}
-ORDERS = {"default": ("taps:attn_in,o_in,mlp_in,down_in", "block"),
-          "true_sequential": ("taps:attn_in", "taps:o_in", "taps:mlp_in,mid:given=o_in",
-                              "taps:down_in:given=mid,mlp_in,o_in", "block:given=down_in,mid,mlp_in,o_in")}
+  return {step_key(step): program(step) for step in STEPS}
 
 
 def main() -> None:
@@ -151,7 +150,8 @@ def main() -> None:
     results[name] = {"programs": {p: {"seconds": s, "ideal_seconds": flops[p] / rate,
                                       "ratio": s * rate / flops[p] if flops[p] else None}
                                   for p, s in per_program.items()}}
-    for order, keys in ORDERS.items():
+    for order in ORDERS:
+      keys = [step_key(step) for step in STEPS if step[0] == order]
       total, ideal = sum(per_program[k] for k in keys), sum(flops[k] for k in keys) / rate
       results[name][order] = {"seconds": total, "ideal_seconds": ideal, "ratio": total / ideal}
   write_json(Path(__file__).with_name("windowing.json"),
@@ -160,8 +160,8 @@ def main() -> None:
   print(f"2048³ rate {rates[0]:.0f} / {rates[1]:.0f} GFLOP/s")
   for name, r in results.items():
     print(f"{name:9s} " + "  ".join(f"{o} {r[o]['seconds'] * 1e3:.1f} ms ({r[o]['ratio']:.2f}×)" for o in ORDERS)
-          + "  " + "  ".join(f"{LABELS[p]} {v['seconds'] * 1e3:.1f}"
-                             for p, v in r["programs"].items()))
+          + "  " + "  ".join(f"{step[1]} {r['programs'][step_key(step)]['seconds'] * 1e3:.1f}"
+                             for step in STEPS))
 
 
 if __name__ == "__main__":
